@@ -1,0 +1,10 @@
+"""gemmaquant: exact quantization of Google's Gemma 4 (E2B, E4B, 26B-A4B, 31B) to GGUF and compressed-tensors."""
+
+from gemmaquant.api import load
+from gemmaquant.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from gemmaquant.config import VARIANTS, Gemma4Config, get_variant
+from gemmaquant.model.gemma4 import Gemma4, KVCache
+
+__all__ = ["load", "Checkpoint", "CheckpointError", "save_checkpoint", "Gemma4Config", "VARIANTS", "get_variant",
+           "Gemma4", "KVCache"]
+__version__ = "0.1.0"

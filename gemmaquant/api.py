@@ -1,0 +1,54 @@
+"""The library entry points: load a Gemma 4 model from any of the forms gemmaquant reads or writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from gemmaquant.checkpoint import Checkpoint, load_state_into
+from gemmaquant.hub import resolve
+from gemmaquant.model.gemma4 import Gemma4
+
+
+def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Gemma4:
+    """Load a Gemma 4 text model as the reference `Gemma4` module.
+
+    `model` is an alias (`tiny-dense`, `26b-a4b`, ...), a Hugging Face checkpoint directory (either naming,
+    sharded or not), a GGUF file, or a compressed-tensors directory written by gemmaquant. Quantized inputs
+    come back dequantized: their logits equal the model built from the dequantized weights.
+    """
+    path = resolve(model)
+    if path.is_file() and path.suffix == ".gguf":
+        from gemmaquant.export.gguf_reader import load_gguf
+
+        return load_gguf(path, dtype=dtype, device=device)
+    if path.is_dir() and (path / "config.json").is_file():
+        raw = json.loads((path / "config.json").read_text())
+        qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+        if qc and qc.get("quant_method") == "compressed-tensors":
+            from gemmaquant.export.compressed_tensors_reader import load_compressed_tensors
+
+            return load_compressed_tensors(path, dtype=dtype, device=device)
+    ckpt = Checkpoint(path)
+    with torch.device("meta"):
+        m = Gemma4(ckpt.config)
+    load_state_into(m, ckpt, dtype=dtype, device=device)
+    # meta-built buffers that are not in checkpoints (RoPE tables) are recomputed on the target device
+    for name, buf in list(m.named_buffers()):
+        if buf.is_meta:
+            m.register_buffer(name, _rebuild_buffer(m, name).to(device), persistent=False)
+    return m.eval()
+
+
+def _rebuild_buffer(m: Gemma4, name: str) -> torch.Tensor:
+    from gemmaquant.model.gemma4 import rope_inv_freq
+
+    c = m.config
+    if name == "inv_freq_sliding_attention":
+        return rope_inv_freq(c.head_dim, c.rope_theta_sliding)
+    if name == "inv_freq_full_attention":
+        return rope_inv_freq(c.global_head_dim, c.rope_theta_full, c.partial_rotary_factor_full)
+    raise KeyError(name)

@@ -1,0 +1,269 @@
+"""Hugging Face Gemma 4 checkpoints on disk: a lazy reader and an atomic sharded writer.
+
+Reading never loads more than the tensors asked for: `Checkpoint` keeps a name -> shard index and opens
+each shard with `safetensors.safe_open` (memory-mapped), so `layer_state(i)` costs one layer's bytes and a
+31B checkpoint never has to fit in RAM. Pickle checkpoints (`*.bin`, `*.pt`) are refused, never unpickled.
+
+Both layouts released for Gemma 4 are understood (GEMMA4_SPEC.md §3.1):
+  Gemma4ForConditionalGeneration  model.language_model.<name>, towers under model.vision_tower / audio_tower /
+                                   embed_vision / embed_audio (kept readable for pass-through export)
+  Gemma4ForCausalLM               model.<name> (+ lm_head.weight when untied)
+Text names returned here have the prefix stripped: `layers.3.self_attn.q_proj.weight`, `embed_tokens.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gemmaquant.config import ConfigError, Gemma4Config
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOWER_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+TEXT_PREFIXES = ("model.language_model.", "model.")  # longest first
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "processor_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a Gemma 4 model; the message names the file and tensor."""
+
+
+class Checkpoint:
+    """Lazy view of a local checkpoint directory (config.json + one or many safetensors shards)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face checkpoint directory)")
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{cfg_file}: missing (every Hugging Face checkpoint has a config.json)")
+        try:
+            self.raw_config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        try:
+            self.config = Gemma4Config.from_hf_dict(self.raw_config, source=str(cfg_file))
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(str(e)) from None
+        self._files: dict[str, object] = {}
+        self.weight_map = self._index()  # full checkpoint name -> shard file name
+        self.prefix = next((p for p in TEXT_PREFIXES if any(k.startswith(p + "layers.") or k == p + "embed_tokens.weight"
+                                                             for k in self.weight_map)), None)
+        if self.prefix is None:
+            raise CheckpointError(f"{self.path}: no Gemma 4 text weights found "
+                                  f"(expected names like 'model.language_model.embed_tokens.weight')")
+
+    # ---- index ----
+    def _index(self) -> dict[str, str]:
+        index_file = self.path / "model.safetensors.index.json"
+        shards = sorted(self.path.glob("*.safetensors"))
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_file}: unreadable index ({e!r})") from None
+            for name, shard in weight_map.items():
+                if not (self.path / shard).is_file():
+                    raise CheckpointError(f"{self.path / shard}: shard missing (listed in {index_file.name} "
+                                          f"for tensor {name!r})")
+            return weight_map
+        if not shards:
+            pickles = [p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise CheckpointError(f"{self.path / pickles[0]}: pickle checkpoints are never loaded (unpickling "
+                                      f"runs arbitrary code); convert it to safetensors first")
+            raise CheckpointError(f"{self.path}: no *.safetensors files and no model.safetensors.index.json")
+        weight_map = {}
+        for shard in shards:
+            for name in self._open(shard.name).keys():
+                weight_map[name] = shard.name
+        return weight_map
+
+    def _open(self, shard: str):
+        if shard not in self._files:
+            try:
+                self._files[shard] = safe_open(str(self.path / shard), framework="pt")
+            except Exception as e:  # safetensors raises several error types on bad headers
+                raise CheckpointError(f"{self.path / shard}: not a readable safetensors file ({e})") from None
+        return self._files[shard]
+
+    # ---- names ----
+    def text_names(self) -> list[str]:
+        """Text-decoder tensor names (prefix stripped), excluding dead K/V weights of KV-shared layers."""
+        out = []
+        for full in self.weight_map:
+            if full.startswith(TOWER_PREFIXES) or not (full.startswith(self.prefix) or full == "lm_head.weight"):
+                continue
+            name = full if full == "lm_head.weight" else full[len(self.prefix):]
+            if not self._is_dead(name):
+                out.append(name)
+        return out
+
+    def tower_names(self) -> list[str]:
+        """Vision/audio tower tensors (full names), skipped by the text model, copied through by exporters."""
+        return [n for n in self.weight_map if n.startswith(TOWER_PREFIXES)]
+
+    def _is_dead(self, name: str) -> bool:
+        # Released E2B/E4B checkpoints still hold k_proj/v_proj/k_norm for KV-shared layers (spec §2.4)
+        parts = name.split(".")
+        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "self_attn":
+            i = int(parts[1])
+            return self.config.is_kv_shared(i) and parts[3] in ("k_proj", "v_proj", "k_norm", "v_norm")
+        return False
+
+    def full_name(self, name: str) -> str:
+        return name if name == "lm_head.weight" else self.prefix + name
+
+    # ---- tensors ----
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        full = self.full_name(name) if not name.startswith(TOWER_PREFIXES) else name
+        shard = self.weight_map.get(full)
+        if shard is None:
+            raise CheckpointError(f"{self.path}: tensor {full!r} missing from the checkpoint")
+        try:
+            t = self._open(shard).get_tensor(full)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{self.path / shard}: cannot read tensor {full!r} ({e})") from None
+        return t if dtype is None else t.to(dtype)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        full = self.full_name(name)
+        shard = self.weight_map.get(full)
+        if shard is None:
+            raise CheckpointError(f"{self.path}: tensor {full!r} missing from the checkpoint")
+        return tuple(self._open(shard).get_slice(full).get_shape())
+
+    def layer_state(self, i: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Layer i's tensors with names relative to the layer (`self_attn.q_proj.weight`, ...)."""
+        pre = f"layers.{i}."
+        return {n[len(pre):]: self.get(n, dtype) for n in self.text_names() if n.startswith(pre)}
+
+    def global_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {n: self.get(n, dtype) for n in self.text_names() if not n.startswith("layers.")}
+
+
+def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
+    """Every text tensor's shape for a config, from the reference model built on the meta device."""
+    from gemmaquant.model.gemma4 import Gemma4
+
+    with torch.device("meta"):
+        m = Gemma4(cfg)
+    return {n: tuple(t.shape) for n, t in m.state_dict().items()}
+
+
+def load_state_into(model: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, device="cpu",
+                    check_finite: bool = True) -> torch.nn.Module:
+    """Materialise a meta-device model tensor by tensor from `ckpt`, checking names, shapes and values."""
+    want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    have = set(ckpt.text_names())
+    missing = sorted(n for n in want if n not in have and not (n == "lm_head.weight"))
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: tensor {ckpt.full_name(missing[0])!r} missing "
+                              f"({len(missing)} missing in all)")
+    unexpected = sorted(have - set(want))
+    if unexpected:
+        raise CheckpointError(f"{ckpt.path}: unexpected tensor {ckpt.full_name(unexpected[0])!r} for this config")
+    state = {}
+    for name, shape in want.items():
+        got = ckpt.shape(name)
+        if got != shape:
+            raise CheckpointError(f"{ckpt.path / ckpt.weight_map[ckpt.full_name(name)]}: tensor "
+                                  f"{ckpt.full_name(name)!r} has shape {list(got)}, expected {list(shape)}")
+        t = ckpt.get(name).to(device=device, dtype=dtype)
+        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{ckpt.path / ckpt.weight_map[ckpt.full_name(name)]}: tensor "
+                                  f"{ckpt.full_name(name)!r} contains NaN or Inf")
+        state[name] = t
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary sibling directory; on success rename it to `out` (replacing it only if overwrite)."""
+    out = Path(out)
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = 4 << 30,
+                  metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` as model.safetensors, or as model-0000i-of-0000n.safetensors + index when large."""
+    groups, size, total = [[]], 0, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+        total += nbytes
+    meta = {"format": "pt", **(metadata or {})}
+    if len(groups) == 1:
+        save_file({n: tensors[n].contiguous() for n in groups[0]}, str(out / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for k, names in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in names}, str(out / fname), metadata=meta)
+        weight_map.update({n: fname for n in names})
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def hf_config_dict(cfg: Gemma4Config, multimodal: bool = False, dtype: torch.dtype = torch.bfloat16,
+                   extra: dict | None = None) -> dict:
+    text = cfg.to_hf_dict()
+    dtype_name = str(dtype).removeprefix("torch.")
+    if not multimodal:
+        return {**text, "architectures": ["Gemma4ForCausalLM"], "torch_dtype": dtype_name, **(extra or {})}
+    return {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": text,
+            "torch_dtype": dtype_name, "tie_word_embeddings": cfg.tie_word_embeddings, **(extra or {})}
+
+
+def save_checkpoint(model: torch.nn.Module, out: str | os.PathLike, *, multimodal: bool = False,
+                    dtype: torch.dtype = torch.bfloat16, tokenizer_dir: str | os.PathLike | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None,
+                    max_shard_bytes: int = 4 << 30, overwrite: bool = False) -> Path:
+    """Save a reference `Gemma4` as a Hugging Face checkpoint (CausalLM or multimodal naming), atomically.
+
+    `extra_tensors` (full names, e.g. vision tower weights) are written as they are.
+    """
+    cfg = model.config
+    prefix = "model.language_model." if multimodal else "model."
+    tensors = {prefix + n: t.detach().to(dtype) for n, t in model.state_dict().items()}
+    tensors.update(extra_tensors or {})
+    with atomic_dir(out, overwrite) as tmp:
+        write_sharded(tensors, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, multimodal, dtype, extra_config), indent=2))
+        if tokenizer_dir is not None:
+            for f in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / f).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
+    return Path(out)
