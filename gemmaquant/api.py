@@ -10,7 +10,7 @@ import torch
 
 from gemmaquant.checkpoint import Checkpoint, load_state_into
 from gemmaquant.hub import resolve
-from gemmaquant.model.gemma4 import Gemma4
+from gemmaquant.model.gemma4 import Gemma4, rope_inv_freqs
 
 
 def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Gemma4:
@@ -36,19 +36,6 @@ def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: s
     with torch.device("meta"):
         m = Gemma4(ckpt.config)
     load_state_into(m, ckpt, dtype=dtype, device=device)
-    # meta-built buffers that are not in checkpoints (RoPE tables) are recomputed on the target device
-    for name, buf in list(m.named_buffers()):
-        if buf.is_meta:
-            m.register_buffer(name, _rebuild_buffer(m, name).to(device), persistent=False)
+    for kind, inv in rope_inv_freqs(m.config).items():  # non-persistent buffers are not in checkpoints
+        m.register_buffer(f"inv_freq_{kind}", inv.to(device), persistent=False)
     return m.eval()
-
-
-def _rebuild_buffer(m: Gemma4, name: str) -> torch.Tensor:
-    from gemmaquant.model.gemma4 import rope_inv_freq
-
-    c = m.config
-    if name == "inv_freq_sliding_attention":
-        return rope_inv_freq(c.head_dim, c.rope_theta_sliding)
-    if name == "inv_freq_full_attention":
-        return rope_inv_freq(c.global_head_dim, c.rope_theta_full, c.partial_rotary_factor_full)
-    raise KeyError(name)

@@ -1,0 +1,72 @@
+"""Calibration data: the default set shipped with the package (prose, code, non-Latin scripts, chat turns; see
+data/SOURCES.md for sources and licenses) or a user's file, tokenized with the model's own tokenizer into
+fixed-length sequences. The sha256 of the token ids goes into every output's metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+def default_calibration_file() -> Path:
+    return Path(str(resources.files("gemmaquant.calibration") / "data" / "calibration.jsonl"))
+
+
+def read_texts(source: str | Path | None = None) -> list[str]:
+    """Documents from `source`: None/"default" (the bundled set), a .jsonl with a "text" field per line, or a
+    plain text file whose documents are separated by blank lines."""
+    path = default_calibration_file() if source in (None, "default") else Path(source)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: calibration file not found")
+    raw = path.read_text(encoding="utf-8", errors="strict")
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CalibrationError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+    else:
+        texts = [t.strip() for t in raw.split("\n\n") if t.strip()]
+    if not texts:
+        raise CalibrationError(f"{path}: calibration file is empty")
+    return texts
+
+
+def load_tokenizer(tokenizer_dir: str | Path):
+    from tokenizers import Tokenizer
+
+    f = Path(tokenizer_dir) / "tokenizer.json"
+    if not f.is_file():
+        raise CalibrationError(f"{f}: no tokenizer.json beside the checkpoint; calibration needs the model's tokenizer")
+    return Tokenizer.from_file(str(f))
+
+
+def calibration_tokens(tokenizer_dir: str | Path, source: str | Path | None, n_samples: int, seq_len: int,
+                       bos_token_id: int = 2) -> tuple[torch.Tensor, str]:
+    """[n_samples, seq_len] token ids and their sha256. Each document is prefixed with BOS, all are concatenated,
+    and n_samples windows are taken at evenly spaced offsets, so every part of the set (prose, code, scripts,
+    chat) is represented."""
+    tok = load_tokenizer(tokenizer_dir)
+    stream: list[int] = []
+    for text in read_texts(source):
+        stream.append(bos_token_id)
+        stream.extend(tok.encode(text, add_special_tokens=False).ids)
+    need = n_samples * seq_len
+    if len(stream) < need:
+        where = "the default calibration set" if source in (None, "default") else str(source)
+        raise CalibrationError(f"{where}: {len(stream)} tokens, too short for {n_samples} samples of {seq_len} "
+                               f"tokens ({need} needed); give more text or lower n_samples / seq_len")
+    stride = len(stream) // n_samples
+    ids = torch.tensor([stream[k * stride:k * stride + seq_len] for k in range(n_samples)], dtype=torch.int64)
+    digest = hashlib.sha256(ids.to(torch.int32).numpy().tobytes()).hexdigest()
+    return ids, digest

@@ -52,6 +52,12 @@ def rope_inv_freq(head_dim: int, theta: float, partial_rotary_factor: float = 1.
     return torch.cat([inv, torch.zeros(head_dim // 2 - rotated)])
 
 
+def rope_inv_freqs(cfg: Gemma4Config) -> dict[str, Tensor]:
+    """Sliding layers: default RoPE over head_dim; full layers: proportional RoPE over global_head_dim."""
+    return {"sliding_attention": rope_inv_freq(cfg.head_dim, cfg.rope_theta_sliding),
+            "full_attention": rope_inv_freq(cfg.global_head_dim, cfg.rope_theta_full, cfg.partial_rotary_factor_full)}
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """NeoX / rotate-half convention: x [B, T, h, d]; cos, sin [T, d] (pairs (j, j + d/2))."""
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
@@ -101,6 +107,16 @@ class ForwardState:
     rope: dict[str, tuple[Tensor, Tensor]]  # layer type -> (cos, sin) [T, d]
     fresh_kv: dict[int, LayerKV] = field(default_factory=dict)
     cache: KVCache | None = None
+
+
+def make_forward_state(inv_freqs: dict[str, Tensor], pos: Tensor, cache: KVCache | None = None) -> ForwardState:
+    """RoPE tables (cos, sin) [T, d] for each layer type at positions `pos` [T]."""
+    rope = {}
+    for kind, inv in inv_freqs.items():
+        freqs = pos[:, None].float() * inv.to(pos.device)[None, :]  # [T, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        rope[kind] = (emb.cos(), emb.sin())
+    return ForwardState(q_pos=pos, rope=rope, cache=cache)
 
 
 class Attention(nn.Module):
@@ -261,10 +277,8 @@ class Gemma4(nn.Module):
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
-        for kind, d, theta, p in (("sliding_attention", cfg.head_dim, cfg.rope_theta_sliding, 1.0),
-                                  ("full_attention", cfg.global_head_dim, cfg.rope_theta_full,
-                                   cfg.partial_rotary_factor_full)):
-            self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(d, theta, p), persistent=False)
+        for kind, inv in rope_inv_freqs(cfg).items():
+            self.register_buffer(f"inv_freq_{kind}", inv, persistent=False)
 
     # ---- the pieces, also used one layer at a time by the streaming quantizer ----
     def embed(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -283,13 +297,8 @@ class Gemma4(nn.Module):
 
     def forward_state(self, T: int, cache: KVCache | None, device) -> ForwardState:
         start = cache.seen if cache is not None else 0
-        pos = torch.arange(start, start + T, device=device)
-        rope = {}
-        for kind in set(self.config.layer_types):
-            freqs = pos[:, None].float() * getattr(self, f"inv_freq_{kind}").to(device)[None, :]  # [T, d/2]
-            emb = torch.cat([freqs, freqs], dim=-1)
-            rope[kind] = (emb.cos(), emb.sin())
-        return ForwardState(q_pos=pos, rope=rope, cache=cache)
+        inv = {kind: getattr(self, f"inv_freq_{kind}") for kind in set(self.config.layer_types)}
+        return make_forward_state(inv, torch.arange(start, start + T, device=device), cache)
 
     def head(self, h: Tensor) -> Tensor:
         """§2.8: final norm, tied (or separate) output projection, logit soft-cap."""

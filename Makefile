@@ -1,0 +1,25 @@
+# Everything from a fresh clone: `make demo` (the main job on a bundled tiny model) and `make test`.
+# Set-up is a local venv with the CPU build of torch (a bare `torch` requirement can pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+.PHONY: setup demo test test-all bench
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/gemmaquant quantize tiny-moe --bits 4 --out out/tiny-moe-int4 --overwrite
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup  # + slow and llama.cpp-backed tests (set LLAMA_CPP_DIR to a llama.cpp build)
+	$(PY) -m pytest -q -m "slow or not slow"

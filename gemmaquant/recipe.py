@@ -1,0 +1,98 @@
+"""A quantization recipe: what grid every weight goes onto, how it is chosen, and on what calibration data.
+
+Recipes are data (TOML files in `recipes/`, loadable by name from a wheel), read into this frozen dataclass;
+unknown keys are rejected. The default 4-bit recipe puts every matrix on int4 symmetric group-32 with bf16
+scales: that grid *is* GGUF Q4_0 (d = scale, q - 8) and compressed-tensors W4A16 g32, so one quantization
+exports to both with no requantization. A GGUF mix (`gguf_type = "Q4_K_M"`) instead decides each tensor's
+block type the way llama-quantize does, and the algorithm quantizes onto those grids directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+METHODS = ("rtn", "imatrix", "gptq", "awq")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "custom"
+    method: str = "gptq"  # rtn | imatrix (importance-weighted RTN) | gptq | awq
+    weight_format: str = "int4_g32_sym"  # a gemmaquant.formats name for every quantized matrix ...
+    gguf_type: str | None = None  # ... unless a GGUF type or mix (Q4_K_M, Q6_K, ...) decides per tensor
+    embedding_gguf_type: str = "Q6_K"  # token_embd / per_layer_token_embd in GGUF (llama.cpp's output-tensor rule)
+    calibration: str = "default"  # "default" (bundled set) or a file path
+    n_samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 4  # calibration sequences per forward
+    damp: float = 0.01  # GPTQ
+    block_size: int = 128
+    act_order: bool = True
+    awq_grid: int = 20  # AWQ
+    moe_min_tokens: int = 32  # experts routed fewer calibration tokens get forced-routing statistics
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise RecipeError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        for k in ("n_samples", "seq_len", "batch_size", "block_size"):
+            if getattr(self, k) <= 0:
+                raise RecipeError(f"{k} must be positive")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "recipe") -> "Recipe":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise RecipeError(f"{source}: unknown keys {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        try:
+            d = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: recipe file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{path}: not valid TOML ({e})") from None
+        return cls.from_dict(d, str(path))
+
+    @classmethod
+    def from_name(cls, name: str) -> "Recipe":
+        """A bundled recipe, e.g. `26b-a4b/int4-gptq`."""
+        root = resources.files("gemmaquant.recipes")
+        f = root.joinpath(*f"{name}.toml".split("/"))
+        if not f.is_file():
+            raise RecipeError(f"no bundled recipe {name!r}; available: {', '.join(bundled_recipes())}")
+        return cls.from_dict(tomllib.loads(f.read_text()), name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bundled_recipes() -> list[str]:
+    root = Path(str(resources.files("gemmaquant.recipes")))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.toml"))
+
+
+def default_recipe(model_alias: str | None, bits: int, method: str | None = None) -> Recipe:
+    """`gemmaquant quantize MODEL --bits N`: the bundled recipe for that variant and width when there is one."""
+    variant = (model_alias or "").removeprefix("tiny-")
+    method = method or "gptq"
+    for name in (f"{variant}/int{bits}-{method}", f"default/int{bits}-{method}"):
+        if name in bundled_recipes():
+            return Recipe.from_name(name)
+    raise RecipeError(f"no bundled recipe for {bits}-bit {method}; available: {', '.join(bundled_recipes())}")
