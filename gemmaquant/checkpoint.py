@@ -1,8 +1,9 @@
 """Hugging Face Gemma 4 checkpoints on disk: a lazy reader and an atomic sharded writer.
 
-Reading never loads more than the tensors asked for: `Checkpoint` keeps a name -> shard index and opens
-each shard with `safetensors.safe_open` (memory-mapped), so `layer_state(i)` costs one layer's bytes and a
-31B checkpoint never has to fit in RAM. Pickle checkpoints (`*.bin`, `*.pt`) are refused, never unpickled.
+Reading never loads more than the tensors asked for: `Checkpoint` keeps a name -> (shard, byte range) index
+from the safetensors headers and reads each tensor with a plain positioned read (no memory map, whose touched
+pages would stay resident), so `layer_state(i)` costs one layer's bytes and a 31B checkpoint never has to fit
+in RAM. Pickle checkpoints (`*.bin`, `*.pt`) are refused, never unpickled.
 
 Both layouts released for Gemma 4 are understood (GEMMA4_SPEC.md §3.1):
   Gemma4ForConditionalGeneration  model.language_model.<name>, towers under model.vision_tower / audio_tower /
@@ -21,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gemmaquant.config import ConfigError, Gemma4Config
@@ -85,16 +85,14 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no *.safetensors files and no model.safetensors.index.json")
         weight_map = {}
         for shard in shards:
-            for name in self._open(shard.name).keys():
+            for name in self._open(shard.name)["tensors"]:
                 weight_map[name] = shard.name
         return weight_map
 
-    def _open(self, shard: str):
+    def _open(self, shard: str) -> dict:
+        """The parsed safetensors header of `shard`: name -> {dtype, shape, data_offsets}, plus the data start."""
         if shard not in self._files:
-            try:
-                self._files[shard] = safe_open(str(self.path / shard), framework="pt")
-            except Exception as e:  # safetensors raises several error types on bad headers
-                raise CheckpointError(f"{self.path / shard}: not a readable safetensors file ({e})") from None
+            self._files[shard] = read_safetensors_header(self.path / shard)
         return self._files[shard]
 
     # ---- names ----
@@ -125,25 +123,33 @@ class Checkpoint:
         return name if name == "lm_head.weight" else self.prefix + name
 
     # ---- tensors ----
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        full = self.full_name(name) if not name.startswith(TOWER_PREFIXES) else name
+    def _entry(self, name: str) -> tuple[str, dict]:
+        full = name if name.startswith(TOWER_PREFIXES) else self.full_name(name)
         shard = self.weight_map.get(full)
         if shard is None:
             raise CheckpointError(f"{self.path}: tensor {full!r} missing from the checkpoint")
-        try:
-            t = self._open(shard).get_tensor(full)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{self.path / shard}: cannot read tensor {full!r} ({e})") from None
+        entry = self._open(shard)["tensors"].get(full)
+        if entry is None:
+            raise CheckpointError(f"{self.path / shard}: tensor {full!r} listed in the index but not in the shard")
+        return shard, entry
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        shard, e = self._entry(name)
+        begin, end = e["data_offsets"]
+        t = torch.empty(e["shape"], dtype=e["dtype"])
+        nbytes = t.numel() * t.element_size()
+        if end - begin != nbytes:
+            raise CheckpointError(f"{self.path / shard}: tensor {name!r} has {end - begin} bytes for shape "
+                                  f"{e['shape']} ({nbytes} expected)")
+        with open(self.path / shard, "rb") as f:
+            f.seek(self._open(shard)["data_start"] + begin)
+            got = f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy()) if nbytes else bytearray())
+        if got != nbytes:
+            raise CheckpointError(f"{self.path / shard}: truncated file, tensor {name!r} incomplete")
         return t if dtype is None else t.to(dtype)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        full = self.full_name(name)
-        shard = self.weight_map.get(full)
-        if shard is None:
-            raise CheckpointError(f"{self.path}: tensor {full!r} missing from the checkpoint")
-        return tuple(self._open(shard).get_slice(full).get_shape())
+        return tuple(self._entry(name)[1]["shape"])
 
     def layer_state(self, i: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Layer i's tensors with names relative to the layer (`self_attn.q_proj.weight`, ...)."""
@@ -152,6 +158,39 @@ class Checkpoint:
 
     def global_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return {n: self.get(n, dtype) for n in self.text_names() if not n.startswith("layers.")}
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse a safetensors header (8-byte little-endian length, then JSON); validate it; read no tensor data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    tensors = {}
+    data_len = size - 8 - n
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[e["dtype"]]
+            begin, end = e["data_offsets"]
+            shape = [int(d) for d in e["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        if not 0 <= begin <= end <= data_len:
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file (truncated or corrupt)")
+        tensors[name] = {"dtype": dtype, "shape": shape, "data_offsets": (begin, end)}
+    return {"tensors": tensors, "data_start": 8 + n, "metadata": header.get("__metadata__") or {}}
 
 
 def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:

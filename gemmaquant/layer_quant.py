@@ -1,0 +1,133 @@
+"""Quantize one decoder layer's matrices with the recipe's method, given its calibration statistics.
+
+AWQ scales are folded only into what can absorb them in Gemma 4 (GEMMA4_SPEC §2):
+    attn_in  (q, k, v)      -> input_layernorm.weight           (plain-weight RMSNorm)
+    mlp_in   (gate, up)     -> pre_feedforward_layernorm.weight
+    down_in  (down)         -> rows of up_proj                  (down's input is gelu(gate) * up)
+    expert_in (all experts) -> pre_feedforward_layernorm_2.weight (one scale shared by every expert)
+    expert_down_in.e        -> the up half of gate_up_proj[e]
+o_proj (its input passes the weightless v_norm), per_layer_input_gate (reads the raw residual) and
+per_layer_projection (gelu(gate) * ple) have nothing that can absorb a scale: AWQ leaves them unscaled
+(round-to-nearest on their grid) and the report says so.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gemmaquant.capture import LINEAR_GROUPS, LayerStats, group_of
+from gemmaquant.model.gemma4 import DecoderLayer
+from gemmaquant.plan import TensorPlan
+from gemmaquant.recipe import Recipe
+
+AWQ_FOLDS = {"attn_in": "input_layernorm.weight", "mlp_in": "pre_feedforward_layernorm.weight",
+             "down_in": "mlp.up_proj.weight", "expert_in": "pre_feedforward_layernorm_2.weight"}
+AWQ_UNSCALED = ("self_attn.o_proj.weight", "per_layer_input_gate.weight", "per_layer_projection.weight")
+
+
+def sqnr_db(w: Tensor, w_hat: Tensor) -> float:
+    err = (w.double() - w_hat.double()).pow(2).sum().item()
+    return float("inf") if err == 0 else 10.0 * torch.log10(w.double().pow(2).sum() / err).item()
+
+
+def _param(layer: DecoderLayer, name: str) -> torch.nn.Parameter:
+    mod = layer
+    for p in name.split(".")[:-1]:
+        mod = getattr(mod, p)
+    return getattr(mod, name.split(".")[-1])
+
+
+def _quantize_matrix(w: Tensor, fmt, method: str, stats, recipe: Recipe):
+    from gemmaquant.algorithms import gptq, rtn
+
+    if stats is None or stats.n == 0 or method == "rtn" or method == "awq":
+        return rtn(w, fmt)
+    H = stats.hessian
+    if method == "imatrix":
+        return rtn(w, fmt, importance=torch.diagonal(H).clone())
+    return gptq(w, H, fmt, damp=recipe.damp, block_size=recipe.block_size, act_order=recipe.act_order)
+
+
+@torch.no_grad()
+def apply_awq(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan], recipe: Recipe) -> dict:
+    """Search AWQ scales on the float weights, fold them in place. Returns {group: alpha-free scale stats}."""
+    from gemmaquant.algorithms.awq import awq_scales
+
+    done = {}
+    for group, fold in AWQ_FOLDS.items():
+        if group == "expert_in":
+            if not hasattr(layer, "experts") or "expert_pool" not in stats.inputs:
+                continue
+            gu = layer.experts.gate_up_proj
+            fmt = plan["experts.gate_up_proj"].fmt
+            if fmt is None:
+                continue
+            s = awq_scales(list(gu), stats.get("expert_pool").x, [fmt] * gu.shape[0], n_grid=recipe.awq_grid)
+            gu.mul_(s[None, None, :])
+            _param(layer, fold).div_(s)
+            done[group] = s
+            continue
+        _, names = LINEAR_GROUPS[group]
+        names = [n for n in names if n in plan and plan[n].fmt is not None and hasattr(layer, "self_attn")
+                 and _exists(layer, n)]
+        if not names or group not in stats.inputs:
+            continue
+        ws = [_param(layer, n) for n in names]
+        s = awq_scales(list(ws), stats.get(group).x, [plan[n].fmt for n in names], n_grid=recipe.awq_grid)
+        for w in ws:
+            w.mul_(s[None, :])
+        if group == "down_in":
+            _param(layer, fold).div_(s[:, None])  # scale up_proj's output rows by 1/s
+        else:
+            _param(layer, fold).div_(s)
+        done[group] = s
+    if hasattr(layer, "experts") and plan.get("experts.down_proj") and plan["experts.down_proj"].fmt is not None:
+        E, _, Ie = layer.experts.down_proj.shape
+        for e in range(E):
+            st = stats.inputs.get(f"expert_down_in.{e}")
+            if st is None or st.n == 0:
+                continue
+            d = layer.experts.down_proj[e]
+            s = awq_scales([d], st.x, [plan["experts.down_proj"].fmt], n_grid=recipe.awq_grid)
+            d.mul_(s[None, :])
+            layer.experts.gate_up_proj[e, Ie:].div_(s[:, None])  # the up half feeds down's input channels
+    return done
+
+
+def _exists(layer, name) -> bool:
+    try:
+        _param(layer, name)
+        return True
+    except AttributeError:
+        return False
+
+
+@torch.no_grad()
+def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan], recipe: Recipe):
+    """Quantize every planned matrix of `layer` (plan keys relative to the layer), replace its weights by the
+    dequantized result in place (so the next layer's inputs come from this quantized layer), and return
+    ({name: Packed | [Packed per expert] | float tensor}, {name: sqnr_db})."""
+    if recipe.method == "awq":
+        apply_awq(layer, stats, plan, recipe)
+    values, sqnr = {}, {}
+    for name, p in plan.items():
+        t = _param(layer, name) if _exists(layer, name) else None
+        if t is None:
+            continue
+        if p.fmt is None:
+            values[name] = t.detach().clone()
+            continue
+        if name.startswith("experts."):
+            kind = "expert_in" if name.endswith("gate_up_proj") else "expert_down_in"
+            packs = [_quantize_matrix(t[e].float(), p.fmt, recipe.method, stats.inputs.get(f"{kind}.{e}"), recipe)
+                     for e in range(t.shape[0])]
+            w_hat = torch.stack([q.fmt.dequantize(q) for q in packs])
+            values[name] = packs
+        else:
+            pk = _quantize_matrix(t.float(), p.fmt, recipe.method, stats.inputs.get(group_of(name)), recipe)
+            w_hat = pk.fmt.dequantize(pk)
+            values[name] = pk
+        sqnr[name] = sqnr_db(t, w_hat)
+        t.copy_(w_hat.to(t.dtype))
+    return values, sqnr

@@ -1,0 +1,101 @@
+"""Which grid every tensor of a Gemma 4 checkpoint goes onto, and why the others stay in float.
+
+The plan is decided before any weight is read, so `--dry-run` can print it for the real variants with no weights
+present, and the algorithm quantizes onto exactly the grid the exporter writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gemmaquant.checkpoint import expected_shapes
+from gemmaquant.config import Gemma4Config
+from gemmaquant.recipe import Recipe
+
+FLOAT_REASONS = {
+    "norm": "norm weight: kept in float (F32 in GGUF), too small to matter and absorbs AWQ scales",
+    "scalar": "layer_scalar: a per-layer scalar, kept in float (F32 in GGUF)",
+    "router": "router (projection, input scale, per-expert scale): kept in float (F32 in GGUF, like llama.cpp); "
+              "routing decisions are too sensitive to quantize",
+    "embedding": "embedding table: bf16 in safetensors (compressed-tensors ignores it, as vLLM expects); "
+                 "GGUF gets {gguf} by round-to-nearest (llama.cpp's rule for the tied output/embedding tensor)",
+    "ple_projection": "per_layer_model_projection: kept in float, as llama-quantize keeps it "
+                      "('not too big so keep them as it is')",
+    "lm_head": "lm_head: kept in float (untied output head)",
+}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    fmt: object | None  # a gemmaquant.formats format, or None for float
+    reason: str  # why float, or the fallback taken ("" for the plain choice)
+
+
+def float_reason(name: str) -> str | None:
+    leaf = name.rsplit(".", 2)
+    if name.endswith("layer_scalar"):
+        return "scalar"
+    if ".router." in name:
+        return "router"
+    if name.endswith("norm.weight") or "layernorm" in name:
+        return "norm"
+    if name in ("embed_tokens.weight", "embed_tokens_per_layer.weight"):
+        return "embedding"
+    if name == "per_layer_model_projection.weight":
+        return "ple_projection"
+    if name == "lm_head.weight":
+        return "lm_head"
+    return None
+
+
+def make_plan(cfg: Gemma4Config, recipe: Recipe) -> dict[str, TensorPlan]:
+    from gemmaquant.formats import get_format
+
+    mix = None
+    if recipe.gguf_type:
+        from gemmaquant.export.gguf_mix import gguf_mix_plan
+
+        mix = gguf_mix_plan(cfg, recipe.gguf_type)
+    plan = {}
+    for name, shape in expected_shapes(cfg).items():
+        why = float_reason(name)
+        if why is not None or len(shape) < 2:
+            text = FLOAT_REASONS[why or "norm"].format(gguf=recipe.embedding_gguf_type)
+            plan[name] = TensorPlan(name, shape, None, text)
+            continue
+        if mix is not None:
+            choice = mix[name]
+            if isinstance(choice, str) and choice.upper() in ("F32", "F16", "BF16"):
+                plan[name] = TensorPlan(name, shape, None, f"{recipe.gguf_type}: llama.cpp keeps it {choice}")
+                continue
+            fmt = get_format(choice) if isinstance(choice, str) else choice
+        else:
+            fmt = get_format(recipe.weight_format)
+        K = shape[-1]
+        reason = ""
+        if K % fmt.block:
+            raise ValueError(f"{name}: {K} input features do not fit {fmt.name}'s {fmt.block}-element blocks "
+                             f"and the recipe names no fallback")
+        plan[name] = TensorPlan(name, shape, fmt, reason)
+    return plan
+
+
+def plan_summary(plan: dict[str, TensorPlan]) -> dict:
+    """Counts and sizes: parameters per format, float tensors with their reasons, bits per weight."""
+    by_fmt: dict[str, int] = {}
+    bits = 0.0
+    floats = {}
+    for p in plan.values():
+        n = 1
+        for s in p.shape:
+            n *= s
+        key = p.fmt.name if p.fmt is not None else "float"
+        by_fmt[key] = by_fmt.get(key, 0) + n
+        bits += n * (p.fmt.bits if p.fmt is not None else 16)
+        if p.fmt is None:
+            floats[p.name] = p.reason
+    total = sum(by_fmt.values())
+    return {"params_by_format": by_fmt, "total_params": total, "bits_per_weight": bits / max(total, 1),
+            "float_tensors": floats}
