@@ -1,0 +1,139 @@
+"""`gemmaquant` command line: each command parses its arguments and calls one library function (no logic here).
+
+    gemmaquant quantize 26b-a4b --bits 4              # GGUF + compressed-tensors + report in ./26b-a4b-int4/
+    gemmaquant quantize tiny-moe --bits 4 --dry-run   # the plan, sizes and estimates, before any work
+    gemmaquant eval tiny-moe out/tiny-moe-int4/tiny-moe-Q4_0.gguf
+    gemmaquant inspect out/tiny-moe-int4/tiny-moe-Q4_0.gguf
+    gemmaquant variants
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Exact quantization of Gemma 4 to GGUF (llama.cpp) and compressed-tensors (vLLM).")
+
+
+def _user_errors():
+    """Errors that are the user's to fix: one line, exit code 2, no traceback."""
+    from gemmaquant.calibration import CalibrationError
+    from gemmaquant.checkpoint import CheckpointError
+    from gemmaquant.config import ConfigError
+    from gemmaquant.hub import ModelNotFound
+    from gemmaquant.quantize import QuantizeError
+    from gemmaquant.recipe import RecipeError
+    from gemmaquant.workflow import UsageError
+
+    return (UsageError, RecipeError, ModelNotFound, CheckpointError, CalibrationError, QuantizeError, ConfigError,
+            FileExistsError, PermissionError)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _emit(result: dict, as_json: bool, text: str) -> None:
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else text)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="alias (e2b, e4b, 26b-a4b, 31b, tiny-dense, tiny-moe, tiny-edge) or a local checkpoint directory"),
+    bits: int = typer.Option(4, help="4 or 8"),
+    method: str = typer.Option("gptq", help="rtn | imatrix | gptq | awq"),
+    format: str = typer.Option("gguf,safetensors", "--format", help="comma-separated: gguf, safetensors"),
+    gguf_type: Optional[str] = typer.Option(None, help="GGUF type or mix (Q4_K_M, Q5_K_M, Q6_K, Q8_0, ...): quantize onto llama.cpp's grids"),
+    group_size: Optional[int] = typer.Option(None, help="int4 group size (32, 64, 128); GGUF export needs 32"),
+    recipe: Optional[Path] = typer.Option(None, help="a recipe TOML file (overrides --bits/--method)"),
+    calib: Optional[Path] = typer.Option(None, help="calibration text (.txt, blank-line separated) or .jsonl"),
+    out: Optional[Path] = typer.Option(None, help="output directory (default ./<model>-<scheme>)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and estimates, do nothing"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output directory"),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="measure KL divergence etc. and write the report"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Quantize a Gemma 4 and write GGUF, compressed-tensors safetensors and a report."""
+    from gemmaquant.workflow import run_quantize
+
+    res = _run(run_quantize, model, bits=bits, method=method, formats=format, gguf_type=gguf_type,
+               group_size=group_size, recipe_file=recipe, calib=calib, out=out, dry_run=dry_run,
+               overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False)
+    _emit(res, as_json, res["text"])
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="the unquantized model (alias or directory)"),
+    quantized: Path = typer.Argument(..., help="a GGUF file or compressed-tensors directory"),
+    heldout: Optional[Path] = typer.Option(None, help="held-out text (default: the bundled held-out set)"),
+    n_seq: int = typer.Option(16), seq_len: int = typer.Option(128),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """KL divergence, top-1 agreement and perplexity of a quantized file against its float model."""
+    from gemmaquant.workflow import run_eval
+
+    res = _run(run_eval, model, quantized, heldout=heldout, n_seq=n_seq, seq_len=seq_len)
+    _emit(res, as_json, res["text"])
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="a GGUF file or a safetensors directory/file")):
+    """Tensor types, sizes, bits per weight and metadata of a file gemmaquant or llama.cpp wrote."""
+    from gemmaquant.export.inspect import inspect_file
+
+    typer.echo(_run(inspect_file, path))
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="alias, checkpoint directory, GGUF file or compressed-tensors directory"),
+    prompt_len: int = typer.Option(128), new_tokens: int = typer.Option(32),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Prefill and decode tokens/s of a model on this machine's device."""
+    from gemmaquant.workflow import run_bench
+
+    res = _run(run_bench, model, prompt_len=prompt_len, new_tokens=new_tokens)
+    _emit(res, as_json, res["text"])
+
+
+@app.command()
+def variants(as_json: bool = typer.Option(False, "--json")):
+    """The Gemma 4 variants gemmaquant knows, with parameter counts (computed without weights)."""
+    from gemmaquant.workflow import list_variants
+
+    res = list_variants()
+    _emit(res, as_json, res["text"])
+
+
+@app.command()
+def qat(
+    model: str = typer.Argument(...),
+    bits: int = typer.Option(4), data: Path = typer.Option(..., help="training text"),
+    steps: int = typer.Option(200), out: Path = typer.Option(...),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Quantization-aware training (distillation from the float model, from GPTQ weights), then export."""
+    from gemmaquant.workflow import run_qat
+
+    res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite)
+    _emit(res, as_json, res["text"])
+
+
+def main():  # pragma: no cover
+    app(prog_name="gemmaquant")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

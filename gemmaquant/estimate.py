@@ -1,0 +1,130 @@
+"""`--dry-run`: what a quantization will produce and cost, from the config alone (no weights needed).
+
+Sizes are exact arithmetic on the plan (bits per weight of each block type, float tensors at their stored
+width). Memory and time are estimates: peak memory = one layer in fp32 (twice: float and dequantized) + its
+calibration statistics + the calibration activations; time = the run's floating-point work divided by a matmul
+throughput measured on this machine in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from gemmaquant.config import Gemma4Config
+from gemmaquant.plan import TensorPlan
+from gemmaquant.recipe import Recipe
+
+# bits per weight of each GGUF type (block bytes * 8 / block elements; ggml's type traits)
+GGUF_BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0,
+            "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q2_K": 2.625, "Q3_K": 3.4375}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def gguf_type_of(p: TensorPlan, recipe: Recipe) -> str:
+    if p.fmt is None:
+        if p.name in ("embed_tokens.weight", "embed_tokens_per_layer.weight"):
+            return recipe.embedding_gguf_type
+        return "F32" if len(p.shape) < 2 or "router" in p.name else "BF16"
+    ggml = getattr(p.fmt, "ggml_type", None)
+    if ggml is not None:
+        return ggml.name
+    return {"int4_g32_sym": "Q4_0", "int8": "Q8_0"}.get(recipe.weight_format, "BF16")
+
+
+def safetensors_bits(p: TensorPlan) -> float:
+    if p.fmt is None:
+        return 32 if len(p.shape) < 2 else 16
+    K = p.shape[-1]
+    block = getattr(p.fmt, "block", K)
+    return getattr(p.fmt, "bits_per_code", None) or (8 if "int8" in p.fmt.name else 4) + 16 / min(block, K)
+
+
+def matmul_gflops(seconds: float = 0.3) -> float:
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, formats: tuple[str, ...]) -> dict:
+    by_type: dict[str, int] = {}
+    gguf_bits = st_bits = 0.0
+    for p in plan.values():
+        n = _numel(p.shape)
+        t = gguf_type_of(p, recipe)
+        by_type[t] = by_type.get(t, 0) + n
+        gguf_bits += n * GGUF_BPW.get(t, 16)
+        st_bits += n * safetensors_bits(p)
+    total = sum(by_type.values())
+    # one layer (the largest) in fp32, twice; its Hessians (fp64); activations in and out (fp32)
+    layer_bytes = {}
+    hess = {}
+    for p in plan.values():
+        if p.name.startswith("layers."):
+            i = int(p.name.split(".")[1])
+            layer_bytes[i] = layer_bytes.get(i, 0) + _numel(p.shape) * 4 * 2
+            if p.fmt is not None:
+                K = p.shape[-1]
+                experts = p.shape[0] if len(p.shape) == 3 else 1
+                hess[i] = hess.get(i, 0) + experts * K * K * 8
+    tokens = recipe.n_samples * recipe.seq_len
+    acts = tokens * cfg.hidden_size * 4 * 2
+    peak = max(layer_bytes.values()) + max(hess.values(), default=0) + acts
+    # floating-point work: two forward passes over the calibration tokens (active params), Hessian accumulation,
+    # and the algorithm itself (GPTQ ~ 2 N K^2 per matrix + K^3 Cholesky)
+    active_quant = 0
+    algo = 0.0
+    for p in plan.values():
+        if p.fmt is None or not p.name.startswith("layers."):
+            continue
+        N, K = p.shape[-2], p.shape[-1]
+        experts = p.shape[0] if len(p.shape) == 3 else 1
+        share = (cfg.top_k_experts / cfg.num_experts) if experts > 1 else 1.0
+        active_quant += N * K * experts * share
+        if recipe.method == "gptq":
+            algo += experts * (2 * N * K * K + K**3 / 3)
+        elif recipe.method == "awq":
+            algo += experts * recipe.awq_grid * 2 * N * K * min(tokens, 2048)
+    flops = 2 * 2 * active_quant * tokens + tokens * sum(
+        p.shape[-1] ** 2 * 2 for p in plan.values() if p.fmt is not None and p.name.startswith("layers.")) + algo
+    gf = matmul_gflops()
+    seconds = flops / (gf * 1e9)
+    gib = 2**30
+    res = {
+        "params_total": total,
+        "gguf": {"bytes": int(gguf_bits / 8), "bits_per_weight": gguf_bits / total, "params_by_type": by_type}
+        if "gguf" in formats else None,
+        "safetensors": {"bytes": int(st_bits / 8), "bits_per_weight": st_bits / total} if "safetensors" in formats else None,
+        "float_tensors": {n: p.reason for n, p in plan.items() if p.fmt is None},
+        "peak_memory_bytes_estimate": int(peak),
+        "time_seconds_estimate": seconds, "measured_matmul_gflops": gf,
+    }
+    lines = [f"plan: {recipe.method} onto {recipe.gguf_type or recipe.weight_format}, "
+             f"{total / 1e9:.3f}B parameters, {len(plan)} tensors"]
+    for t, n in sorted(by_type.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {t:6s} {n / 1e9:9.4f}B params")
+    if res["gguf"]:
+        lines.append(f"GGUF: {res['gguf']['bytes'] / gib:.2f} GiB, {res['gguf']['bits_per_weight']:.3f} bits/weight")
+    if res["safetensors"]:
+        lines.append(f"safetensors (compressed-tensors): {res['safetensors']['bytes'] / gib:.2f} GiB, "
+                     f"{res['safetensors']['bits_per_weight']:.3f} bits/weight (text model; towers copied as they are)")
+    reasons = {}
+    for n, why in res["float_tensors"].items():
+        reasons.setdefault(why, []).append(n)
+    lines.append("kept in float:")
+    for why, names in reasons.items():
+        lines.append(f"  {len(names):4d} tensors: {why}")
+    lines.append(f"peak memory (estimate): {peak / gib:.1f} GiB; time (estimate at {gf:.0f} GFLOP/s measured here): "
+                 f"{seconds / 3600:.2f} h")
+    res["text"] = "\n".join(lines)
+    return res
