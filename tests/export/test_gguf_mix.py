@@ -1,0 +1,114 @@
+"""gguf_mix_plan reproduces llama-quantize's per-tensor type choices for Gemma 4.
+
+The default tests pin the facts GEMMA4_SPEC.md §3.4 states for the released shapes; the llamacpp-marked test runs
+the real `llama-quantize --dry-run` on GGUFs of the tiny fixtures and of two synthetic configs with real-shaped rows
+(ne0 = 2112 and 704 as in 26B-A4B, a PLE table whose rows are a multiple of 256) and compares every tensor.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import torch
+
+from gemmaquant.config import SLIDING, FULL, VARIANTS, Gemma4Config
+from gemmaquant.export.gguf_mix import MixError, fallback, gguf_mix_plan
+from gemmaquant.export.gguf_names import gguf_name
+
+MIXES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
+
+
+def test_26b_a4b_q4_k_m_facts():
+    p = gguf_mix_plan(VARIANTS["26b-a4b"], "Q4_K_M")
+    assert p["embed_tokens.weight"] == "Q6_K"  # tied: TOKEN_EMBD gets the output-tensor rule
+    assert p["layers.0.router.proj.weight"] == "F32" and p["layers.0.router.per_expert_scale"] == "F32"
+    assert p["layers.0.layer_scalar"] == "F32" and p["layers.0.input_layernorm.weight"] == "F32"
+    # ne0 = 2112 / 704 are not multiples of 256: Q6_K (more-bits layer) -> Q8_0, Q4_K -> Q5_0
+    assert p["layers.0.mlp.down_proj.weight"] == "Q8_0" and p["layers.0.experts.down_proj"] == "Q8_0"
+    assert p["layers.4.mlp.down_proj.weight"] == "Q5_0" and p["layers.4.experts.down_proj"] == "Q5_0"
+    assert p["layers.4.experts.gate_up_proj"] == "Q4_K" and p["layers.4.self_attn.q_proj.weight"] == "Q4_K"
+    assert "layers.5.self_attn.v_proj.weight" not in p  # k_eq_v full layer: no attn_v, not counted
+    assert p["layers.0.self_attn.v_proj.weight"] == "Q6_K"
+
+
+def test_e2b_ple_tables():
+    p = gguf_mix_plan(VARIANTS["e2b"], "Q4_K_M")
+    assert p["embed_tokens_per_layer.weight"] == "Q6_K"  # category TOKEN_EMBD, tied -> output rule
+    assert p["per_layer_model_projection.weight"] == "BF16"  # never requantized: keeps the converter's type
+    assert gguf_mix_plan(VARIANTS["e2b"], "Q4_K_M", keep_type="F16")["per_layer_model_projection.weight"] == "F16"
+    assert p["layers.20.self_attn.q_proj.weight"] == "Q4_K" and "layers.20.self_attn.k_proj.weight" not in p
+
+
+def test_float_types_and_aliases():
+    cfg = VARIANTS["31b"]
+    assert set(gguf_mix_plan(cfg, "F16").values()) == {"F16", "F32"}
+    assert gguf_mix_plan(cfg, "q4_k") == gguf_mix_plan(cfg, "Q4_K_M")
+    with pytest.raises(MixError, match="Q3_K_M"):
+        gguf_mix_plan(cfg, "Q3_K_M")
+
+
+def test_fallbacks():
+    assert fallback("Q4_K", 2112) == "Q5_0" and fallback("Q5_K", 704) == "Q5_1" and fallback("Q6_K", 704) == "Q8_0"
+    assert fallback("Q4_K", 256) == "Q4_K" and fallback("Q4_0", 48) == "F16" and fallback("Q6_K", 16) == "F16"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# against llama-quantize itself
+
+def _synthetic(kind: str) -> Gemma4Config:
+    common = dict(vocab_size=512, hidden_size=256, num_hidden_layers=8, num_attention_heads=4, head_dim=64,
+                  global_head_dim=128, sliding_window=16, final_logit_softcapping=30.0,
+                  layer_types=(SLIDING, SLIDING, SLIDING, FULL) * 2, max_position_embeddings=1024)
+    if kind == "moe-rows":  # 26B-A4B's row lengths: ffn_down 2112, ffn_down_exps 704
+        return Gemma4Config(**common, intermediate_size=2112, num_key_value_heads=2, num_global_key_value_heads=1,
+                            attention_k_eq_v=True, hidden_size_per_layer_input=0, enable_moe_block=True,
+                            num_experts=4, top_k_experts=2, moe_intermediate_size=704)
+    common["layer_types"] = (SLIDING, SLIDING, SLIDING, FULL, SLIDING, FULL, SLIDING, FULL)  # producers (S, F)
+    return Gemma4Config(**common, intermediate_size=512, num_key_value_heads=1, hidden_size_per_layer_input=32,
+                        vocab_size_per_layer_input=512, num_kv_shared_layers=2, use_double_wide_mlp=True)
+
+
+def _dry_run(bin_dir, gguf_path, mix) -> dict[str, str]:
+    out = subprocess.run([str(bin_dir / "llama-quantize"), "--dry-run", str(gguf_path), mix],
+                         capture_output=True, text=True, check=True)
+    types = {}
+    for line in (out.stdout + out.stderr).splitlines():
+        m = re.match(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*\], type =\s+(\w+),.*?(?:\((\w+)\))?$", line.strip())
+        if m:
+            types[m.group(1)] = (m.group(3) or m.group(2)).upper()
+    return types
+
+
+@pytest.fixture(scope="module")
+def plan_cases(tmp_path_factory, llama_cpp, small_tokenizer_dir):
+    from gemmaquant.checkpoint import save_checkpoint
+    from gemmaquant.export import FloatSource, export_gguf
+    from gemmaquant.fixtures import FIXTURES
+    from gemmaquant.model.testing import random_model
+
+    out = tmp_path_factory.mktemp("mix")
+    cases = {}
+    for name, path in FIXTURES.items():
+        cases[name] = export_gguf(FloatSource(path), out / f"{name}.gguf", type="F32")
+    for kind in ("moe-rows", "ple-rows"):
+        ckpt = save_checkpoint(random_model(_synthetic(kind)), out / kind, dtype=torch.bfloat16,
+                               tokenizer_dir=small_tokenizer_dir)
+        cases[kind] = export_gguf(FloatSource(ckpt), out / f"{kind}.gguf", type="F32")
+    return cases
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("case", ["tiny-dense", "tiny-moe", "tiny-edge", "moe-rows", "ple-rows"])
+def test_plan_equals_llama_quantize(case, plan_cases, llama_cpp):
+    from gemmaquant.export.gguf_reader import read_config
+    import gguf
+
+    cfg = read_config(gguf.GGUFReader(str(plan_cases[case])))
+    for mix in MIXES:
+        want = _dry_run(llama_cpp.bin, plan_cases[case], mix)
+        got = {gguf_name(n): t for n, t in gguf_mix_plan(cfg, mix, keep_type="F32").items()}
+        want.pop("rope_freqs.weight")
+        diff = {g: (got.get(g), want.get(g)) for g in set(got) | set(want) if got.get(g) != want.get(g)}
+        assert not diff, f"{case} {mix}: (ours, llama-quantize) differ for {sorted(diff.items())[:6]}"
