@@ -8,9 +8,10 @@
 Both exporters take a *tensor source* (source.py). See docs/export.md.
 """
 
+from gemmaquant.export.compressed_tensors import export_compressed_tensors
 from gemmaquant.export.errors import ExportError
 from gemmaquant.export.gguf import export_gguf
 from gemmaquant.export.gguf_mix import gguf_mix_plan
 from gemmaquant.export.source import FloatSource, TensorSource
 
-__all__ = ["ExportError", "FloatSource", "TensorSource", "export_gguf", "gguf_mix_plan"]
+__all__ = ["ExportError", "FloatSource", "TensorSource", "export_compressed_tensors", "export_gguf", "gguf_mix_plan"]

@@ -49,6 +49,15 @@ def train_gemma_like_tokenizer(out: Path, vocab_size: int = 1000) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True, scope="package")
+def _one_thread():
+    """The machine is shared: torch's default thread pool oversubscribes it and makes these tiny ops 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     return train_gemma_like_tokenizer(tmp_path_factory.mktemp("tok"))

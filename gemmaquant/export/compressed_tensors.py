@@ -1,0 +1,224 @@
+"""compressed-tensors safetensors export for vLLM / SGLang / transformers: `export_compressed_tensors(source, out_dir)`.
+
+Schemes (config_groups.group_0, format "pack-quantized", targets ["Linear"]):
+    W4A16   int4 symmetric, group strategy (group_size 32 by default), bf16 scales   (vLLM: Marlin / machete WNA16)
+    W8A16   int8 symmetric, channel strategy, bf16 scales
+Quantized: every attention / MLP projection, the PLE gate and projection, and the experts. Kept in the model dtype
+(and listed in `ignore`): router, embeddings, per_layer_model_projection, lm_head, the vision / audio towers.
+
+Experts: the checkpoint's fused `experts.gate_up_proj [E, 2*Ie, H]` / `experts.down_proj [E, H, Ie]` are written
+unfused, per expert, under the names vLLM's Gemma 4 loader maps onto FusedMoE (vllm/model_executor/models/gemma4.py
+`expert_params_mapping`: `experts.{e}.gate_proj.` -> w1, `.up_proj.` -> w3, `.down_proj.` -> w2), e.g.
+`model.language_model.layers.0.experts.3.gate_proj.weight_packed`. transformers needs a conversion mapping to
+merge them back (`register_transformers_gemma4_experts` in compressed_tensors_reader.py).
+
+Values: a `Packed` in the scheme's own format (Int4Group symmetric with this group size / Int8Channel) is written
+bit-for-bit; a float tensor is quantized by RTN with that format. Output: sharded safetensors + index (streamed, one
+shard in memory at most), config.json with `quantization_config`, tokenizer / generation config and the towers
+copied unchanged. The directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from gemmaquant.checkpoint import TOKENIZER_FILES, Checkpoint, atomic_dir, hf_config_dict
+from gemmaquant.export.ct_pack import codes_from_packed, pack_int32
+from gemmaquant.export.errors import ExportError
+
+SCHEMES = {"W4A16": 4, "W8A16": 8}
+QUANTIZED = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+             "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+             "per_layer_input_gate.weight", "per_layer_projection.weight")
+EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+IGNORE = ["lm_head", r"re:.*embed_tokens.*", r"re:.*router.*", r"re:.*per_layer_model_projection$",
+          r"re:.*vision_tower.*", r"re:.*audio_tower.*", r"re:.*embed_vision.*", r"re:.*embed_audio.*"]
+EXTRA_FILES = ("generation_config.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
+               "preprocessor_config.json")
+
+
+def quantization_config(scheme: str, group_size: int) -> dict:
+    bits = SCHEMES[scheme]
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False, "actorder": None,
+               "block_structure": None, "observer": "minmax", "observer_kwargs": {},
+               "strategy": "group" if bits == 4 else "channel", "group_size": group_size if bits == 4 else None}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": list(IGNORE), "kv_cache_scheme": None, "global_compression_ratio": None}
+
+
+def scheme_format(scheme: str, group_size: int, dtype: torch.dtype):
+    from gemmaquant.formats import Int4Group, Int8Channel
+
+    if scheme == "W4A16":
+        return Int4Group(group_size=group_size, symmetric=True, scale_dtype=dtype)
+    return Int8Channel(scale_dtype=dtype)
+
+
+def is_quantized(name: str) -> bool:
+    return name.startswith("layers.") and name.split(".", 2)[2] in QUANTIZED + EXPERTS
+
+
+class ShardWriter:
+    """Streams tensors into model-0000k-of-0000n.safetensors shards of at most `max_bytes` (names fixed at close)."""
+
+    def __init__(self, out: Path, max_bytes: int, metadata: dict[str, str]):
+        self.out, self.max_bytes, self.metadata = out, max_bytes, {"format": "pt", **metadata}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.shards: list[list[str]] = []
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.pending or any(name in s for s in self.shards):
+            raise ExportError(f"tensor name clash: {name!r} written twice")
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.size + nbytes > self.max_bytes:
+            self._flush()
+        self.pending[name] = t.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        save_file(self.pending, str(self.out / f".shard-{len(self.shards):05d}.safetensors"), metadata=self.metadata)
+        self.shards.append(list(self.pending))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        weight_map = {}
+        for k, names in enumerate(self.shards):
+            final = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / f".shard-{k:05d}.safetensors", self.out / final)
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
+
+
+def _raw_config(source) -> tuple[dict, str]:
+    """The source checkpoint's config.json (kept, for the towers' configs) and its text-weight prefix."""
+    d = Path(source.source_dir) if source.source_dir else None
+    if d is not None and (d / "config.json").is_file():
+        raw = json.loads((d / "config.json").read_text())
+        multimodal = raw.get("model_type") == "gemma4"
+    else:
+        raw, multimodal = hf_config_dict(source.config), False
+    return raw, "model.language_model." if multimodal else "model."
+
+
+def export_compressed_tensors(source, out_dir: str | os.PathLike, scheme: str = "W4A16", group_size: int = 32,
+                              overwrite: bool = False, *, dtype: torch.dtype = torch.bfloat16,
+                              max_shard_bytes: int = 4 << 30) -> Path:
+    """Write `source` (a tensor source, see gemmaquant.export.source) as a compressed-tensors checkpoint directory.
+
+    scheme: "W4A16" (int4 symmetric, `group_size` inputs per scale) or "W8A16" (int8 symmetric per output channel).
+    dtype: the exported model's dtype: unquantized tensors and the scales are stored in it (vLLM loads scales in
+        the model dtype, so scales that do not fit it exactly are refused rather than silently rounded).
+    Returns out_dir. Raises ExportError for bad input (nothing is left at out_dir), FileExistsError when out_dir
+    exists, is not empty and not `overwrite`.
+    """
+    if scheme not in SCHEMES:
+        raise ExportError(f"unknown scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+    bits = SCHEMES[scheme]
+    cfg = source.config
+    per_word = 32 // bits
+    unit = group_size if bits == 4 else per_word
+    bad = sorted(k for k in _input_dims(cfg) if unit <= 0 or k % unit or k % per_word)
+    if unit <= 0 or bad or (bits == 4 and group_size % per_word):
+        raise ExportError(f"{scheme} with group_size {group_size} cannot hold rows of {bad[:3] or [group_size]} inputs "
+                          f"(groups must divide every quantized matrix's input width, codes pack {per_word} per int32)")
+    fmt = scheme_format(scheme, group_size, dtype)
+    raw, prefix = _raw_config(source)
+    names = list(source.names())
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ExportError(f"tensor name clash: the source lists {dup!r} twice")
+    meta = {f"gemmaquant.{k}": str(v) for k, v in (source.metadata or {}).items()}
+    with atomic_dir(out_dir, overwrite) as tmp:
+        w = ShardWriter(tmp, max_shard_bytes, meta)
+        for n in names:
+            value = source.get(n)
+            if is_quantized(n):
+                for key, t in _quantized_tensors(n, value, fmt, bits, group_size if bits == 4 else None, dtype):
+                    w.add(prefix + key, t)
+            elif isinstance(value, torch.Tensor):
+                w.add(n if n == "lm_head.weight" else prefix + n, value.to(dtype))
+            else:
+                raise ExportError(f"{n}: a {type(value).__name__} value, but this tensor is kept in float")
+            del value
+        _copy_towers(source, w)
+        w.close()
+        raw = dict(raw)
+        if raw.get("model_type") == "gemma4":
+            raw["text_config"] = {**raw.get("text_config", {}), "torch_dtype": str(dtype).removeprefix("torch.")}
+        raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+        raw["quantization_config"] = quantization_config(scheme, group_size)
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        if source.source_dir:
+            for f in dict.fromkeys(TOKENIZER_FILES + EXTRA_FILES):
+                if (Path(source.source_dir) / f).is_file():
+                    shutil.copy2(Path(source.source_dir) / f, tmp / f)
+    return Path(out_dir)
+
+
+def _input_dims(cfg) -> set[int]:
+    from gemmaquant.checkpoint import expected_shapes
+
+    return {s[-1] for n, s in expected_shapes(cfg).items() if is_quantized(n)}
+
+
+def _quantized_tensors(name: str, value, fmt, bits: int, group: int | None, dtype: torch.dtype):
+    """-> [(name relative to the prefix, tensor)] for one quantized weight (experts: unfused per expert)."""
+    base = name.removesuffix(".weight")
+    if name.endswith(EXPERTS):
+        layer = name.rsplit(".experts.", 1)[0]
+        packs = value if isinstance(value, list) else list(value)  # a float [E, N, K] iterates over experts
+        out = []
+        for e, p in enumerate(packs):
+            q, s = _codes(f"{name}[{e}]", p, fmt, bits, group, dtype)
+            if name.endswith("gate_up_proj"):
+                half = q.shape[0] // 2
+                parts = (("gate_proj", q[:half], s[:half]), ("up_proj", q[half:], s[half:]))
+            else:
+                parts = (("down_proj", q, s),)
+            for proj, qq, ss in parts:
+                out += _module_tensors(f"{layer}.experts.{e}.{proj}", qq, ss, bits)
+        return out
+    if isinstance(value, list):
+        raise ExportError(f"{name}: a list of Packed values for a 2-D weight")
+    q, s = _codes(name, value, fmt, bits, group, dtype)
+    return _module_tensors(base, q, s, bits)
+
+
+def _codes(name, value, fmt, bits, group, dtype):
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() or value.ndim != 2:
+            raise ExportError(f"{name}: expected a float matrix, got {value.dtype} {list(value.shape)}")
+        value = fmt.quantize(value.float())
+    return codes_from_packed(value, bits, group, name, dtype)
+
+
+def _module_tensors(base: str, q: torch.Tensor, scale: torch.Tensor, bits: int):
+    return [(f"{base}.weight_packed", pack_int32(q, bits)), (f"{base}.weight_scale", scale),
+            (f"{base}.weight_shape", torch.tensor(list(q.shape), dtype=torch.int64))]
+
+
+def _copy_towers(source, w: ShardWriter) -> None:
+    """Vision / audio tower tensors of the source checkpoint, byte-identical under their own names."""
+    if not source.source_dir:
+        return
+    try:
+        ckpt = source.checkpoint if hasattr(source, "checkpoint") else Checkpoint(source.source_dir)
+    except ValueError:
+        return
+    for n in ckpt.tower_names():
+        w.add(n, ckpt.get(n))
