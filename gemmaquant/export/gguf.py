@@ -193,7 +193,9 @@ def export_gguf(source, out_path: str | os.PathLike, type: str = "Q4_K_M", overw
     keep_auto = keep_type is None and mix not in FLOAT_TYPES  # kept tensors follow their dtype (converter "auto")
 
     w = gguf.GGUFWriter(None, "gemma4")
-    w.add_name(name or f"gemma4-{cfg.num_hidden_layers}L-{cfg.hidden_size}")
+    w.add_type(gguf.GGUFType.MODEL)
+    default_name = Path(source.source_dir).name if source.source_dir else f"gemma4-{cfg.num_hidden_layers}L"
+    w.add_name(name or default_name)
     add_hparams(w, cfg, ftype)
     for k, v in sorted((source.metadata or {}).items()):
         w.add_string(f"gemmaquant.{k}", str(v))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,14 @@ def read_vocab(tokenizer_dir: Path, n_embedding_rows: int) -> GGUFVocab:
     for k in range(pad):  # rows the tokenizer never produces: placeholders that cannot collide with real text
         tokens.append(f"<gemmaquant_unused_{k}>")
         types.append(gguf.TokenType.UNUSED)
-    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens))
-    special.add_special_token = {}  # the converter forces add_bos = true and add_space_prefix = false itself
+    quiet = logging.getLogger("gguf.vocab")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # SpecialVocab warns about post-processor templates it does not need
+    try:
+        special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens))
+    finally:
+        quiet.setLevel(level)
+    special.add_special_token = {**special.add_special_token, "bos": True}  # the converter forces add_bos = true
     merges = list(special.merges)
     special.merges, special.load_merges = [], False  # written by add_vocab
     if not merges:
@@ -107,7 +114,6 @@ def add_vocab(writer: gguf.GGUFWriter, v: GGUFVocab) -> None:
     writer.add_token_merges(v.merges)
     v.special.add_to_gguf(writer, quiet=True)
     writer.add_add_space_prefix(False)
-    writer.add_add_bos_token(True)
 
 
 # ---------------------------------------------------------------------------------------------------------

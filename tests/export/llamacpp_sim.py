@@ -65,9 +65,13 @@ def round_activations(x: torch.Tensor, vec_dot: str) -> torch.Tensor:
     raise KeyError(vec_dot)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, type_name: str, mins: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, type_name: str, mins: torch.Tensor | None = None,
+           perturb: tuple[torch.Generator, float] | None = None) -> torch.Tensor:
     """y = x @ w.T as ggml computes it for a weight stored as `type_name` (w: its dequantized values [N, K];
-    mins: the Q4_1 / Q5_1 block minima [N, K/32])."""
+    mins: the Q4_1 / Q5_1 block minima [N, K/32]). perturb = (generator, eps) multiplies the activations by
+    (1 + eps * N(0, 1)) before rounding: how far a few-ulp disagreement upstream moves the result."""
+    if perturb is not None:
+        x = x * (1 + perturb[1] * torch.randn(x.shape, generator=perturb[0]))
     vd = VEC_DOT[type_name]
     xh = round_activations(x, vd)
     y = xh.double() @ w.double().T
@@ -97,29 +101,29 @@ def gguf_weights(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return kinds, mins
 
 
-def emulate(model, path):
+def emulate(model, path, perturb: tuple[torch.Generator, float] | None = None):
     """Patch `model` (a Gemma4 holding the GGUF's dequantized weights) to compute as llama.cpp does."""
     kinds, mins = gguf_weights(path)
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             key = name + ".weight"
-            mod.forward = (lambda m, k: (lambda x: linear(x, m.weight, kinds[k], mins.get(k))))(mod, key)
+            mod.forward = (lambda m, k: (lambda x: linear(x, m.weight, kinds[k], mins.get(k), perturb)))(mod, key)
         if type(mod).__name__ == "Experts":
             i = name.split(".")[1]
             gu, dn = f"layers.{i}.experts.gate_up_proj", f"layers.{i}.experts.down_proj"
 
             def expert(self, e, x, gu=gu, dn=dn):
-                g_u = linear(x, self.gate_up_proj[e], kinds[gu], None if gu not in mins else mins[gu][e])
+                g_u = linear(x, self.gate_up_proj[e], kinds[gu], None if gu not in mins else mins[gu][e], perturb)
                 gate, up = g_u.chunk(2, dim=-1)
                 h = F.gelu(gate, approximate="tanh") * up
-                return linear(h, self.down_proj[e], kinds[dn], None if dn not in mins else mins[dn][e])
+                return linear(h, self.down_proj[e], kinds[dn], None if dn not in mins else mins[dn][e], perturb)
 
             mod.expert = types.MethodType(expert, mod)
     out_name = "embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
 
     def head(self, h):
         w = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = linear(self.norm(h), w, kinds[out_name], mins.get(out_name))
+        logits = linear(self.norm(h), w, kinds[out_name], mins.get(out_name), perturb)
         cap = self.config.final_logit_softcapping
         return cap * torch.tanh(logits / cap) if cap else logits
 

@@ -189,3 +189,72 @@ def test_tokenizer_that_llamacpp_would_split_differently_is_refused(tmp_path, to
     with pytest.raises(ExportError, match="tokenize differently"):
         export_gguf(FloatSource(ckpt), tmp_path / "m.gguf", type="F16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quantized values: RTN by the mix plan, or the source's own Packed values written as they are
+
+
+def test_rtn_export_equals_format_quantization(tmp_path):
+    """FloatSource + a mix: every tensor gets the type gguf_mix_plan picks, and its blocks are exactly
+    gemmaquant.formats' quantization of the checkpoint weight (read back with gguf-py's own dequantizer)."""
+    from gemmaquant.export.gguf_mix import gguf_mix_plan
+    from gemmaquant.export.gguf_names import gguf_name
+    from gemmaquant.export.gguf_pack import gguf_format
+
+    src = FloatSource(FIXTURES["tiny-moe"])
+    out = export_gguf(src, tmp_path / "m.gguf", type="Q4_K_M")
+    plan = gguf_mix_plan(src.config, "Q4_K_M")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    back = gemmaquant.load(out).state_dict()
+    for name in src.names():
+        assert types[gguf_name(name)] == plan[name], name
+        if plan[name] in ("F32", "F16", "BF16"):
+            continue
+        w = src.get(name).float()
+        fmt = gguf_format(plan[name])
+        rows = w.reshape(-1, w.shape[-1])
+        want = fmt.dequantize(fmt.quantize(rows)).reshape(w.shape)
+        assert torch.equal(back[name], want.float()), name
+
+
+@pytest.mark.parametrize("kind", ["gguf-types", "int4-g32", "int8-channel"])
+def test_packed_values_written_bit_for_bit(kind, tmp_path):
+    """A source of already-quantized values (what PTQ / QAT chose): GGUF block formats are written byte for byte;
+    gemmaquant's int4 symmetric group-32 and int8 per-channel grids are repacked losslessly as Q4_0 / Q8_0."""
+    from gemmaquant.formats import Int4Group, Int8Channel
+    from gemmaquant.export.gguf_names import gguf_name
+    from gemmaquant.export.gguf_pack import gguf_format
+
+    base = FloatSource(FIXTURES["tiny-moe"])
+    fmt = {"gguf-types": None, "int4-g32": Int4Group(group_size=32, symmetric=True, scale_dtype=torch.bfloat16),
+           "int8-channel": Int8Channel(scale_dtype=torch.bfloat16)}[kind]
+    chosen = {}
+
+    def get(b, name):
+        w = b.get(name)
+        if w.ndim < 2 or ".router." in name or name == "embed_tokens.weight":
+            return w
+        f = fmt or gguf_format("Q8_0" if "experts" in name else "Q5_1")
+        packs = [f.quantize(x.float() * 0.7) for x in (w if w.ndim == 3 else [w])]  # not RTN of w itself
+        chosen[name] = (packs, torch.stack([f.dequantize(p) for p in packs]).reshape(w.shape))
+        return packs if w.ndim == 3 else packs[0]
+
+    out = export_gguf(_Source(FIXTURES["tiny-moe"], get=get), tmp_path / "m.gguf", type="Q4_K_M")
+    back = gemmaquant.load(out).state_dict()
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    for name, (packs, deq) in chosen.items():
+        assert torch.equal(back[name], deq.float()), name
+        t = tensors[gguf_name(name)]
+        if kind == "gguf-types":
+            raw = torch.from_numpy(t.data.copy()).reshape(-1).numpy().tobytes()
+            assert raw == b"".join(p.fmt.to_gguf_bytes(p).tobytes() for p in packs), name
+        else:
+            assert t.tensor_type.name == ("Q4_0" if kind == "int4-g32" else "Q8_0"), name
+
+
+def test_type_that_cannot_hold_the_rows_is_refused(tmp_path):
+    # token embeddings of width 160 do not fill 256-weight K-quant blocks
+    with pytest.raises(ExportError, match="multiple of 256"):
+        export_gguf(FloatSource(FIXTURES["tiny-moe"]), tmp_path / "m.gguf", type="Q4_K_M", token_embd_type="Q6_K")
+    assert _clean(tmp_path) == []

@@ -1,0 +1,138 @@
+"""`gemmaquant inspect FILE`: what a GGUF file or a compressed-tensors / safetensors directory holds: every tensor's
+type, shape, size and bits per weight, totals per type, and the metadata (hyperparameters, recipe, tokenizer).
+
+    print(inspect_file("model-Q4_K_M.gguf"))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from gemmaquant.export.errors import ExportError
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _table(rows: list[tuple], header: tuple) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return [fmt.format(*header), *(fmt.format(*map(str, r)) for r in rows)]
+
+
+def _summary(per_type: dict[str, list[int]], total_w: int, total_b: int) -> list[str]:
+    rows = [(t, f"{n:,}", _size(b), f"{8 * b / max(n, 1):.2f}") for t, (n, b) in sorted(per_type.items())]
+    rows.append(("total", f"{total_w:,}", _size(total_b), f"{8 * total_b / max(total_w, 1):.2f}"))
+    return _table(rows, ("type", "weights", "size", "bits/weight"))
+
+
+def inspect_gguf(path: Path) -> str:
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    lines = [f"{path}: GGUF v{r.fields['GGUF.version'].contents()}, {len(r.tensors)} tensors, {_size(path.stat().st_size)}",
+             "", "metadata:"]
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        v = f.contents()
+        if isinstance(v, list) and len(v) > 8:
+            v = f"[{len(v)} items: {', '.join(repr(x)[:40] for x in v[:3])}, ...]"
+        elif isinstance(v, str) and (len(v) > 100 or "\n" in v):
+            v = f"{v.splitlines()[0][:60]!r}... ({len(v)} chars)"
+        lines.append(f"  {k} = {v}")
+    rows, per_type = [], defaultdict(lambda: [0, 0])
+    for t in r.tensors:
+        kind = t.tensor_type.name
+        n, b = int(t.n_elements), int(t.n_bytes)
+        rows.append((t.name, kind, "x".join(map(str, reversed([int(x) for x in t.shape]))), _size(b), f"{8 * b / n:.2f}"))
+        per_type[kind][0] += n
+        per_type[kind][1] += b
+    lines += ["", "tensors (shape in PyTorch order):"]
+    lines += ["  " + x for x in _table(rows, ("name", "type", "shape", "size", "bits/weight"))]
+    lines += ["", "by type:"] + ["  " + x for x in _summary(per_type, sum(v[0] for v in per_type.values()),
+                                                           sum(v[1] for v in per_type.values()))]
+    return "\n".join(lines)
+
+
+def _safetensors_headers(d: Path) -> dict[str, dict]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        meta = header.pop("__metadata__", {})
+        for name, info in header.items():
+            out[name] = {**info, "file": f.name, "metadata": meta}
+    return out
+
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def inspect_dir(path: Path) -> str:
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+    headers = _safetensors_headers(path)
+    if not headers:
+        raise ExportError(f"{path}: no *.safetensors files")
+    lines = [f"{path}: safetensors, {len(headers)} tensors in {len({h['file'] for h in headers.values()})} file(s)"]
+    if qc:
+        g = next(iter(qc.get("config_groups", {}).values()), {}).get("weights", {})
+        lines.append(f"quantization: {qc.get('quant_method')} / {qc.get('format')}, {g.get('num_bits')}-bit "
+                     f"{'symmetric' if g.get('symmetric') else 'asymmetric'} {g.get('type')}, strategy "
+                     f"{g.get('strategy')}, group_size {g.get('group_size')}; ignore {qc.get('ignore')}")
+    meta = next(iter(headers.values()))["metadata"]
+    if meta:
+        lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(meta.items())))
+    modules: dict[str, dict[str, dict]] = defaultdict(dict)
+    for name, h in headers.items():
+        base, _, leaf = name.rpartition(".")
+        if leaf in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
+            modules[base][leaf] = h
+        else:
+            modules[name][""] = h
+    bits = (next(iter((qc or {}).get("config_groups", {}).values()), {}).get("weights", {}) or {}).get("num_bits")
+    rows, per_type = [], defaultdict(lambda: [0, 0])
+    for base, parts in sorted(modules.items()):
+        nbytes = sum(int(np.prod(h["shape"])) * DTYPE_BYTES.get(h["dtype"], 1) for h in parts.values())
+        if "weight_packed" in parts:
+            packed = parts["weight_packed"]["shape"]
+            shape = [packed[0], packed[1] * 32 // int(bits)]
+            kind = f"int{bits}+{parts['weight_scale']['dtype'].lower()} scale"
+            name = base + ".weight"
+        else:
+            h = parts[""]
+            shape, kind, name = h["shape"], h["dtype"], base
+        n = int(np.prod(shape)) if shape else 1
+        rows.append((name, kind, "x".join(map(str, shape)) or "scalar", _size(nbytes), f"{8 * nbytes / n:.2f}"))
+        per_type[kind][0] += n
+        per_type[kind][1] += nbytes
+    lines += ["", "tensors:"] + ["  " + x for x in _table(rows, ("name", "type", "shape", "size", "bits/weight"))]
+    lines += ["", "by type:"] + ["  " + x for x in _summary(per_type, sum(v[0] for v in per_type.values()),
+                                                           sum(v[1] for v in per_type.values()))]
+    return "\n".join(lines)
+
+
+def inspect_file(path: str | os.PathLike) -> str:
+    """A human-readable report of a GGUF file or a (compressed-tensors) safetensors checkpoint directory."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        try:
+            return inspect_gguf(p)
+        except (ValueError, OSError) as e:
+            raise ExportError(f"{p}: not a readable GGUF file ({e})") from None
+    if p.is_dir():
+        return inspect_dir(p)
+    raise ExportError(f"{p}: expected a .gguf file or a checkpoint directory")
