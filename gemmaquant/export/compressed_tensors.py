@@ -144,6 +144,9 @@ def export_compressed_tensors(source, out_dir: str | os.PathLike, scheme: str = 
         raise ExportError(f"tensor name clash: the source lists {dup!r} twice")
     meta = {f"gemmaquant.{k}": str(v) for k, v in (source.metadata or {}).items()}
     with atomic_dir(out_dir, overwrite) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; the finished directory gets the usual permissions
         w = ShardWriter(tmp, max_shard_bytes, meta)
         for n in names:
             value = source.get(n)

@@ -212,6 +212,9 @@ def export_gguf(source, out_path: str | os.PathLike, type: str = "Q4_K_M", overw
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     tmp = Path(tmp_name)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a written file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             rope = rope_freqs(cfg)
             infos = [(ROPE_FREQS, tuple(rope.shape), "F32", 0)] + [(g, shape, "F32", 0) for _, g, shape in entries]

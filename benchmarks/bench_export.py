@@ -1,0 +1,123 @@
+"""Hugging Face checkpoint directory -> Q4_K_M GGUF, end to end: gemmaquant's exporter beside llama.cpp's own pipeline
+(convert_hf_to_gguf.py --outtype bf16, then llama-quantize Q4_K_M) on the same models and the same thread count.
+
+    LLAMA_CPP_DIR=/path/to/llama.cpp python benchmarks/bench_export.py [--threads 1] [--quick]
+
+Models: a bundled tiny fixture (tiny-moe) and a larger synthetic dense model with real Gemma 4 head geometry
+(head dims 256 / 512, rows that are multiples of 256, so Q4_K / Q6_K are used as on the released models) written
+once into --work. Both sides run as fresh processes (interpreter start and imports included). Every timing is the
+best of --repeat runs. Results: benchmarks/results/bench_export.json and .md, with each side's file size and
+whether the two files picked the same type for every tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def synthetic_checkpoint(work: Path) -> Path:
+    """A dense Gemma 4 (31B-like: k_eq_v, 5:1 sliding/full) with ~0.4 B parameters, random bf16 weights."""
+    import torch
+
+    from gemmaquant.checkpoint import save_checkpoint
+    from gemmaquant.config import FULL, SLIDING, Gemma4Config
+    from gemmaquant.fixtures import TOKENIZER_DIR
+    from gemmaquant.model.testing import random_model
+
+    out = work / "synthetic-dense"
+    if (out / "config.json").is_file():
+        return out
+    cfg = Gemma4Config(vocab_size=4096, hidden_size=2048, intermediate_size=8192, num_hidden_layers=6,
+                       num_attention_heads=8, num_key_value_heads=4, num_global_key_value_heads=2, head_dim=256,
+                       global_head_dim=512, attention_k_eq_v=True, layer_types=(SLIDING,) * 5 + (FULL,),
+                       sliding_window=1024, final_logit_softcapping=30.0, hidden_size_per_layer_input=0,
+                       max_position_embeddings=8192)
+    save_checkpoint(random_model(cfg, dtype=torch.bfloat16), out, dtype=torch.bfloat16, tokenizer_dir=TOKENIZER_DIR)
+    return out
+
+
+def run(cmd: list[str], env: dict) -> float:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed:\n{r.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    ours_out, conv_out, quant_out = work / f"{name}-ours.gguf", work / f"{name}-bf16.gguf", work / f"{name}-llama.gguf"
+    ours_cmd = [sys.executable, "-c", (
+        "import torch, sys; torch.set_num_threads(%d); sys.path.insert(0, %r)\n"
+        "from gemmaquant.export import FloatSource, export_gguf\n"
+        "export_gguf(FloatSource(%r), %r, type='Q4_K_M', overwrite=True)" % (threads, str(ROOT), str(ckpt),
+                                                                             str(ours_out)))]
+    conv_cmd = [sys.executable, str(llama / "convert_hf_to_gguf.py"), str(ckpt), "--outfile", str(conv_out),
+                "--outtype", "bf16"]
+    quant_cmd = [str(llama / "build/bin/llama-quantize"), str(conv_out), str(quant_out), "Q4_K_M", str(threads)]
+    ours = min(run(ours_cmd, env) for _ in range(repeat))
+    conv = min(run(conv_cmd, env) for _ in range(repeat))
+    quant = min(run(quant_cmd, env) for _ in range(repeat))
+    a, b = tensor_types(ours_out), tensor_types(quant_out)
+    same = sorted(n for n in a if a[n] == b.get(n))
+    return {"model": name, "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
+            "gemmaquant_s": round(ours, 3), "llamacpp_convert_s": round(conv, 3), "llamacpp_quantize_s": round(quant, 3),
+            "llamacpp_total_s": round(conv + quant, 3), "ratio_gemmaquant_over_llamacpp": round(ours / (conv + quant), 3),
+            "gemmaquant_bytes": ours_out.stat().st_size, "llamacpp_bytes": quant_out.stat().st_size,
+            "tensor_types_equal": f"{len(same)}/{len(b)}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"), help="llama.cpp tree with build/bin")
+    ap.add_argument("--work", default="/tmp/gemmaquant-bench-export")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny fixture only")
+    args = ap.parse_args()
+    if not args.llama_cpp:
+        sys.exit("set LLAMA_CPP_DIR or pass --llama-cpp")
+    sys.path.insert(0, str(ROOT))
+    from gemmaquant.fixtures import FIXTURES
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    models = {"tiny-moe": FIXTURES["tiny-moe"]}
+    if not args.quick:
+        models["synthetic-dense-0.4B"] = synthetic_checkpoint(work)
+    rows = [bench(n, p, Path(args.llama_cpp), work, args.threads, args.repeat) for n, p in models.items()]
+    meta = {"threads": args.threads, "repeat": args.repeat, "python": platform.python_version(),
+            "machine": platform.machine(), "cpus": os.cpu_count()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_export.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    cols = ["model", "checkpoint_bytes", "gemmaquant_s", "llamacpp_convert_s", "llamacpp_quantize_s",
+            "llamacpp_total_s", "ratio_gemmaquant_over_llamacpp", "gemmaquant_bytes", "llamacpp_bytes",
+            "tensor_types_equal"]
+    md = ["# HF checkpoint -> Q4_K_M GGUF, end to end", "",
+          f"gemmaquant `export_gguf(FloatSource(dir), out, type=\"Q4_K_M\")` vs llama.cpp `convert_hf_to_gguf.py "
+          f"--outtype bf16` + `llama-quantize Q4_K_M`; {args.threads} thread(s), best of {args.repeat}, fresh "
+          f"processes. ratio < 1 means gemmaquant is faster.", "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    (RESULTS / "bench_export.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
