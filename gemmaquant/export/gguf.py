@@ -281,6 +281,8 @@ def _encode(name: str, value, planned: str, shape: tuple[int, ...], keep_auto: b
             t = "BF16" if value.dtype == torch.bfloat16 else "F16"
         return t, float_chunks(value, t, name)
     packs = value if isinstance(value, list) else [value]
+    if planned == "F32":
+        raise ExportError(f"{name}: a quantized value, but llama.cpp reads this tensor as F32")
     if not packs or not all(hasattr(p, "fmt") for p in packs):
         raise ExportError(f"{name}: value of type {type(value).__name__} is neither a tensor nor Packed")
     t = packed_type(packs[0])

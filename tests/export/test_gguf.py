@@ -258,3 +258,17 @@ def test_type_that_cannot_hold_the_rows_is_refused(tmp_path):
     with pytest.raises(ExportError, match="multiple of 256"):
         export_gguf(FloatSource(FIXTURES["tiny-moe"]), tmp_path / "m.gguf", type="Q4_K_M", token_embd_type="Q6_K")
     assert _clean(tmp_path) == []
+
+
+def test_reader_refuses_other_architectures(tmp_path):
+    from gemmaquant.export.gguf_reader import GGUFFormatError
+
+    w = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFFormatError, match="'llama', expected 'gemma4'"):
+        gemmaquant.load(tmp_path / "llama.gguf")
