@@ -7,7 +7,7 @@ Transformers", arXiv:2210.17323 (Algorithm 1), as implemented by the reference c
 
     H     = X^T X (over calibration tokens, [K, K]); columns with H_ii = 0 ("dead") get H_ii = 1, w[:, i] = 0
     H    += damp * mean(diag H) * I                    dampening; retried with larger damp if not positive definite
-    U     = chol(H^-1)^T (upper)                       row i of U is the OBS update of column i, scaled
+    U     = upper Cholesky factor of H^-1 (U^T U = H^-1) row j of U is the OBS update of column j, scaled
     for each column j (in decreasing diag(H) order with act_order):
         q_j   = nearest grid point of w_j on its own group's grid
         e_j   = (w_j - q_j) / U_jj
@@ -48,6 +48,18 @@ def _fit_unit(fmt, K: int) -> int:
     return min(int(unit), K)
 
 
+def lower_triangular_inverse(L: Tensor, block: int = 512) -> Tensor:
+    """L^-1 for lower-triangular L [K, K], by column blocks: block c of L^-1 is zero above row c0 and solves
+    L[c0:, c0:] X = I[c0:, c0:c1], so the work is ~K^3/3 instead of the K^3 of a solve against the full I."""
+    K = L.shape[0]
+    Linv = torch.zeros_like(L)
+    for c0 in range(0, K, block):
+        c1 = min(c0 + block, K)
+        rhs = torch.eye(K - c0, c1 - c0, dtype=L.dtype, device=L.device)  # [K - c0, c1 - c0]
+        Linv[c0:, c0:c1] = torch.linalg.solve_triangular(L[c0:, c0:], rhs, upper=False)
+    return Linv
+
+
 def damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
     """The upper Cholesky factor U of (H + d * mean(diag H) * I)^-1 (U^T U = that inverse), and the d used.
 
@@ -69,9 +81,8 @@ def damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
         L, info = torch.linalg.cholesky_ex(Hd)
         del Hd
         if info.item() == 0:
-            eye = torch.eye(K, dtype=H.dtype, device=H.device)
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False)  # [K, K] lower
-            del L, eye
+            Linv = lower_triangular_inverse(L)
+            del L
             U = Linv.flip(0, 1)  # upper
             del Linv
             if torch.isfinite(U).all() and (U.diagonal() > 0).all():
@@ -96,22 +107,23 @@ class _Grid:
 
     def __init__(self, fmt, params, K: int):
         self.fmt, self.params, self.col0 = fmt, params, 0  # params (and first column) that encode() sees
-        scale, offset, self.qmin, self.qmax = fmt.grid(params)
-        self.scale, self.offset = scale.float(), offset.float()  # [N, G]
+        scale, offset, self.qmin, self.qmax = fmt.grid(params)  # [N, G] each
+        self.scale = scale.float().T.contiguous()  # [G, N]: a group's grid is a contiguous row
+        self.offset = offset.float().T.contiguous()
         self.gsize = K // scale.shape[1]  # columns per affine pair
 
     def set_unit(self, params, col0: int) -> None:
         """Dynamic groups: the unit of columns starting at col0 was just fit to `params`; use its grid."""
         scale, offset, _, _ = self.fmt.grid(params)
         g0 = col0 // self.gsize
-        self.scale[:, g0:g0 + scale.shape[1]] = scale.float()
-        self.offset[:, g0:g0 + offset.shape[1]] = offset.float()
+        self.scale[g0:g0 + scale.shape[1]] = scale.float().T
+        self.offset[g0:g0 + offset.shape[1]] = offset.float().T
         self.params, self.col0 = params, col0
 
     def round(self, x: Tensor, j: int) -> tuple[Tensor, Tensor]:
         """x: [N] fp32 values of original column j -> (codes [N] fp32 integers, dequantized [N] fp32)."""
         g = j // self.gsize
-        s, o = self.scale[:, g], self.offset[:, g]
+        s, o = self.scale[g], self.offset[g]
         q = torch.round((x - o) / s).clamp_(self.qmin, self.qmax)
         zero = s == 0
         if zero.any():
@@ -154,8 +166,8 @@ def gptq(w: Tensor, H: Tensor, fmt, *, damp: float = 0.01, block_size: int = 128
                          "group's columns are no longer contiguous, which no stored format can express")
 
     dev = w.device
-    W = w.detach().to(dev, torch.float32).clone()  # [N, K]
-    H = H.detach().to(dev, torch.float64).clone()  # [K, K]
+    W = w.detach().to(dev, torch.float32, copy=True)  # [N, K]
+    H = H.detach().to(dev, torch.float64, copy=True)  # [K, K]
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0  # the diagonal entries of dead columns
     W[:, dead] = 0.0
@@ -163,7 +175,7 @@ def gptq(w: Tensor, H: Tensor, fmt, *, damp: float = 0.01, block_size: int = 128
 
     if dynamic:  # block boundaries on fit-unit boundaries, so a unit is fit from fully updated columns
         block_size = max(unit, block_size // unit * unit)
-        W_fit = torch.zeros_like(W)  # the values each unit was fit on; fit(W_fit) = the params used
+        W_fit = torch.zeros_like(W)  # [N, K] the values each unit was fit on; fit(W_fit) = the params used
         grid = _Grid(fmt, fmt.fit(W, importance=importance), K)  # shapes and qmin/qmax; groups refit below
     else:
         params = fmt.fit(W, importance=importance)
@@ -171,40 +183,45 @@ def gptq(w: Tensor, H: Tensor, fmt, *, damp: float = 0.01, block_size: int = 128
 
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # [K] position -> original column
-        W, H = W[:, perm], H[perm][:, perm]
+        H = H[perm[:, None], perm[None, :]]
     else:
         perm = torch.arange(K, device=dev)
     cols = perm.tolist()
+    # The sweep works on W^T (sweep position, row): a column of W is a contiguous row, and the in-block
+    # rank-1 updates touch contiguous memory.
+    WT = W.T[perm].contiguous()  # [K, N] in sweep order
+    del W
 
     U, _ = damped_inverse_cholesky(H, damp)
     del H
     U = U.float()  # [K, K] upper, fp32 for the sweep
 
-    codes = torch.empty(N, K, dtype=torch.float32, device=dev)  # in original column order
+    codesT = torch.empty(K, N, dtype=torch.float32, device=dev)  # [K, N] in original column order
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
-        W1 = W[:, i1:i2].clone()  # [N, b] columns of this block, updated in place
-        E1 = torch.empty_like(W1)  # [N, b] scaled errors
+        W1 = WT[i1:i2]  # [b, N] view: this block's columns, updated in place
+        E1 = torch.empty_like(W1)  # [b, N] scaled errors
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = cols[i1 + i]
             if dynamic and j % unit == 0:
-                W_fit[:, j:j + unit] = W1[:, i:i + unit]
+                W_fit[:, j:j + unit] = W1[i:i + unit].T
                 imp = None if importance is None else importance[j:j + unit]
-                grid.set_unit(fmt.fit(W1[:, i:i + unit], importance=imp), j)
-            x = W1[:, i]
+                grid.set_unit(fmt.fit(W1[i:i + unit].T.contiguous(), importance=imp), j)
+            x = W1[i]
             q, x_hat = grid.round(x, j)
-            codes[:, j] = q
+            codesT[j] = q
             e = (x - x_hat) / U1[i, i]
-            W1[:, i + 1:].addr_(e, U1[i, i + 1:], alpha=-1.0)  # W1[:, k] -= e * U[j, k] for later k
-            E1[:, i] = e
-        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)  # the block's errors onto all later columns
+            W1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1.0)  # column k -= e * U[j, k] for later k in the block
+            E1[i] = e
+        WT[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)  # the block's errors onto all later columns
+    codes = codesT.T  # [N, K]
 
     if dynamic:
         params = fmt.fit(W_fit, importance=importance)
         s, o, _, _ = fmt.grid(params)
-        if not (torch.equal(s.float(), grid.scale) and torch.equal(o.float(), grid.offset)):
+        if not (torch.equal(s.float().T, grid.scale) and torch.equal(o.float().T, grid.offset)):
             raise RuntimeError(f"{fmt.name}: fitting the whole matrix does not reproduce the per-unit fits "
                                "(the format's fit is not local to its super-blocks); use static_groups=True")
     dtype = fmt.encode(w[:, :1].float(), params).dtype  # the integer dtype the format's codes come in
-    return fmt.pack(codes.to(dtype), params)
+    return fmt.pack(codes.to(dtype).contiguous(), params)
