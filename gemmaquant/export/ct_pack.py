@@ -52,22 +52,21 @@ def codes_from_packed(p, bits: int, group: int | None, name: str, dtype: torch.d
 
     The codes are read back from the format's own dequantization (w / scale, which is exact for a symmetric grid),
     and checked: the value must be on the grid and its scales must be representable in `dtype`."""
-    scale = p.data.get("scale")
-    if scale is None:
-        raise ExportError(f"{name}: {type(p.fmt).__name__} has no 'scale'; not a symmetric int grid")
+    from gemmaquant.export.gguf_repack import grid_codes
+
     n, k = p.shape
-    scale = scale.reshape(n, -1)
+    w, scale, offset, q = grid_codes(p, name)
+    if offset is not None:
+        raise ExportError(f"{name}: {type(p.fmt).__name__} is asymmetric; pack-quantized W4A16/W8A16 here are symmetric")
     if group is not None and scale.shape[1] * group != k:
         raise ExportError(f"{name}: packed with {k // scale.shape[1]}-wide groups, the scheme asks for {group}")
     if group is None and scale.shape[1] != 1:
         raise ExportError(f"{name}: packed with {scale.shape[1]} scales per row, int8 channel needs 1")
-    w = p.fmt.dequantize(p).double().reshape(n, scale.shape[1], -1)
-    s = scale.double()[..., None]
-    q = torch.where(s != 0, w / torch.where(s != 0, s, 1.0), torch.zeros_like(w)).round()
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    s = scale.double().repeat_interleave(k // scale.shape[1], dim=1)
     if not torch.equal(q * s, w) or q.min() < lo or q.max() > hi:
         raise ExportError(f"{name}: {type(p.fmt).__name__} values are not w = q * scale with q in [{lo}, {hi}]")
     out_scale = scale.to(dtype)
     if not torch.equal(out_scale.double(), scale.double()):
         raise ExportError(f"{name}: scales are not representable in {dtype} (the exported model's dtype)")
-    return q.reshape(n, k).to(torch.int8), out_scale
+    return q.to(torch.int8), out_scale

@@ -1,7 +1,7 @@
 """Packed values in gemmaquant's own int grids, repacked losslessly onto the ggml block that *is* the same grid:
 
     int4 symmetric, group a multiple of 32:  w = s * q, q in [-8, 7]           -> Q4_0  (d = s, stored q + 8)
-    int4 asymmetric, group a multiple of 32: w = s * (q - z), q in [0, 15]     -> Q4_1  (d = s, m = -s * z)
+    int4 asymmetric, group a multiple of 32: w = s * q + m, q in [0, 15]       -> Q4_1  (d = s, m = min or -s * zero)
     int8 symmetric per channel / group:      w = s * q, q in [-127, 127]       -> Q8_0  (d = s in every block)
 
 ggml stores d (and m) as fp16, so a scale that fp16 cannot hold exactly cannot be repacked: that is an error, never
@@ -42,46 +42,51 @@ def _fp16_exact(x: torch.Tensor, what: str, name: str) -> np.ndarray:
     return h.numpy().view(np.uint8)
 
 
-def _codes(p, name: str):
-    """-> (w float64 [N, K], scale [N, G], zero [N, G] or None, codes float64 [N, K])."""
+def grid_codes(p, name: str):
+    """A Packed value on an affine int grid -> (w float64 [N, K], scale [N, G], offset [N, G] or None, codes
+    float64 [N, K]) with w = scale * codes + offset per group. The codes are read back from the format's own
+    dequantization (so any storage layout works); callers verify the result reproduces w exactly."""
     n, k = p.shape
     if "scale" not in p.data:
         raise ExportError(f"{name}: {type(p.fmt).__name__} has no GGUF block type and no 'scale' to repack from")
     scale = p.data["scale"].reshape(n, -1)
-    zero = p.data.get("zero")
-    zero = None if zero is None else zero.reshape(n, -1)
-    w = p.fmt.dequantize(p).double()
     g = k // scale.shape[1]
+    if "min" in p.data:
+        offset = p.data["min"].reshape(n, -1).double()
+    elif "zero" in p.data:
+        offset = -scale.double() * p.data["zero"].reshape(n, -1).double()
+    else:
+        offset = None
+    w = p.fmt.dequantize(p).double()
     s = scale.double().repeat_interleave(g, dim=1)
-    q = torch.where(s != 0, w / torch.where(s != 0, s, 1.0), torch.zeros_like(w))
-    if zero is not None:
-        q = q + zero.double().repeat_interleave(g, dim=1)
-    return w, scale, zero, q.round()
+    o = 0.0 if offset is None else offset.repeat_interleave(g, dim=1)
+    q = torch.where(s != 0, (w - o) / torch.where(s != 0, s, 1.0), torch.zeros_like(w)).round()
+    return w, scale, offset, q
 
 
 def to_block_type(p, name: str):
     """A Packed in an int grid -> an equivalent Packed-like value in Q4_0 / Q4_1 / Q8_0 (raises if not exact)."""
     n, k = p.shape
-    w, scale, zero, q = _codes(p, name)
+    w, scale, offset, q = grid_codes(p, name)
     g = k // scale.shape[1]
     if g % 32:
         raise ExportError(f"{name}: groups of {g} do not fill whole 32-weight GGUF blocks")
     bits = 8 if type(p.fmt).__name__.startswith("Int8") else 4  # by the grid, not by the values it happens to use
     rep = lambda t: t.repeat_interleave(g // 32, dim=1)  # noqa: E731  one scale per 32-block
     nb = k // 32
-    if bits == 8 and zero is None:
+    if bits == 8 and offset is None:
         t = "Q8_0"
         d = _fp16_exact(rep(scale), "scale", name).reshape(n, nb, 2)
         blocks = np.concatenate([d, q.to(torch.int8).numpy().view(np.uint8).reshape(n, nb, 32)], axis=2)
-    elif bits == 4 and zero is None:
+    elif bits == 4 and offset is None and q.min() >= -8 and q.max() <= 7:
         t = "Q4_0"
         d = _fp16_exact(rep(scale), "scale", name).reshape(n, nb, 2)
         u = (q + 8).to(torch.uint8).numpy().reshape(n, nb, 32)
         blocks = np.concatenate([d, u[..., :16] | (u[..., 16:] << 4)], axis=2)
-    elif zero is not None and q.min() >= 0 and q.max() <= 15:
+    elif bits == 4 and offset is not None and q.min() >= 0 and q.max() <= 15:
         t = "Q4_1"
         d = _fp16_exact(rep(scale), "scale", name).reshape(n, nb, 2)
-        m = _fp16_exact(rep(-scale.double() * zero.double()), "minimum (-scale * zero)", name).reshape(n, nb, 2)
+        m = _fp16_exact(rep(offset), "group minimum", name).reshape(n, nb, 2)
         u = q.to(torch.uint8).numpy().reshape(n, nb, 32)
         blocks = np.concatenate([d, m, u[..., :16] | (u[..., 16:] << 4)], axis=2)
     else:
