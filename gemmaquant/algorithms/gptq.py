@@ -111,6 +111,7 @@ class _Grid:
         self.scale = scale.float().T.contiguous()  # [G, N]: a group's grid is a contiguous row
         self.offset = offset.float().T.contiguous()
         self.gsize = K // scale.shape[1]  # columns per affine pair
+        self.has_zero = (self.scale == 0).any(1).tolist()  # [G] host flags: no device sync per column
 
     def set_unit(self, params, col0: int) -> None:
         """Dynamic groups: the unit of columns starting at col0 was just fit to `params`; use its grid."""
@@ -118,6 +119,7 @@ class _Grid:
         g0 = col0 // self.gsize
         self.scale[g0:g0 + scale.shape[1]] = scale.float().T
         self.offset[g0:g0 + offset.shape[1]] = offset.float().T
+        self.has_zero[g0:g0 + scale.shape[1]] = (scale == 0).any(0).tolist()
         self.params, self.col0 = params, col0
 
     def round(self, x: Tensor, j: int) -> tuple[Tensor, Tensor]:
@@ -125,8 +127,8 @@ class _Grid:
         g = j // self.gsize
         s, o = self.scale[g], self.offset[g]
         q = torch.round((x - o) / s).clamp_(self.qmin, self.qmax)
-        zero = s == 0
-        if zero.any():
+        if self.has_zero[g]:
+            zero = s == 0
             enc = self.fmt.encode(x[:, None], self.params, col_start=j - self.col0)[:, 0].to(q.dtype)
             q = torch.where(zero, enc, q)
         return q, s * q + o

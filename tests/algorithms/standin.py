@@ -99,3 +99,40 @@ class KQuant(_Base):
         s = (params["d"].float()[..., None] * params["ls"].float()).view(N, -1)
         o = -(params["dmin"].float()[..., None] * params["lm"].float()).view(N, -1)
         return s, o, 0, 15
+
+
+@dataclass(frozen=True)
+class Q40(_Base):
+    """Q4_0-like: blocks of 32, d = (signed value of largest magnitude) / -8 (may be negative), q in [0, 15]."""
+    name: str = "q4_0_standin"
+    bits: int = 4
+    block: int = 32
+
+    def fit(self, w, importance=None):
+        N, K = w.shape
+        b = w.view(N, K // 32, 32)
+        mx = b.gather(-1, b.abs().argmax(-1, keepdim=True))[..., 0]
+        return {"d": (mx / -8).half()}
+
+    def grid(self, params):
+        d = params["d"].float()
+        return d, -8 * d, 0, 15
+
+
+@dataclass(frozen=True)
+class Channel8(_Base):
+    """Int8 per output channel (one affine pair per row: block = K)."""
+    name: str = "int8_channel_standin"
+    bits: int = 8
+    K: int = 512
+
+    @property
+    def block(self):
+        return self.K
+
+    def fit(self, w, importance=None):
+        return {"scale": (w.abs().amax(1, keepdim=True) / 127)}
+
+    def grid(self, params):
+        s = params["scale"].float()
+        return s, torch.zeros_like(s), -127, 127

@@ -43,6 +43,21 @@ def test_act_order_static_groups_stay_on_their_grid(prob, name):
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
+def test_zero_blocks_and_dead_inputs(prob, name):
+    """All-zero blocks (scale 0: every code decodes alike) take the format's own code; dead inputs give 0."""
+    w, x, H = prob
+    w, H = w.clone(), H.clone()
+    w[:4] = 0.0  # rows of zero blocks (any block size, per-channel included)
+    H[:, 300] = H[300, :] = 0.0  # input 300 never active
+    f = fmt(name)
+    p = gptq(w, H, f)
+    params = f.params(p)
+    assert torch.equal(f.encode(f.dequantize(p), params), f.codes(p))
+    assert torch.equal(f.codes(p)[:4], f.encode(w, params)[:4])
+    assert (f.dequantize(p)[:4] == 0).all()
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
 def test_diagonal_hessian_is_rtn(prob, name):
     """With no correlation between inputs there is nothing to compensate: GPTQ must return RTN's codes,
     which also pins the in-loop rounding to the format's own `encode`."""
