@@ -60,17 +60,17 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
 
 
-def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: int) -> dict:
+def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: int, qtype: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     ours_out, conv_out, quant_out = work / f"{name}-ours.gguf", work / f"{name}-bf16.gguf", work / f"{name}-llama.gguf"
     ours_cmd = [sys.executable, "-c", (
         "import torch, sys; torch.set_num_threads(%d); sys.path.insert(0, %r)\n"
         "from gemmaquant.export import FloatSource, export_gguf\n"
-        "export_gguf(FloatSource(%r), %r, type='Q4_K_M', overwrite=True)" % (threads, str(ROOT), str(ckpt),
-                                                                             str(ours_out)))]
+        "export_gguf(FloatSource(%r), %r, type=%r, overwrite=True)" % (threads, str(ROOT), str(ckpt),
+                                                                       str(ours_out), qtype))]
     conv_cmd = [sys.executable, str(llama / "convert_hf_to_gguf.py"), str(ckpt), "--outfile", str(conv_out),
                 "--outtype", "bf16"]
-    quant_cmd = [str(llama / "build/bin/llama-quantize"), str(conv_out), str(quant_out), "Q4_K_M", str(threads)]
+    quant_cmd = [str(llama / "build/bin/llama-quantize"), str(conv_out), str(quant_out), qtype, str(threads)]
     ours = min(run(ours_cmd, env) for _ in range(repeat))
     conv = min(run(conv_cmd, env) for _ in range(repeat))
     quant = min(run(quant_cmd, env) for _ in range(repeat))
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny fixture only")
+    ap.add_argument("--type", default="Q4_K_M", help="GGUF file type / mix (default Q4_K_M)")
     args = ap.parse_args()
     if not args.llama_cpp:
         sys.exit("set LLAMA_CPP_DIR or pass --llama-cpp")
@@ -101,17 +102,17 @@ def main() -> None:
     models = {"tiny-moe": FIXTURES["tiny-moe"]}
     if not args.quick:
         models["synthetic-dense-0.4B"] = synthetic_checkpoint(work)
-    rows = [bench(n, p, Path(args.llama_cpp), work, args.threads, args.repeat) for n, p in models.items()]
-    meta = {"threads": args.threads, "repeat": args.repeat, "python": platform.python_version(),
+    rows = [bench(n, p, Path(args.llama_cpp), work, args.threads, args.repeat, args.type) for n, p in models.items()]
+    meta = {"type": args.type, "threads": args.threads, "repeat": args.repeat, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_export.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     cols = ["model", "checkpoint_bytes", "gemmaquant_s", "llamacpp_convert_s", "llamacpp_quantize_s",
             "llamacpp_total_s", "ratio_gemmaquant_over_llamacpp", "gemmaquant_bytes", "llamacpp_bytes",
             "tensor_types_equal"]
-    md = ["# HF checkpoint -> Q4_K_M GGUF, end to end", "",
-          f"gemmaquant `export_gguf(FloatSource(dir), out, type=\"Q4_K_M\")` vs llama.cpp `convert_hf_to_gguf.py "
-          f"--outtype bf16` + `llama-quantize Q4_K_M`; {args.threads} thread(s), best of {args.repeat}, fresh "
+    md = [f"# HF checkpoint -> {args.type} GGUF, end to end", "",
+          f"gemmaquant `export_gguf(FloatSource(dir), out, type=\"{args.type}\")` vs llama.cpp `convert_hf_to_gguf.py "
+          f"--outtype bf16` + `llama-quantize {args.type}`; {args.threads} thread(s), best of {args.repeat}, fresh "
           f"processes. ratio < 1 means gemmaquant is faster.", "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]

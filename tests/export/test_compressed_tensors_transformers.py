@@ -45,4 +45,5 @@ def test_transformers_loads_export(fixture, scheme, tmp_path):
             if type(m).__name__ == "Gemma4TextExperts":
                 m.gate_up_proj.data, m.down_proj.data = m.gate_up_proj.float(), m.down_proj.float()
         err = (hf(ids).logits - ours(ids)).abs().max().item()
+    print(f"{fixture} {scheme}: max |transformers - gemmaquant| = {err:.2e}")
     assert err <= TOL, f"{fixture} {scheme}: max |transformers - gemmaquant| = {err:.3g}"
