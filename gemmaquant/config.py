@@ -138,6 +138,9 @@ class Gemma4Config:
         if rope.get(FULL) and "partial_rotary_factor" in rope[FULL]:
             kw["partial_rotary_factor_full"] = float(rope[FULL]["partial_rotary_factor"])
         # transformers >= 5.23 writes these into per_layer_config instead (spec §3.5 P1)
+        for k in ("global_head_dim", "num_global_key_value_heads"):
+            if kw.get(k) is None:
+                kw.pop(k, None)
         plc = raw.get("per_layer_config") or {}
         for entry in plc.values():
             if isinstance(entry, dict):

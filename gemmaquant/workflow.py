@@ -151,7 +151,7 @@ def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple
 
         gguf_type = scheme_name(recipe)
         path = out / f"{name}-{gguf_type}.gguf"
-        export_gguf(QuantizedSource(work, target="gguf"), path, type=gguf_type, overwrite=True)
+        export_gguf(QuantizedSource(work), path, type=gguf_type, overwrite=True)
         files["gguf"] = str(path)
     if "safetensors" in fmts:
         from gemmaquant.export import export_compressed_tensors
@@ -159,7 +159,7 @@ def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple
         scheme = "W8A16" if recipe.weight_format == "int8" else "W4A16"
         path = out / "safetensors"
         group = int(recipe.weight_format.split("_g")[1].split("_")[0]) if "_g" in recipe.weight_format else None
-        export_compressed_tensors(QuantizedSource(work, target="compressed-tensors"), path, scheme=scheme,
+        export_compressed_tensors(QuantizedSource(work), path, scheme=scheme,
                                   group_size=group or 32, overwrite=True)
         files["safetensors"] = str(path)
     return files

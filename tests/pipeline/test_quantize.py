@@ -1,0 +1,143 @@
+"""The streaming PTQ pipeline on the bundled trained fixtures: every matrix (every expert included) lands on its
+planned grid, MoE coverage is recorded, a killed run resumes to byte-identical output, bad input is refused."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import gemmaquant
+from gemmaquant.calibration import CalibrationError
+from gemmaquant.checkpoint import CheckpointError, save_checkpoint
+from gemmaquant.formats.base import Packed
+from gemmaquant.hub import resolve
+from gemmaquant.plan import make_plan
+from gemmaquant.quantize import QuantizeError, quantize
+from gemmaquant.quantized import QuantizedSource, finished_layers
+from gemmaquant.recipe import Recipe
+
+SMALL = dict(n_samples=8, seq_len=64, batch_size=4)
+
+
+def recipe(method="gptq", fmt="int4_g32_sym", **kw):
+    return Recipe.from_dict({"method": method, "weight_format": fmt, **SMALL, **kw})
+
+
+@pytest.mark.parametrize("fixture", ["tiny-moe", "tiny-edge", "tiny-dense"])
+def test_every_planned_matrix_is_quantized_onto_its_grid(tmp_path, fixture):
+    r = recipe()
+    res = quantize(fixture, r, out=tmp_path, progress=False)
+    src = QuantizedSource(res.work_dir)
+    cfg = src.config
+    plan = make_plan(cfg, r)
+    for name, p in plan.items():
+        v = src.get(name)
+        if p.fmt is None:
+            assert isinstance(v, torch.Tensor), name
+            assert p.reason, f"{name} kept in float without a stated reason"
+            continue
+        packs = v if isinstance(v, list) else [v]
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            assert len(packs) == cfg.num_experts, name
+        for pk in packs:
+            assert isinstance(pk, Packed) and pk.fmt == p.fmt, name
+            # the stored codes are a fixed point of the grid: re-quantizing the dequantized weights gives them back
+            again = pk.fmt.quantize(pk.fmt.dequantize(pk), params=pk.fmt.params(pk))
+            assert torch.equal(again.fmt.codes(again), pk.fmt.codes(pk)), name
+    if cfg.enable_moe_block:
+        for info in res.layers:
+            assert len(info["expert_tokens"]) == cfg.num_experts
+            assert sum(info["expert_tokens"]) == SMALL["n_samples"] * SMALL["seq_len"] * cfg.top_k_experts
+
+
+def test_rare_experts_get_forced_routing_statistics(tmp_path):
+    r = recipe(moe_min_tokens=10**6)  # every expert counts as rare
+    res = quantize("tiny-moe", r, out=tmp_path, progress=False)
+    cfg = QuantizedSource(res.work_dir).config
+    for info in res.layers:
+        assert info["forced_experts"] == list(range(cfg.num_experts))
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import gemmaquant.quantize as q
+    from gemmaquant.recipe import Recipe
+    kill_at = int(sys.argv[2])
+    real = q.save_layer
+    def save_layer(work, i, values, info):
+        if i == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)   # after layer i's inputs were written, before the layer
+        real(work, i, values, info)
+    q.save_layer = save_layer
+    r = Recipe.from_dict(dict(method="gptq", weight_format="int4_g32_sym", n_samples=8, seq_len=64, batch_size=4))
+    q.quantize("tiny-edge", r, out=sys.argv[1], progress=False)
+""")
+
+
+def _files(work):
+    # the weights; the per-layer .json files also hold timings
+    return {p.name: p.read_bytes() for p in sorted(work.glob("*.safetensors")) if p.name.startswith(("layer_", "globals"))}
+
+
+def test_kill_9_then_rerun_resumes_byte_identical(tmp_path):
+    r = recipe()
+    whole = quantize("tiny-edge", r, out=tmp_path / "whole", progress=False)
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(out), "2"], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    work = out / ".gemmaquant-work"
+    assert finished_layers(work) == 2
+    resumed = quantize("tiny-edge", r, out=out, progress=False)
+    assert _files(resumed.work_dir) == _files(whole.work_dir)
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    quantize("tiny-dense", recipe(), out=tmp_path, progress=False, stop_after_layer=0)
+    with pytest.raises(QuantizeError, match="another recipe"):
+        quantize("tiny-dense", recipe(method="rtn"), out=tmp_path, progress=False)
+
+
+def test_empty_and_short_calibration_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CalibrationError, match="empty"):
+        quantize("tiny-dense", recipe(), out=tmp_path / "a", calib=str(empty), progress=False)
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words.")
+    with pytest.raises(CalibrationError, match="too short"):
+        quantize("tiny-dense", recipe(), out=tmp_path / "b", calib=str(short), progress=False)
+
+
+def test_nan_weight_is_named(tmp_path):
+    model = gemmaquant.load("tiny-dense")
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(QuantizeError, match=r"layers\.1\.mlp\.up_proj\.weight.*NaN"):
+        quantize(model, recipe(), out=tmp_path, tokenizer_dir=resolve("tiny-dense"), progress=False)
+
+
+def test_not_gemma4_is_refused(tmp_path):
+    d = tmp_path / "llama"
+    save_checkpoint(gemmaquant.load("tiny-dense"), d)
+    raw = json.loads((d / "config.json").read_text())
+    raw["model_type"] = "llama"
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="model_type"):
+        quantize(str(d), recipe(), out=tmp_path / "o", progress=False)
+
+
+def test_accepts_a_transformers_model_object(tmp_path):
+    from gemmaquant.model.testing import hf_causal_lm
+
+    model = gemmaquant.load("tiny-moe")
+    hf = hf_causal_lm(model)
+    a = quantize(hf, recipe(method="rtn"), out=tmp_path / "hf", tokenizer_dir=resolve("tiny-moe"), progress=False)
+    b = quantize("tiny-moe", recipe(method="rtn"), out=tmp_path / "ours", progress=False)
+    assert _files(a.work_dir).keys() == _files(b.work_dir).keys()
+    for i in range(model.config.num_hidden_layers):
+        assert (a.work_dir / f"layer_{i:05d}.safetensors").read_bytes() == \
+               (b.work_dir / f"layer_{i:05d}.safetensors").read_bytes()
