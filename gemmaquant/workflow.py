@@ -137,6 +137,7 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
         from gemmaquant.evaluate_run import evaluate_and_report
 
         summary["report"] = evaluate_and_report(model, result, recipe, files, out, progress=progress)
+    shutil.rmtree(result.work_dir, ignore_errors=True)  # only needed to resume an interrupted run
     summary["total_seconds"] = round(time.time() - t0, 2)
     summary["text"] = _quantize_text(summary)
     return summary

@@ -22,7 +22,7 @@ def default_calibration_file() -> Path:
 
 def read_texts(source: str | Path | None = None) -> list[str]:
     """Documents from `source`: None/"default" (the bundled set), a .jsonl with a "text" field per line, or a
-    plain text file whose documents are separated by blank lines."""
+    plain text file whose documents are separated by blank lines (or by lines holding only `<eos>`)."""
     path = default_calibration_file() if source in (None, "default") else Path(source)
     if not path.is_file():
         raise CalibrationError(f"{path}: calibration file not found")
@@ -36,7 +36,8 @@ def read_texts(source: str | Path | None = None) -> list[str]:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise CalibrationError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
     else:
-        texts = [t.strip() for t in raw.split("\n\n") if t.strip()]
+        sep = "\n<eos>\n" if "\n<eos>\n" in raw else "\n\n"  # the bundled .txt files mark documents with <eos>
+        texts = [t.strip() for t in raw.split(sep) if t.strip()]
     if not texts:
         raise CalibrationError(f"{path}: calibration file is empty")
     return texts

@@ -1,0 +1,81 @@
+"""After a quantization: evaluate the exported file against the float model and write the report.
+
+The model evaluated is the one read back from the exported file (GGUF when written, else compressed-tensors), so
+the figures describe what a user downloads. Beside it, round-to-nearest int8 and int4 of the same float model are
+measured as reference points for the size-against-KL plot.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata as md
+from pathlib import Path
+
+import torch
+
+MAX_EVAL_PARAMS = 2_000_000_000  # larger models: evaluate separately with `gemmaquant eval` on a big machine
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in ("gemmaquant", "torch", "transformers", "gguf", "safetensors", "compressed-tensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@torch.no_grad()
+def rtn_copy(model, plan: dict, fmt) -> torch.nn.Module:
+    """The float model with every planned matrix replaced by its RTN-dequantized value on `fmt`."""
+    q = copy.deepcopy(model)
+    params = dict(q.named_parameters())
+    for name, p in plan.items():
+        if p.fmt is None or name not in params:
+            continue
+        t = params[name]
+        ws = t if t.ndim == 3 else t[None]
+        t.copy_(torch.stack([fmt.dequantize(fmt.quantize(w.float())) for w in ws]).view_as(t))
+    return q
+
+
+def evaluate_and_report(model, result, recipe, files: dict, out: Path, progress=None, n_seq: int = 16,
+                        seq_len: int = 128) -> dict:
+    import gemmaquant
+    from gemmaquant.eval.latency import measure_latency
+    from gemmaquant.eval.metrics import compare_logits, heldout_ids
+    from gemmaquant.eval.report import Report
+    from gemmaquant.formats import get_format
+    from gemmaquant.hub import resolve
+    from gemmaquant.plan import plan_summary
+    from gemmaquant.workflow import default_heldout
+
+    summary = plan_summary(result.plan)
+    file_info = {k: {"path": v, "bytes": _size(Path(v))} for k, v in files.items()}
+    if summary["total_params"] > MAX_EVAL_PARAMS:
+        return {"skipped": f"model has {summary['total_params'] / 1e9:.1f}B parameters; run `gemmaquant eval`",
+                "files": {}, "metrics": None}
+    ref = gemmaquant.load(model)
+    test = gemmaquant.load(files.get("gguf") or files["safetensors"])
+    ids = heldout_ids(resolve(model), default_heldout(), n_seq, seq_len)
+    metrics = compare_logits(ref, test, ids)
+    label = f"{recipe.method} {recipe.gguf_type or recipe.weight_format}"
+    compared = [{"label": label, "bits_per_weight": summary["bits_per_weight"], **metrics}]
+    for name in ("int8", "int4_g32_sym"):
+        fmt = get_format(name)
+        plan = {n: type(p)(p.name, p.shape, fmt if p.fmt is not None else None, p.reason)
+                for n, p in result.plan.items()}
+        m = compare_logits(ref, rtn_copy(ref, plan, fmt), ids)
+        compared.append({"label": f"rtn {name}", "bits_per_weight": plan_summary(plan)["bits_per_weight"], **m})
+    latency = {"float": measure_latency(ref, prompt_len=64, new_tokens=16),
+               "quantized": measure_latency(test, prompt_len=64, new_tokens=16)}
+    rep = Report(model=str(model), recipe=recipe.to_dict(), versions=_versions(),
+                 calibration_sha256=result.calibration_sha256, plan=summary, metrics=metrics, compared=compared,
+                 layers=result.layers, latency=latency, files=file_info)
+    paths = rep.save(out)
+    return {"metrics": metrics, "compared": compared, "files": {k: str(v) for k, v in paths.items()}}
+
+
+def _size(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())

@@ -1,0 +1,84 @@
+"""Evaluation metrics against direct fp64 computations, and the report files (offline HTML with three plots)."""
+
+import copy
+import json
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+from gemmaquant.calibration import CalibrationError
+from gemmaquant.config import TINY_VARIANTS
+from gemmaquant.eval.metrics import compare_logits, heldout_ids, perplexity
+from gemmaquant.eval.report import Report
+from gemmaquant.fixtures import TOKENIZER_DIR
+from gemmaquant.model.testing import random_model
+
+CFG = TINY_VARIANTS["tiny-26b-a4b"]
+
+
+def ids(n=3, T=12):
+    return torch.randint(0, CFG.vocab_size, (n, T), generator=torch.Generator().manual_seed(0))
+
+
+def test_model_against_itself():
+    m = random_model(CFG)
+    r = compare_logits(m, m, ids())
+    assert r["kl_mean"] == 0 and r["kl_max"] == 0 and r["top1"] == 1.0
+
+
+def test_kl_and_perplexity_match_direct_computation():
+    m = random_model(CFG)
+    p = copy.deepcopy(m)
+    with torch.no_grad():
+        p.norm.weight.mul_(3.0)
+        p.layers[0].mlp.up_proj.weight.add_(0.1 * torch.randn_like(p.layers[0].mlp.up_proj.weight))
+    x = ids()
+    r = compare_logits(m, p, x, batch_size=3)
+    with torch.no_grad():
+        lr, lt = torch.log_softmax(m(x).double(), -1)[:, :-1], torch.log_softmax(p(x).double(), -1)[:, :-1]
+    kl = (lr.exp() * (lr - lt)).sum(-1)
+    assert r["kl_mean"] > 1e-3
+    assert abs(r["kl_mean"] - kl.mean().item()) < 1e-9 * kl.mean().item()
+    assert abs(r["kl_max"] - kl.max().item()) < 1e-9 * kl.max().item()
+    nll = -lr.gather(-1, x[:, 1:, None]).mean().item()
+    assert abs(perplexity(m, x) - torch.exp(torch.tensor(nll)).item()) < 1e-6 * perplexity(m, x)
+
+
+def test_short_heldout_text_raises(tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("two words")
+    with pytest.raises(CalibrationError, match="too short"):
+        heldout_ids(TOKENIZER_DIR, f, 4, 64)
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.svgs, self.urls = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "svg":
+            self.svgs.append(dict(attrs).get("id"))
+        for k, v in attrs:
+            if k in ("src", "href") and v:
+                self.urls.append(v)
+
+
+def test_report_files(tmp_path):
+    layers = [{"layer": i, "sqnr_db": {"self_attn.q_proj.weight": 20.0 + i, "mlp.up_proj.weight": 18.0},
+               "expert_tokens": [5, 0, 7], "forced_experts": [1]} for i in range(3)]
+    metrics = {"kl_mean": 0.01, "kl_p99": 0.1, "kl_max": 0.5, "top1": 0.9, "ppl_ref": 10.0, "ppl_test": 10.2,
+               "tokens": 100}
+    rep = Report(model="m", recipe={"method": "gptq", "weight_format": "int4_g32_sym"}, versions={"torch": "x"},
+                 calibration_sha256="ab" * 32, plan={"bits_per_weight": 4.5, "float_tensors": {"norm.weight": "norm"}},
+                 metrics=metrics, compared=[{"label": "a", "bits_per_weight": 4.5, "kl_mean": 0.01, "top1": 0.9},
+                                            {"label": "b", "bits_per_weight": 8.5, "kl_mean": 0.001, "top1": 0.99}],
+                 layers=layers, files={"gguf": {"path": "x.gguf", "bytes": 1000}})
+    paths = rep.save(tmp_path)
+    assert json.loads(paths["json"].read_text())["metrics"]["kl_mean"] == 0.01
+    c = _Collect()
+    c.feed(paths["html"].read_text())
+    assert c.svgs == ["plot-size-kl", "plot-sqnr", "plot-experts"]
+    assert not c.urls  # nothing to fetch: opens offline
+    assert "| 0.01000 |" in paths["md"].read_text()
