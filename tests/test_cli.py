@@ -1,0 +1,89 @@
+"""The command line as a user meets it: one-line errors with exit code 2, dry runs on real aliases without
+weights, and the main command end to end on a bundled fixture."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from gemmaquant.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_unknown_alias_lists_valid_ones():
+    r = run("quantize", "gemma-9000", "--dry-run")
+    assert r.exit_code == 2
+    assert "unknown model 'gemma-9000'" in r.output and "26b-a4b" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--gguf-type", "Q4_K_M"], "compressed-tensors cannot hold"),
+    (["--bits", "3"], "choose 4 or 8"),
+    (["--group-size", "128"], "no lossless GGUF"),
+    (["--format", "onnx"], "choose from"),
+    (["--bits", "8", "--gguf-type", "Q4_K_M", "--format", "gguf"], "conflicts"),
+])
+def test_conflicting_flags(args, msg):
+    r = run("quantize", "tiny-dense", "--dry-run", *args)
+    assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
+
+
+def test_non_empty_output_refused_without_overwrite(tmp_path):
+    (tmp_path / "something").write_text("x")
+    r = run("quantize", "tiny-dense", "--out", str(tmp_path), "--no-eval")
+    assert r.exit_code == 2 and "--overwrite" in r.output
+
+
+@pytest.mark.parametrize("alias", ["26b-a4b", "31b", "e2b", "e4b"])
+def test_dry_run_on_real_aliases_without_weights(alias, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no weights anywhere
+    r = run("quantize", alias, "--bits", "4", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert 4.0 < res["gguf"]["bits_per_weight"] < 7.0
+    assert res["peak_memory_bytes_estimate"] > 0 and res["time_seconds_estimate"] > 0
+    assert any("router" in n for n in res["float_tensors"]) == (alias == "26b-a4b")
+
+
+def test_dry_run_q4_k_m_plan_has_the_256_block_fallbacks(tmp_path, monkeypatch):
+    r = run("quantize", "26b-a4b", "--gguf-type", "Q4_K_M", "--format", "gguf", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    by_type = json.loads(r.output)["gguf"]["params_by_type"]
+    assert "Q4_K" in by_type and ("Q5_0" in by_type or "Q8_0" in by_type)  # ffn_down (2112) / experts (704)
+
+
+def test_variants():
+    r = run("variants", "--json")
+    names = {v["name"]: v for v in json.loads(r.output)["variants"]}
+    assert round(names["26b-a4b"]["params_total"] / 1e9, 1) == 25.2
+    assert round(names["26b-a4b"]["params_active"] / 1e9, 1) == 3.8
+
+
+def test_main_command_end_to_end(tmp_path):
+    """The console script, as the README runs it: GGUF, safetensors and a report, then inspect and eval."""
+    exe = os.path.join(os.path.dirname(sys.executable), "gemmaquant")
+    out = tmp_path / "q"
+    p = subprocess.run([exe, "quantize", "tiny-moe", "--bits", "4", "--method", "rtn", "--out", str(out), "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout)
+    for kind in ("gguf", "safetensors"):
+        assert os.path.exists(res["files"][kind])
+    for f in ("report.json", "report.md", "report.html"):
+        assert (out / f).is_file()
+    assert not (out / ".gemmaquant-work").exists()
+    m = res["report"]["metrics"]
+    assert 0 < m["kl_mean"] < 0.2 and m["top1"] > 0.7
+    r = run("inspect", res["files"]["gguf"])
+    assert r.exit_code == 0 and "Q4_0" in r.output
+    r = run("eval", "tiny-moe", res["files"]["gguf"], "--json", "--n-seq", "4", "--seq-len", "64")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["kl_mean"] > 0
