@@ -42,9 +42,9 @@ def gguf_type_of(p: TensorPlan, recipe: Recipe) -> str:
 def safetensors_bits(p: TensorPlan) -> float:
     if p.fmt is None:
         return 32 if len(p.shape) < 2 else 16
-    K = p.shape[-1]
-    block = getattr(p.fmt, "block", K)
-    return getattr(p.fmt, "bits_per_code", None) or (8 if "int8" in p.fmt.name else 4) + 16 / min(block, K)
+    if p.fmt.name == "int8":
+        return 8 + 16 / p.shape[-1]  # one bf16 scale per row
+    return p.fmt.bits
 
 
 def matmul_gflops(seconds: float = 0.3) -> float:
