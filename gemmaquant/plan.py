@@ -75,7 +75,7 @@ def make_plan(cfg: Gemma4Config, recipe: Recipe) -> dict[str, TensorPlan]:
             fmt = get_format(recipe.weight_format)
         K = shape[-1]
         reason = ""
-        if K % fmt.block:
+        if fmt.name != "int8" and K % fmt.block:  # int8 is one block per row, whatever K is
             raise ValueError(f"{name}: {K} input features do not fit {fmt.name}'s {fmt.block}-element blocks "
                              f"and the recipe names no fallback")
         plan[name] = TensorPlan(name, shape, fmt, reason)
