@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from gemmaquant.algorithms.rtn import check_finite
+from gemmaquant.formats.base import QuantFormat
 
 MAX_DAMP = 1.0  # relative dampening beyond which a Hessian is declared unusable (GPTQModel stops below 1)
 
@@ -44,7 +45,9 @@ MAX_DAMP = 1.0  # relative dampening beyond which a Hessian is declared unusable
 def _fit_unit(fmt, K: int) -> int:
     """Columns whose block parameters are fit together: the K-quant super-block (256), else the block."""
     unit = getattr(fmt, "super_block", None) or getattr(fmt, "superblock", None) or getattr(fmt, "qk_k", None)
-    unit = unit or fmt.block or K
+    if unit is None and str(getattr(fmt, "name", "")).upper().endswith("_K"):
+        unit = 256  # ggml QK_K
+    unit = unit or getattr(fmt, "block", None) or K
     return min(int(unit), K)
 
 
@@ -100,13 +103,16 @@ def damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
 class _Grid:
     """Nearest-grid-point rounding of one column on its own group's affine grid w_hat = scale * q + offset.
 
-    Vectorised over rows with the grid precomputed once (calling `fmt.encode` per column would rebuild it
-    K times); rows whose group has scale 0 (an all-zero block, every q decodes to the same value) ask
-    `fmt.encode` for that column so the codes are exactly the ones the format itself would write.
+    The same arithmetic as `QuantFormat.encode` (x = (w - offset) / scale, rounded half away from zero like
+    ggml's nearest_int, clamped to [qmin, qmax]), vectorised over rows with the grid precomputed once: calling
+    `fmt.encode` per column would rebuild the whole grid K times. Rows whose block has scale 0 (an all-zero
+    block: every code decodes to the same value) take `fmt.encode`'s code (the format's zero point), and a
+    format that overrides `encode` is asked for every column, so the codes are always the format's own.
     """
 
     def __init__(self, fmt, params, K: int):
         self.fmt, self.params, self.col0 = fmt, params, 0  # params (and first column) that encode() sees
+        self.own_encode = type(fmt).encode is not QuantFormat.encode
         scale, offset, self.qmin, self.qmax = fmt.grid(params)  # [N, G] each
         self.scale = scale.float().T.contiguous()  # [G, N]: a group's grid is a contiguous row
         self.offset = offset.float().T.contiguous()
@@ -126,11 +132,14 @@ class _Grid:
         """x: [N] fp32 values of original column j -> (codes [N] fp32 integers, dequantized [N] fp32)."""
         g = j // self.gsize
         s, o = self.scale[g], self.offset[g]
-        q = torch.round((x - o) / s).clamp_(self.qmin, self.qmax)
+        if self.own_encode:
+            q = self.fmt.encode(x[:, None], self.params, col_start=j - self.col0)[:, 0].float()
+            return q, s * q + o
+        y = (x - o) / s
+        q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp_(self.qmin, self.qmax)
         if self.has_zero[g]:
-            zero = s == 0
             enc = self.fmt.encode(x[:, None], self.params, col_start=j - self.col0)[:, 0].to(q.dtype)
-            q = torch.where(zero, enc, q)
+            q = torch.where(s == 0, enc, q)
         return q, s * q + o
 
 

@@ -1,18 +1,11 @@
-"""The formats the algorithm tests run on, by short name."""
+"""The formats the algorithm tests run on."""
 
-from tests.algorithms.standin import Channel8, IntGroup, KQuant, Q40
+from gemmaquant.formats import FORMATS, get_format
 
-FORMATS = {
-    "int4_g32": lambda: IntGroup(4, 32),
-    "int4_g128": lambda: IntGroup(4, 128),
-    "int4_g32_sym": lambda: IntGroup(4, 32, True),
-    "int3_g32": lambda: IntGroup(3, 32),
-    "Q4_K": lambda: KQuant(),
-    "Q4_0": lambda: Q40(),
-    "int8_channel": lambda: Channel8(),
-}
-GPTQ_VS_RTN = ["int4_g32", "int4_g128", "int3_g32", "Q4_K"]  # formats whose GPTQ/RTN error ratio is asserted
+ALL = list(FORMATS)  # every format: GPTQ must stay on each one's grid
+GPTQ_VS_RTN = ["int4_g32_sym", "int4_g32_asym", "int4_g128_sym", "int4_g128_asym", "int3_g32_sym", "q4_0", "q4_k",
+               "q6_k"]  # formats whose GPTQ/RTN and AWQ/RTN error ratios are asserted
 
 
 def fmt(name: str):
-    return FORMATS[name]()
+    return get_format(name)

@@ -8,7 +8,7 @@ import torch
 from gemmaquant.algorithms import awq_scales, awq_search, rtn
 from gemmaquant.algorithms.awq import awq_candidate_scales
 from gemmaquant.algorithms.awq import squared_output_error
-from tests.algorithms.fmts import fmt
+from tests.algorithms.fmts import GPTQ_VS_RTN, fmt
 from tests.algorithms.problems import activations, output_error, weights
 
 torch.set_num_threads(1)
@@ -29,7 +29,7 @@ def awq_error(ws, fmts, s, x):
     return sum(output_error(w, f.dequantize(rtn(w * s, f)) / s, x) ** 2 for w, f in zip(ws, fmts)) ** 0.5
 
 
-@pytest.mark.parametrize("name", ["int4_g32", "int4_g128", "int3_g32", "Q4_K"])
+@pytest.mark.parametrize("name", GPTQ_VS_RTN)
 def test_awq_beats_rtn(data, name):
     x, _, ws = data
     fmts = [fmt(name)] * len(ws)
@@ -43,7 +43,7 @@ def test_awq_beats_rtn(data, name):
 
 def test_alpha_zero_is_rtn(data):
     x, _, ws = data
-    f = fmt("int4_g32")
+    f = fmt("int4_g32_sym")
     s = awq_candidate_scales(x.abs().mean(0), 0.0)
     assert torch.equal(s, torch.ones(K))
     assert torch.equal(awq_scales(ws, x, [f] * 3, n_grid=1), torch.ones(K))  # the grid is {0}
@@ -54,7 +54,7 @@ def test_alpha_zero_is_rtn(data):
 
 def test_scales_normalised_and_qr_path(data):
     x, _, ws = data
-    f = fmt("int4_g32")
+    f = fmt("int4_g32_sym")
     s = awq_scales(ws, x, [f] * 3)
     assert torch.allclose(s.max() * s.min(), torch.tensor(1.0), rtol=1e-5)
     dW = f.dequantize(rtn(ws[0], f)) - ws[0]
@@ -65,14 +65,14 @@ def test_scales_normalised_and_qr_path(data):
 
 def test_held_out_error_improves(data):
     x, x_test, ws = data
-    fmts = [fmt("int4_g128")] * 3
+    fmts = [fmt("int4_g128_sym")] * 3
     s = awq_scales(ws, x, fmts)
     assert awq_error(ws, fmts, s, x_test) < 0.9 * awq_error(ws, fmts, torch.ones(K), x_test)
 
 
 def test_bad_input(data):
     x, _, ws = data
-    f = fmt("int4_g32")
+    f = fmt("int4_g32_sym")
     bad = x.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"^x has 1 non-finite"):

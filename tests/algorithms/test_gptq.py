@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemmaquant.algorithms import gptq, rtn
-from tests.algorithms.fmts import FORMATS, GPTQ_VS_RTN, fmt
+from tests.algorithms.fmts import ALL, GPTQ_VS_RTN, fmt
 from tests.algorithms.problems import output_error, problem
 
 torch.set_num_threads(1)
@@ -28,13 +28,13 @@ def test_gptq_beats_rtn(prob, name):
     assert e_gptq < 0.6 * e_rtn, f"{name}: GPTQ/RTN output error {e_gptq / e_rtn:.3f}"
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", ALL)
 def test_act_order_static_groups_stay_on_their_grid(prob, name):
     w, x, H = prob
     f = fmt(name)
     p = gptq(w, H, f, act_order=True, static_groups=True)
     params, codes = f.params(p), f.codes(p)
-    ref = f.params(f.quantize(w))  # static groups: the RTN parameters of the original weights
+    ref = f.fit(w)  # static groups: the RTN parameters of the original weights
     for k in params:
         assert torch.equal(params[k], ref[k]), f"{name}: parameter {k} differs from the up-front fit"
     w_hat = f.dequantize(p)
@@ -42,7 +42,7 @@ def test_act_order_static_groups_stay_on_their_grid(prob, name):
     assert tuple(p.shape) == (N, K) and torch.isfinite(w_hat).all()
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", ALL)
 def test_zero_blocks_and_dead_inputs(prob, name):
     """All-zero blocks (scale 0: every code decodes alike) take the format's own code; dead inputs give 0."""
     w, x, H = prob
@@ -57,20 +57,20 @@ def test_zero_blocks_and_dead_inputs(prob, name):
     assert (f.dequantize(p)[:4] == 0).all()
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
-def test_diagonal_hessian_is_rtn(prob, name):
-    """With no correlation between inputs there is nothing to compensate: GPTQ must return RTN's codes,
-    which also pins the in-loop rounding to the format's own `encode`."""
+@pytest.mark.parametrize("name", ALL)
+def test_diagonal_hessian_is_nearest_rounding(prob, name):
+    """With no correlation between inputs there is nothing to compensate: GPTQ must return the nearest grid
+    points of its static parameters, which pins the in-loop rounding to the format's own `encode`."""
     w, _, _ = prob
     f = fmt(name)
     H = torch.diag(torch.rand(K, generator=torch.Generator().manual_seed(3)) + 0.5)
-    assert torch.equal(f.codes(gptq(w, H, f)), f.codes(rtn(w, f)))
+    assert torch.equal(f.codes(gptq(w, H, f)), f.encode(w, f.fit(w)))
 
 
 @pytest.mark.parametrize("act_order,static", [(False, True), (False, False)])
 def test_other_orders_beat_rtn(prob, act_order, static):
     w, x, H = prob
-    f = fmt("Q4_K")
+    f = fmt("q4_k")
     e_rtn = output_error(w, f.dequantize(rtn(w, f)), x)
     p = gptq(w, H, f, act_order=act_order, static_groups=static)
     assert torch.equal(f.encode(f.dequantize(p), f.params(p)), f.codes(p))
@@ -79,7 +79,7 @@ def test_other_orders_beat_rtn(prob, act_order, static):
 
 def test_block_size_is_speed_only(prob):
     w, x, H = prob
-    f = fmt("int4_g32")
+    f = fmt("int4_g32_sym")
     a, b = gptq(w, H, f, block_size=128), gptq(w, H, f, block_size=32)
     assert (f.codes(a) != f.codes(b)).float().mean() < 1e-3
     ea, eb = output_error(w, f.dequantize(a), x), output_error(w, f.dequantize(b), x)
@@ -88,7 +88,7 @@ def test_block_size_is_speed_only(prob):
 
 def test_importance_params(prob):
     w, x, H = prob
-    f = fmt("int4_g32")
+    f = fmt("int4_g32_sym")
     p = gptq(w, H, f, importance_params=True)
     ref = f.params(f.quantize(w, importance=torch.diagonal(H)))
     assert all(torch.equal(f.params(p)[k], ref[k]) for k in ref)
@@ -127,8 +127,9 @@ def gptq_unvectorised(w, H, f, damp=0.01, act_order=True):
     return codes
 
 
-@pytest.mark.parametrize("name,k,act_order", [("int4_g32", 128, True), ("int4_g32", 128, False),
-                                              ("int3_g32", 128, True), ("Q4_K", 256, True)])
+@pytest.mark.parametrize("name,k,act_order", [("int4_g32_sym", 128, True), ("int4_g32_asym", 128, False),
+                                              ("int3_g32_sym", 128, True), ("q4_0", 128, True),
+                                              ("q4_k", 256, True), ("q6_k", 256, True)])
 def test_matches_unvectorised_reference(name, k, act_order):
     w, x, H = problem(12, k, n=512, seed=5)
     H[7, :] = H[:, 7] = 0.0  # a dead input channel
@@ -147,7 +148,7 @@ def test_matches_unvectorised_reference(name, k, act_order):
 
 def test_nan_and_inf_raise(prob):
     w, _, H = prob
-    f = fmt("int4_g32")
+    f = fmt("int4_g32_sym")
     bad_w = w.clone()
     bad_w[3, 5] = float("nan")
     with pytest.raises(ValueError, match=r"^w has 1 non-finite"):
@@ -162,7 +163,7 @@ def test_nan_and_inf_raise(prob):
 
 def test_shapes_and_act_order_with_dynamic_groups_raise(prob):
     w, _, H = prob
-    f = fmt("int4_g32")
+    f = fmt("int4_g32_sym")
     with pytest.raises(ValueError, match="H must be"):
         gptq(w, H[:-1, :-1], f)
     with pytest.raises(ValueError, match="static_groups"):
@@ -171,7 +172,7 @@ def test_shapes_and_act_order_with_dynamic_groups_raise(prob):
 
 def test_damp_retry_then_failure(prob):
     w, x, _ = prob
-    f = fmt("int4_g32")
+    f = fmt("int4_g32_sym")
     H = x.T @ x / x.shape[0]
     H.diagonal().sub_(0.05 * H.diagonal().mean())  # indefinite until damp > 5%
     with pytest.warns(UserWarning, match="used damp=0.08"):
