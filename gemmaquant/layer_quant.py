@@ -107,10 +107,11 @@ def _exists(layer, name) -> bool:
 def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan], recipe: Recipe):
     """Quantize every planned matrix of `layer` (plan keys relative to the layer), replace its weights by the
     dequantized result in place (so the next layer's inputs come from this quantized layer), and return
-    ({name: Packed | [Packed per expert] | float tensor}, {name: sqnr_db})."""
+    ({name: Packed | [Packed per expert] | float tensor}, {name: sqnr_db}, {expert tensor: [sqnr_db per expert]})."""
     if recipe.method == "awq":
         apply_awq(layer, stats, plan, recipe)
     values, sqnr = {}, {}
+    expert_sqnr: dict[str, list[float]] = {}
     for name, p in plan.items():
         t = _param(layer, name) if _exists(layer, name) else None
         if t is None:
@@ -124,10 +125,11 @@ def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, Tenso
                      for e in range(t.shape[0])]
             w_hat = torch.stack([q.fmt.dequantize(q) for q in packs])
             values[name] = packs
+            expert_sqnr[name] = [sqnr_db(t[e], w_hat[e]) for e in range(t.shape[0])]
         else:
             pk = _quantize_matrix(t.float(), p.fmt, recipe.method, stats.inputs.get(group_of(name)), recipe)
             w_hat = pk.fmt.dequantize(pk)
             values[name] = pk
         sqnr[name] = sqnr_db(t, w_hat)
         t.copy_(w_hat.to(t.dtype))
-    return values, sqnr
+    return values, sqnr, expert_sqnr

@@ -229,11 +229,11 @@ def quantize(model, recipe: Recipe, *, out: str | os.PathLike, calib: str | None
             if s.xtx is not None:
                 _check_finite(s.xtx, f"entering layer {i} ({g})")
         force_route_rare_experts(layer, stats, recipe.moe_min_tokens)
-        values, sqnr = quantize_layer(layer, stats, layer_plans[i], recipe)
+        values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plans[i], recipe)
         acts.h = run_layer(layer, cfg, i, acts, inv_freqs)
         for b, h in enumerate(acts.h):
             _check_finite(h, f"leaving layer {i}")
-        info = {"layer": i, "sqnr_db": sqnr, "seconds": round(time.time() - lt, 3),
+        info = {"layer": i, "sqnr_db": sqnr, "expert_sqnr_db": expert_sqnr, "seconds": round(time.time() - lt, 3),
                 "expert_tokens": stats.expert_tokens.tolist() if stats.expert_tokens is not None else None,
                 "forced_experts": stats.forced_experts}
         # order matters for resumption: inputs of layer i+1, then layer i (its .json last), then drop layer i's inputs

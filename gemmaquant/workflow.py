@@ -238,7 +238,10 @@ def list_variants() -> dict:
 
 
 def run_qat(model: str, *, bits: int, data: Path, steps: int, out: Path, overwrite: bool = False) -> dict:
-    from gemmaquant.qat import qat_train
+    try:
+        from gemmaquant.qat import qat_train
+    except ImportError:
+        raise UsageError("quantization-aware training is not available in this version of gemmaquant") from None
 
     prepare_out(Path(out), overwrite)
     res = qat_train(model, bits=bits, data=data, steps=steps, out=out)

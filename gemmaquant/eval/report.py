@@ -75,8 +75,11 @@ class Report:
             lines += ["", "## Expert coverage (calibration tokens routed per expert)", ""]
             for info in self.layers:
                 forced = info.get("forced_experts") or []
+                per_expert = info.get("expert_sqnr_db") or {}
+                worst = {k.split(".")[-1]: f"{min(v):.1f}" for k, v in per_expert.items() if v}
                 lines.append(f"- layer {info['layer']}: {info['expert_tokens']}"
-                             + (f"; forced routing for experts {forced}" if forced else ""))
+                             + (f"; forced routing for experts {forced}" if forced else "")
+                             + (f"; worst expert SQNR dB {worst}" if worst else ""))
         if self.latency:
             lat = self.latency
             lines += ["", "## Latency (side by side, this machine)", "", "| model | prefill tok/s | decode tok/s |",
