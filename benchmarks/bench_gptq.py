@@ -12,7 +12,7 @@ column sweep (~ N K^2). When a run is reduced, the measured parts are scaled and
     --max-k C        a matrix with K > C is timed at K = C: factorization scaled by (K / C)^3, sweep by (K / C)^2
 
     python benchmarks/bench_gptq.py --variant 26b-a4b --experts 2
-    python benchmarks/bench_gptq.py --variant 31b --max-rows 2048 --max-k 8192
+    python benchmarks/bench_gptq.py --variant 31b --max-k 8192 --repeat 2
 Writes benchmarks/results/gptq_<variant>_<device>.json and .md.
 """
 
@@ -52,7 +52,7 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_matrix(N: int, K: int, fmt, dev, max_rows: int, max_k: int, tokens: int, seed: int) -> dict:
+def time_matrix(N: int, K: int, fmt, dev, max_rows: int, max_k: int, tokens: int, seed: int, repeat: int) -> dict:
     """Time one gptq call on an [N, K] matrix (or its reduced stand-in) and project the full-size time."""
     n, k = min(N, max_rows), min(K, max_k)
     g = torch.Generator().manual_seed(seed)
@@ -60,22 +60,25 @@ def time_matrix(N: int, K: int, fmt, dev, max_rows: int, max_k: int, tokens: int
     H = (x.T @ x / tokens).to(dev)  # [k, k]
     w = (0.02 * torch.randn(n, k, generator=g)).to(dev)  # [n, k]
     del x
-    sync(dev)
-    t0 = time.perf_counter()
-    damped_inverse_cholesky(H.double(), 0.01)
-    sync(dev)
-    t_chol = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    gptq(w, H, fmt)
-    sync(dev)
-    t_total = time.perf_counter() - t0
+    t_chol = t_total = float("inf")
+    for _ in range(repeat):  # best of `repeat`: the machine may be shared
+        sync(dev)
+        t0 = time.perf_counter()
+        damped_inverse_cholesky(H.double(), 0.01)
+        sync(dev)
+        t_chol = min(t_chol, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        gptq(w, H, fmt)
+        sync(dev)
+        t_total = min(t_total, time.perf_counter() - t0)
     t_sweep = max(t_total - t_chol, 0.0)
     proj = t_chol * (K / k) ** 3 + t_sweep * (N / n) * (K / k) ** 2
     return {"N": N, "K": K, "timed_N": n, "timed_K": k, "factor_s": round(t_chol, 3), "sweep_s": round(t_sweep, 3),
             "measured_s": round(t_total, 3), "projected_s": round(proj, 3), "extrapolated": (n, k) != (N, K)}
 
 
-def run(variant: str, fmt_name: str, dev: torch.device, experts: int, max_rows: int, max_k: int, tokens: int):
+def run(variant: str, fmt_name: str, dev: torch.device, experts: int, max_rows: int, max_k: int, tokens: int,
+        repeat: int = 1):
     from gemmaquant.formats import get_format
 
     fmt = get_format(fmt_name)
@@ -89,7 +92,7 @@ def run(variant: str, fmt_name: str, dev: torch.device, experts: int, max_rows: 
             timed = min(copies, experts) if copies > 1 else 1
             key = (N, K)
             if key not in cache:  # identical shapes (k/v, gate/up, experts) are timed once per instance
-                cache[key] = [time_matrix(N, K, fmt, dev, max_rows, max_k, tokens, seed=s) for s in range(timed)]
+                cache[key] = [time_matrix(N, K, fmt, dev, max_rows, max_k, tokens, s, repeat) for s in range(timed)]
             per = sum(r["projected_s"] for r in cache[key]) / len(cache[key])
             rows.append({"name": name, "copies": copies, "timed_copies": len(cache[key]), **cache[key][0],
                          "projected_s": round(per, 3), "projected_all_copies_s": round(per * copies, 3)})
@@ -98,7 +101,7 @@ def run(variant: str, fmt_name: str, dev: torch.device, experts: int, max_rows: 
     model_s = sum(v["count"] * v["projected_layer_s"] for v in layers.values())
     return {"variant": variant, "format": fmt_name, "device": device_name(dev), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "settings": {"experts_timed": experts, "max_rows": max_rows, "max_k": max_k,
-                                                     "calibration_tokens": tokens},
+                                                     "calibration_tokens": tokens, "repeat": repeat},
             "layers": layers, "projected_model_s": round(model_s, 1)}
 
 
@@ -110,9 +113,13 @@ def device_name(dev: torch.device) -> str:
 
 def markdown(r: dict) -> str:
     s = r["settings"]
+    cap = lambda v: "all" if v >= 1 << 30 else str(v)  # noqa: E731
+    moe = any(m["copies"] > 1 for v in r["layers"].values() for m in v["matrices"])
     lines = [f"# GPTQ time, {r['variant']}, {r['format']}, {r['device']}, {r['threads']} thread(s)", "",
-             f"Random weights and Hessians; experts timed: {s['experts_timed']} (scaled to all), rows timed at most "
-             f"{s['max_rows']}, K timed at most {s['max_k']}; `*` = extrapolated (see benchmarks/bench_gptq.py).", ""]
+             f"Random weights, Hessians from {s['calibration_tokens']} random activation rows; experts timed: "
+             f"{s['experts_timed'] if moe else 'no experts'}; rows timed at most: {cap(s['max_rows'])}; "
+             f"K timed at most: {cap(s['max_k'])}; best of {s.get('repeat', 1)}; `*` = extrapolated "
+             "(see benchmarks/bench_gptq.py).", ""]
     for lt, v in r["layers"].items():
         lines += [f"## {lt} layer (x{v['count']}): {v['projected_layer_s']:.1f} s", "",
                   "| matrix | N x K | copies | timed | factorization s | sweep s | per matrix s | all copies s |",
@@ -139,10 +146,11 @@ def main() -> None:
     ap.add_argument("--max-rows", type=int, default=1 << 30)
     ap.add_argument("--max-k", type=int, default=1 << 30)
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeat", type=int, default=1, help="best of this many timings per matrix")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    r = run(a.variant, a.format, dev, a.experts, a.max_rows, a.max_k, a.tokens)
+    r = run(a.variant, a.format, dev, a.experts, a.max_rows, a.max_k, a.tokens, a.repeat)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"gptq_{a.variant}_{dev.type}"
     stem.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
