@@ -26,7 +26,8 @@ Dynamic groups (`static_groups=False`, only with `act_order=False`): the origina
 (or super-block's) parameters are fit when the sweep reaches its first column, on the weights as updated by
 the errors pushed onto them so far.
 
-Numerics: the sweep runs in fp32 on w's device; the Cholesky factorizations of H and H^-1 run in fp64.
+Numerics: the sweep runs in fp32 on w's device; the Cholesky factorization of H and its triangular inverse run
+in fp64 (see `damped_inverse_cholesky`).
 """
 
 from __future__ import annotations
