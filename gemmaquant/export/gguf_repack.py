@@ -71,7 +71,8 @@ def to_block_type(p, name: str):
     g = k // scale.shape[1]
     if g % 32:
         raise ExportError(f"{name}: groups of {g} do not fill whole 32-weight GGUF blocks")
-    bits = 8 if type(p.fmt).__name__.startswith("Int8") else 4  # by the grid, not by the values it happens to use
+    # by the grid, not by the values it happens to use
+    bits = getattr(p.fmt, "bits_per_code", None) or (8 if type(p.fmt).__name__ == "Int8Channel" else None)
     rep = lambda t: t.repeat_interleave(g // 32, dim=1)  # noqa: E731  one scale per 32-block
     nb = k // 32
     if bits == 8 and offset is None:
