@@ -54,10 +54,11 @@ def run(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - t
 
 
-def tensor_types(path: Path) -> dict[str, str]:
+def tensor_types(path: Path) -> dict[str, tuple[str, bytes]]:
     import gguf
+    import numpy as np
 
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(str(path)).tensors}
 
 
 def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: int, qtype: str) -> dict:
@@ -75,12 +76,13 @@ def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: 
     conv = min(run(conv_cmd, env) for _ in range(repeat))
     quant = min(run(quant_cmd, env) for _ in range(repeat))
     a, b = tensor_types(ours_out), tensor_types(quant_out)
-    same = sorted(n for n in a if a[n] == b.get(n))
+    same = sorted(n for n in a if n in b and a[n][0] == b[n][0])
+    identical = sorted(n for n in a if n in b and a[n] == b[n])
     return {"model": name, "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
             "gemmaquant_s": round(ours, 3), "llamacpp_convert_s": round(conv, 3), "llamacpp_quantize_s": round(quant, 3),
             "llamacpp_total_s": round(conv + quant, 3), "ratio_gemmaquant_over_llamacpp": round(ours / (conv + quant), 3),
             "gemmaquant_bytes": ours_out.stat().st_size, "llamacpp_bytes": quant_out.stat().st_size,
-            "tensor_types_equal": f"{len(same)}/{len(b)}"}
+            "tensor_types_equal": f"{len(same)}/{len(b)}", "tensors_byte_identical": f"{len(identical)}/{len(b)}"}
 
 
 def main() -> None:
@@ -109,7 +111,7 @@ def main() -> None:
     (RESULTS / "bench_export.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     cols = ["model", "checkpoint_bytes", "gemmaquant_s", "llamacpp_convert_s", "llamacpp_quantize_s",
             "llamacpp_total_s", "ratio_gemmaquant_over_llamacpp", "gemmaquant_bytes", "llamacpp_bytes",
-            "tensor_types_equal"]
+            "tensor_types_equal", "tensors_byte_identical"]
     md = [f"# HF checkpoint -> {args.type} GGUF, end to end", "",
           f"gemmaquant `export_gguf(FloatSource(dir), out, type=\"{args.type}\")` vs llama.cpp `convert_hf_to_gguf.py "
           f"--outtype bf16` + `llama-quantize {args.type}`; {args.threads} thread(s), best of {args.repeat}, fresh "
