@@ -1,6 +1,14 @@
-"""Triton kernels for quantized Gemma 4, imported as `gemmaquant.kernels`.
+"""Triton kernels for quantized Gemma 4, imported as `gemmaquant.kernels` (pyproject maps it onto kernels/).
+
+    int4_matmul.py       int4 group-wise weight-only matmul (decode split-K GEMV and prefill GEMM)
+    int8_matmul.py       int8 per-channel weights: W8A16, and W8A8 with per-token activation quantization fused in
+    moe_grouped_gemm.py  MoE experts as two grouped GEMMs (sorted / block-aligned tokens, fused GELU-tanh * up,
+                         routing weights and per-expert scale in the epilogue); float, int8 and int4 experts
+    swa_attention.py     causal sliding-window / full GQA attention: prefill (flash-attention online softmax,
+                         O(L * W) work) and decode over a ring-buffer KV cache (split-KV)
+    _common.py           shared @triton.jit helpers (dots and rounding that also hold under TRITON_INTERPRET=1)
 
 Each kernel file reads top to bottom: the Triton kernel, its Python wrapper (check, allocate, launch), and the
 pure-torch reference (`*_ref`) that defines its semantics. Kernel files import nothing from the rest of
-gemmaquant; `gemmaquant.ops` decides per call whether a kernel or its reference runs.
+gemmaquant; `gemmaquant.ops` decides per call whether a kernel or its reference runs. See docs/kernels.md.
 """

@@ -1,5 +1,5 @@
-"""int4_matmul kernel against its torch reference (TRITON_INTERPRET=1 on CPU): the kernel's error against an
-fp32 ground truth is at most 2x the reference's error in the same precision (flash-attention's rule)."""
+"""int4_matmul kernel against its torch reference: decode (split-K, M <= 16) and prefill (M > 16) launch shapes,
+symmetric and asymmetric, groups 32/64/128, fp16/bf16 (and fp32) activations, K at group edges."""
 
 import pytest
 import torch
@@ -7,36 +7,93 @@ import torch
 from gemmaquant import ops
 from gemmaquant.formats import Int4Group
 from gemmaquant.kernels.int4_matmul import int4_dequantize_ref, int4_matmul, int4_matmul_ref
+from tests.kernels.parity import DEVICE, assert_parity
 
 pytestmark = pytest.mark.interpreter
 
 
-@pytest.mark.parametrize("M,N,K,group", [(1, 32, 64, 32), (5, 48, 128, 64), (17, 32, 128, 128), (3, 40, 96, 32)])
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int4_matmul_matches_reference(M, N, K, group, symmetric, dtype):
-    g = torch.Generator().manual_seed(M * N + K)
+def _problem(M, N, K, group, symmetric, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed + M * 1000 + N + K)
     fmt = Int4Group(group, symmetric, scale_dtype=torch.bfloat16)
-    p = fmt.quantize(torch.randn(N, K, generator=g))
+    w = torch.randn(N, K, generator=g)
+    w[0] = 0  # an all-zero row: scale 0 in every group
+    p = fmt.quantize(w)
     x = torch.randn(M, K, generator=g).to(dtype)
-    zero = p.data.get("zero")
+    args = [t.to(DEVICE) if t is not None else None for t in (x, p.data["qdata"], p.data["scale"], p.data.get("zero"))]
+    return fmt, p, args
+
+
+# (M, N, K, group): M = 1 / 5 / 16 decode; 17 / 40 prefill (not multiples of BLOCK_M); K = one group, 3 groups
+SHAPES = [(1, 48, 64, 32), (1, 40, 128, 128), (5, 40, 192, 64), (16, 64, 256, 128), (17, 32, 128, 128),
+          (40, 48, 96, 32)]
+
+
+@pytest.mark.parametrize("M,N,K,group", SHAPES)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_matmul_matches_reference(M, N, K, group, symmetric, dtype):
+    fmt, p, (x, q, s, z) = _problem(M, N, K, group, symmetric, dtype)
     w = fmt.dequantize(p)
-    assert torch.equal(int4_dequantize_ref(p.data["qdata"], p.data["scale"], zero, group), w)  # layout agrees
-    exact = x.double() @ w.double().T
-    ref_err = (int4_matmul_ref(x, p.data["qdata"], p.data["scale"], zero, group).double() - exact).abs().max()
-    out = int4_matmul(x, p.data["qdata"], p.data["scale"], zero, group)
-    assert out.shape == (M, N) and out.dtype == dtype
-    err = (out.double() - exact).abs().max()
-    assert err <= 2 * ref_err + 1e-5, f"kernel error {err:.3g} vs reference {ref_err:.3g}"
+    assert torch.equal(int4_dequantize_ref(p.data["qdata"], p.data["scale"], p.data.get("zero"), group), w)
+    exact = x.double().cpu() @ w.double().T
+    out = int4_matmul(x, q, s, z, group)
+    assert_parity(out.cpu(), int4_matmul_ref(x, q, s, z, group).cpu(), exact,
+                  f"int4 M={M} N={N} K={K} g={group} {'sym' if symmetric else 'asym'} {dtype}")
 
 
-def test_dispatcher_decides_per_call():
-    fmt = Int4Group(32)
-    p = fmt.quantize(torch.randn(32, 64))
-    x = torch.randn(2, 64)
-    a = ops.int4_matmul(x, p.data["qdata"], p.data["scale"], None, 32)  # CPU tensor: the reference
-    with ops.use("triton"):
-        b = ops.int4_matmul(x, p.data["qdata"], p.data["scale"], None, 32)
-    assert torch.allclose(a, b, atol=1e-5)
+@pytest.mark.parametrize("M", [1, 17])
+def test_int4_matmul_fp32_activations(M):
+    fmt, p, (x, q, s, z) = _problem(M, 48, 128, 32, False, torch.float32)
+    exact = x.double().cpu() @ fmt.dequantize(p).double().T
+    assert_parity(int4_matmul(x, q, s, z, 32).cpu(), int4_matmul_ref(x, q, s, z, 32).cpu(), exact, f"int4 fp32 M={M}")
+
+
+@pytest.mark.parametrize("config", [dict(split_k=3), dict(split_k=1), dict(block_k=16), dict(block_n=16, split_k=5)])
+def test_int4_matmul_launch_configs(config):
+    """Uneven and empty K splits (4 K-tiles over 3 or 5 splits), no split, BLOCK_K below the group: same result."""
+    fmt, p, (x, q, s, z) = _problem(3, 40, 128, 32, False, torch.float16)
+    exact = x.double().cpu() @ fmt.dequantize(p).double().T
+    out = int4_matmul(x, q, s, z, 32, config=config)
+    assert_parity(out.cpu(), int4_matmul_ref(x, q, s, z, 32).cpu(), exact, f"int4 config {config}")
+
+
+def test_int4_matmul_strided_x_and_bad_input():
+    fmt, p, (x, q, s, z) = _problem(4, 32, 64, 32, True, torch.float16)
+    wide = torch.zeros(4, 96, dtype=x.dtype, device=x.device)
+    wide[:, :64] = x
+    assert torch.equal(int4_matmul(wide[:, :64], q, s, z, 32), int4_matmul(x, q, s, z, 32))  # row stride 96
     with pytest.raises(ValueError):
-        int4_matmul(x, p.data["qdata"], p.data["scale"], None, 64)
+        int4_matmul(x, q, s, z, 64)  # scale has K // 32 columns
+    with pytest.raises(ValueError):
+        int4_matmul(x, q, s, z, 32, config=dict(block_k=64))  # BLOCK_K must divide the group
+
+
+def test_int4_custom_op_and_compile():
+    fmt, p, (x, q, s, z) = _problem(3, 32, 64, 32, False, torch.bfloat16)
+    torch.library.opcheck(torch.ops.gemmaquant.int4_matmul, (x, q, s, z, 32))
+
+    def f(x):
+        return ops.int4_matmul(x, q, s, z, 32, impl="triton") + 1
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
+    x3 = x.reshape(1, 3, 64)  # leading dims go through the dispatcher
+    assert torch.equal(ops.int4_matmul(x3, q, s, z, 32, impl="triton"), int4_matmul(x, q, s, z, 32)[None])
+
+
+def test_use_block_under_compile_recompiles():
+    """Dynamo guards on the `ops.use` state: switching it recompiles instead of reusing a stale graph."""
+    fmt, p, (x, q, s, z) = _problem(2, 32, 64, 32, True, torch.float16)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(any("gemmaquant" in str(n.target) for n in gm.graph.nodes))
+        return gm
+
+    compiled = torch.compile(lambda x: ops.int4_matmul(x, q, s, z, 32), backend=backend)
+    with ops.use("triton"):
+        a = compiled(x)
+    with ops.use("reference"):
+        b = compiled(x)
+    assert graphs == [True, False]  # the custom op, then the traced reference
+    assert torch.equal(a, int4_matmul(x, q, s, z, 32)) and torch.equal(b, int4_matmul_ref(x, q, s, z, 32))
