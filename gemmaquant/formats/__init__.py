@@ -1,26 +1,28 @@
-"""Quantization formats: one small class per format, its packed layout in the class docstring.
+"""Quantization formats: what the bits are. One small class per format, its packed layout in its docstring.
 
-FORMATS maps the stable names used in recipes and reports to format instances (one literal dict, no registry).
+FORMATS maps the stable names used in recipes, reports and docs/formats.md to format instances (one literal
+dict, no registry); `get_format(name)` looks one up. Other configurations are built directly, e.g.
+IntGroup(3, 128, symmetric=False) or Int8Channel(scale_dtype=torch.float16).
 """
-
-import torch
 
 from gemmaquant.formats.base import Packed, QuantFormat
 from gemmaquant.formats.gguf_kquants import Q4_K, Q5_K, Q6_K, KQuant
 from gemmaquant.formats.gguf_legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, GGUFLegacy
-from gemmaquant.formats.int_group import Int4Group, Int8Channel, IntGroup
+from gemmaquant.formats.int8_channel import Int8Channel
+from gemmaquant.formats.int_group import Int4Group, IntGroup
 
 FORMATS = {
     "int8": Int8Channel(),
     "int4_g32_sym": Int4Group(32), "int4_g64_sym": Int4Group(64), "int4_g128_sym": Int4Group(128),
     "int4_g32_asym": Int4Group(32, False), "int4_g64_asym": Int4Group(64, False), "int4_g128_asym": Int4Group(128, False),
-    "int3_g32_sym": IntGroup(3, 32), "int2_g32_sym": IntGroup(2, 32), "int2_g32_asym": IntGroup(2, 32, False),
-    "int3_g32_asym": IntGroup(3, 32, False),
+    "int3_g32_sym": IntGroup(3, 32), "int3_g32_asym": IntGroup(3, 32, False),
+    "int2_g32_sym": IntGroup(2, 32), "int2_g32_asym": IntGroup(2, 32, False),
     "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "q4_k": Q4_K, "q5_k": Q5_K, "q6_k": Q6_K,
 }
 
 
 def get_format(name: str) -> QuantFormat:
+    """The format called `name` (case-insensitive) in FORMATS; KeyError listing the valid names otherwise."""
     key = name.lower()
     if key not in FORMATS:
         raise KeyError(f"unknown format {name!r}; valid: {', '.join(FORMATS)}")

@@ -5,7 +5,10 @@
 A format chooses the block parameters (`fit`, already rounded to their stored precision), says what grid they
 define (`grid`), encodes weights onto that grid (`encode`), and stores codes + parameters in its packed layout
 (`pack` / `Packed.data`, documented in each class). Algorithms (RTN, GPTQ, AWQ) only use fit / grid / encode /
-pack, so what they choose is exactly what the exporters write.
+pack, so what they choose is exactly what the exporters write. `dequantize` is `scale * q + offset` in fp32.
+
+Invariant (tests/formats): fmt.quantize(fmt.dequantize(p), params=fmt.params(p)) has p's codes wherever the
+block's scale is nonzero (where it is 0 every code decodes to the same value; encode gives `zero_code`).
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+PER_ROW = 1 << 62  # `block` of a format with one affine pair per row, whatever K is
+
 
 @dataclass
 class Packed:
-    """A quantized 2-D weight [N, K] (N output rows, K inputs; blocks run along K) in `fmt`'s layout."""
+    """A quantized 2-D weight [N, K] (N output rows, K inputs; blocks run along K) in `fmt`'s layout.
+
+    data holds the stored tensors exactly as the format's docstring lays them out (codes / qdata, scales, ...)."""
 
     fmt: "QuantFormat"
     shape: tuple[int, int]
@@ -26,75 +33,116 @@ class Packed:
 
 
 def check_weight(w: Tensor, block: int, what: str = "weight") -> None:
+    """ValueError unless w is a finite 2-D [N, K] tensor with K a multiple of `block`."""
     if w.ndim != 2:
         raise ValueError(f"{what}: expected a 2-D [N, K] tensor, got shape {list(w.shape)}")
-    if block < (1 << 40) and w.shape[1] % block:  # (per-channel formats use one unbounded block)
-        raise ValueError(f"{what}: {w.shape[1]} inputs are not a multiple of the {block}-element block")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{what}: contains NaN or Inf; cannot quantize")
+    if block < PER_ROW and w.shape[1] % block:
+        raise ValueError(f"{what}: K = {w.shape[1]} inputs per row is not a multiple of the {block}-element block")
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        n_nan, n_inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
+        r, c = (int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"{what}: contains NaN or Inf ({n_nan} NaN, {n_inf} Inf; first at [{r}, {c}]); "
+                         "cannot quantize")
+
+
+def check_importance(importance: Tensor, w: Tensor) -> Tensor:
+    """importance [K] (one weight per input channel, imatrix) or [N, K] (per element) -> float32 [N, K]."""
+    imp = importance.detach().float().to(w.device)
+    if imp.shape not in ((w.shape[1],), tuple(w.shape)):
+        raise ValueError(f"importance must be [K] = [{w.shape[1]}] or [N, K] = {list(w.shape)}, "
+                         f"got {list(imp.shape)}")
+    if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+        raise ValueError("importance must be finite and non-negative")
+    return imp.expand_as(w).contiguous()
 
 
 class QuantFormat:
-    """Base of every format: subclasses define `block`, `fit`, `grid`, `pack`, `codes`, `params`."""
+    """Base of every format: subclasses define `block`, `fit`, `grid`, `pack`, `codes`, `params`
+    (and GGUF block types `ggml_type`, `to_gguf_bytes`, `from_gguf_bytes`)."""
 
     name: str = "?"
-    bits: float = 0.0  # bits per weight including block parameters
-    block: int = 1
+    bits: float = 0.0  # bits per weight, block parameters included
+    block: int = 1  # elements along K sharing one (scale, offset) pair
     zero_code: int = 0  # the code stored for a block whose scale is 0
+
+    @property
+    def row_block(self) -> int:
+        """K must be a multiple of this (the block; the 256-weight super-block for K-quants)."""
+        return self.block
+
+    def check(self, w: Tensor) -> None:
+        check_weight(w, self.row_block, f"{self.name}: weight")
 
     def expand(self, t: Tensor, K: int, col_start: int = 0) -> Tensor:
         """Per-block [N, K // block] -> per-column [N, K'] for the columns [col_start, col_start + K')."""
-        g = (torch.arange(K) + col_start) // self.block
+        g = (torch.arange(K, device=t.device) + col_start) // self.block
         return t[:, g]
 
     def encode(self, w: Tensor, params: dict, col_start: int = 0) -> Tensor:
-        """Nearest grid point (round half away from zero, as ggml's nearest_int / roundf) -> int32 codes."""
+        """Nearest grid point -> int32 codes [N, K'] for the columns [col_start, col_start + K') of the weight
+        that `params` were fit on. x = (w - offset) / scale rounded half away from zero, clamped to
+        [qmin, qmax]; a block with scale 0 (all its codes decode alike) gets `zero_code`."""
         scale, offset, qmin, qmax = self.grid(params)
         s = self.expand(scale, w.shape[1], col_start)
         o = self.expand(offset, w.shape[1], col_start)
-        # an all-zero block has scale 0: its code is the grid's zero point (what ggml stores, e.g. 8 for Q4_0)
-        x = torch.where(s == 0, torch.full_like(w, float(self.zero_code)), (w.float() - o) / torch.where(s == 0, 1.0, s))
+        x = torch.where(s == 0, torch.full_like(s, float(self.zero_code)),
+                        (w.float() - o) / torch.where(s == 0, 1.0, s))
         q = torch.sign(x) * torch.floor(x.abs() + 0.5)
         return q.clamp(qmin, qmax).to(torch.int32)
 
     def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:
-        check_weight(w, self.block)
+        """w [N, K] -> Packed. params None: fit(w, importance) (RTN / imatrix RTN); else encode on params."""
+        self.check(w)
         w = w.float()
         params = self.fit(w, importance) if params is None else params
         return self.pack(self.encode(w, params), params)
 
     def dequantize(self, p: Packed) -> Tensor:
+        """Packed -> float32 [N, K]: scale * q + offset, exactly the grid's arithmetic."""
         scale, offset, _, _ = self.grid(self.params(p))
         q = self.codes(p).float()
         N, K = p.shape
         G = scale.shape[1]
         return (scale[:, :, None] * q.view(N, G, K // G) + offset[:, :, None]).reshape(N, K)
 
-    # subclasses
-    def fit(self, w: Tensor, importance: Tensor | None = None) -> dict: ...
-    def grid(self, params: dict) -> tuple[Tensor, Tensor, int, int]: ...
-    def pack(self, codes: Tensor, params: dict) -> Packed: ...
-    def codes(self, p: Packed) -> Tensor: ...
-    def params(self, p: Packed) -> dict: ...
+    # ---- per format ----
+    def fit(self, w: Tensor, importance: Tensor | None = None) -> dict:
+        raise NotImplementedError
+
+    def grid(self, params: dict) -> tuple[Tensor, Tensor, int, int]:
+        """-> (scale [N, K // block] fp32, offset [N, K // block] fp32, qmin, qmax)."""
+        raise NotImplementedError
+
+    def pack(self, codes: Tensor, params: dict) -> Packed:
+        raise NotImplementedError
+
+    def codes(self, p: Packed) -> Tensor:
+        raise NotImplementedError
+
+    def params(self, p: Packed) -> dict:
+        raise NotImplementedError
 
 
 def weighted_importance(w: Tensor, importance: Tensor | None) -> Tensor:
     """[N, K] weights for the block fits: importance per input channel (imatrix) or per element, else ones."""
-    if importance is None:
-        return torch.ones_like(w)
-    imp = importance.float()
-    return imp.expand_as(w) if imp.ndim == 1 else imp
+    return torch.ones_like(w) if importance is None else check_importance(importance, w)
 
 
-def search_scale(b: Tensor, imp: Tensor, qmin: int, qmax: int, base: Tensor, steps: int = 20) -> Tensor:
-    """Importance-weighted RTN for symmetric blocks b [.., block]: try scales base * (1 + t/steps - 0.5 ...)
-    and keep the one minimising sum imp * (b - s q)^2 (llama.cpp's imatrix idea, make_qx_quants-style search)."""
-    best, best_err = base, None
-    for t in range(-steps // 2, steps // 2 + 1):
-        s = base * (1 + 0.02 * t)
-        x = torch.where(s[..., None] == 0, torch.zeros_like(b), b / torch.where(s == 0, 1.0, s)[..., None])
+def search_scale(b: Tensor, imp: Tensor, qmin: int, qmax: int, base: Tensor, steps: int = 20,
+                 store=lambda s: s) -> Tensor:
+    """Importance-weighted RTN for symmetric blocks b [.., block]: try the scales store(base * (1 + 0.02 t)),
+    |t| <= steps / 2, as stored (`store` rounds to the stored precision) and keep the one minimising
+    sum imp * (b - s q)^2 (llama.cpp's imatrix idea, make_qx_quants-style search). t = 0, plain RTN, is tried
+    first and kept on ties, so the result is never worse than RTN by this measure."""
+    best, best_err = None, None
+    for t in [0] + [t for t in range(-steps // 2, steps // 2 + 1) if t]:
+        s = store(base * (1 + 0.02 * t))
+        best = s if best is None else best
+        sf = s.float()
+        x = torch.where(sf[..., None] == 0, torch.zeros_like(b), b / torch.where(sf == 0, 1.0, sf)[..., None])
         q = (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(qmin, qmax)
-        err = (imp * (b - s[..., None] * q) ** 2).sum(-1)
+        err = (imp * (b - sf[..., None] * q) ** 2).sum(-1)
         if best_err is None:
             best_err = err
             continue

@@ -1,17 +1,29 @@
-"""GGUF K-quants (ggml-common.h block_q4_K, block_q5_K, block_q6_K): 256-weight super-blocks.
+"""GGUF K-quants Q4_K, Q5_K, Q6_K (ggml-common.h block_q4_K / block_q5_K / block_q6_K): 256-weight super-blocks.
 
-Packed.data: codes int32 [N, K]; d fp16 [N, K // 256]; sc uint8/int8 [N, K // 256, 8 or 16] (sub-block scales);
-             dmin fp16 and mn uint8 [N, K // 256, 8] (Q4_K, Q5_K sub-block mins)
-Sub-block grids (the affine pair of each sub-block, exactly as gguf.quants.dequantize computes it):
-  Q4_K  8 x 32, q in [0, 15]:  w = (d * sc) * q - (dmin * mn)      144 B: d | dmin | scales[12] | qs[128]
-  Q5_K  8 x 32, q in [0, 31]:  same, q = low 4 bits | qh bit << 4  176 B: d | dmin | scales[12] | qh[32] | qs[128]
-  Q6_K 16 x 16, q in [0, 63]:  w = (d * sc) * (q - 32), sc int8   210 B: ql[128] | qh[64] | scales[16] | d
-scales[12] packs the 6-bit sc and mn (ggml get_scale_min_k4). qs: for each 64-weight chunk c, byte l holds
-weight 64c + l in its low nibble and 64c + 32 + l in its high nibble.
+Packed.data (S = K // 256 super-blocks per row):
+  codes int32 [N, K]          the stored q: Q4_K [0, 15], Q5_K [0, 31], Q6_K [0, 63]
+  d     fp16  [N, S]          super-block scale
+  sc    uint8 [N, S, 8]       6-bit sub-block scales (Q4_K, Q5_K: 8 sub-blocks of 32)
+        int8  [N, S, 16]      8-bit sub-block scales (Q6_K: 16 sub-blocks of 16)
+  dmin  fp16  [N, S]          super-block scale of the mins (Q4_K, Q5_K)
+  mn    uint8 [N, S, 8]       6-bit sub-block mins (Q4_K, Q5_K)
+Grid of sub-block j (what gguf.quants.dequantize computes, bit for bit):
+  Q4_K, Q5_K:  w = (d * sc[j]) * q - (dmin * mn[j])
+  Q6_K:        w = (d * sc[j]) * (q - 32)        (= (d sc) q - 32 (d sc) exactly: d sc q fits in 24 bits)
+Block bytes (little-endian):
+  Q4_K 144 B: d | dmin | scales[12] | qs[128]
+  Q5_K 176 B: d | dmin | scales[12] | qh[32] | qs[128]
+  Q6_K 210 B: ql[128] | qh[64] | scales[16] int8 | d
+  scales[12] packs sc/mn (ggml get_scale_min_k4): bytes 0-3 sc[0:4] | (sc[4:8] >> 4) << 6, bytes 4-7 mn[0:4] |
+  (mn[4:8] >> 4) << 6, bytes 8-11 (sc[4:8] & 15) | (mn[4:8] & 15) << 4.  qs: in each 64-weight chunk c, byte l holds
+  weight 64c + l (low nibble) and 64c + 32 + l (high nibble); Q5_K qh bit 2c (2c + 1) of byte l is bit 4 of weight
+  64c + l (64c + 32 + l).  Q6_K: per 128-weight half h, ql[64h + l] = low nibbles of weights l | l + 64 (high),
+  ql[64h + 32 + l] = l + 32 | l + 96, qh[32h + l] = bits 4-5 of weights l, l + 32, l + 64, l + 96 at shifts 0, 2, 4, 6.
 
-`fit` here is a plain min/max fit of each sub-block followed by 6-bit quantization of the sub-block parameters
-against the super-block d/dmin (optionally importance-weighted); it is NOT llama.cpp's make_qkx2_quants search,
-so RTN bytes differ from llama-quantize's (packing and dequantization are exact: tests/formats).
+`quantize(w)` (no params) is llama.cpp's quantize_row_q{4,5,6}_K_ref, and with `importance` (imatrix, [K] or
+[N, K]) quantize_row_q{4,5,6}_K_impl, ported op for op (ggml_ref.py): the bytes equal llama.cpp's quantize_q*_K
+for the same float32 input (tests/formats/test_llamacpp.py). A sub-block whose scale rounds to 0 keeps the codes
+of llama.cpp's search (they all dequantize to the same value); `encode` gives the zero point 0 there.
 """
 
 from __future__ import annotations
@@ -23,125 +35,168 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gemmaquant.formats.base import Packed, QuantFormat, weighted_importance
+from gemmaquant.formats.base import Packed, QuantFormat, check_importance
+from gemmaquant.formats.ggml_ref import (div, make_qkx_quants, make_qp_quants, make_qx_quants, max_abs, nearest_int,
+                                         seqsum, sqrtf)
 
-T = gguf.GGMLQuantizationType
 QK = 256
+# type -> (sub-block size, qmax, block bytes)
+LAYOUT = {"Q4_K": (32, 15, 144), "Q5_K": (32, 31, 176), "Q6_K": (16, 63, 210)}
 
 
-def _r(x: Tensor) -> Tensor:  # nearest_int: round half away from zero
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+def pack_scales(ls: Tensor, lm: Tensor) -> Tensor:
+    """quantize_row_q4_K's packing of 8 sub-block scales/mins (uint8 values) into scales[12], as C does it."""
+    ls, lm = ls.int(), lm.int()
+    return torch.cat([(ls[..., :4] | ((ls[..., 4:] >> 4) << 6)) & 0xFF, (lm[..., :4] | ((lm[..., 4:] >> 4) << 6)) & 0xFF,
+                      (ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4)], -1)
+
+
+def unpack_scales(b: Tensor) -> tuple[Tensor, Tensor]:
+    """get_scale_min_k4 for j = 0..7: scales[12] -> (sc [.., 8], mn [.., 8]) 6-bit values."""
+    b = b.int()
+    sc = torch.cat([b[..., 0:4] & 63, (b[..., 8:12] & 0xF) | ((b[..., 0:4] >> 6) << 4)], -1)
+    mn = torch.cat([b[..., 4:8] & 63, (b[..., 8:12] >> 4) | ((b[..., 4:8] >> 6) << 4)], -1)
+    return sc, mn
 
 
 @dataclass(frozen=True)
 class KQuant(QuantFormat):
+    """One of Q4_K, Q5_K, Q6_K (type_name); the affine block is the sub-block (32, or 16 for Q6_K)."""
+
     type_name: str = "Q4_K"
+    super_block = QK  # fit unit: the sub-block parameters are chosen per 256-weight super-block
+    zero_code = 0  # what ggml stores in a zero sub-block (Q6_K too: make_qx_quants / memset leave 0, not 32)
 
-    @property
-    def ggml_type(self):
-        return T[self.type_name]
+    def __post_init__(self):
+        if self.type_name not in LAYOUT:
+            raise ValueError(f"KQuant type_name must be one of {list(LAYOUT)}, got {self.type_name!r}")
 
-    @property
-    def name(self) -> str:
-        return self.type_name.lower()
+    ggml_type = property(lambda self: gguf.GGMLQuantizationType[self.type_name])
+    name = property(lambda self: self.type_name.lower())
+    block = property(lambda self: LAYOUT[self.type_name][0])
+    bits = property(lambda self: LAYOUT[self.type_name][2] * 8 / QK)
+    qmax = property(lambda self: LAYOUT[self.type_name][1])
+    row_block = property(lambda self: QK)
 
-    @property
-    def block(self) -> int:  # the affine sub-block
-        return 16 if self.type_name == "Q6_K" else 32
-
-    @property
-    def bits(self) -> float:
-        return {"Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}[self.type_name]
-
-    @property
-    def qmax(self) -> int:
-        return {"Q4_K": 15, "Q5_K": 31, "Q6_K": 63}[self.type_name]
-
-    @property
-    def zero_code(self) -> int:
-        return 32 if self.type_name == "Q6_K" else 0
-
-    def _check(self, w: Tensor):
-        if w.shape[1] % QK:
-            raise ValueError(f"{self.type_name}: {w.shape[1]} inputs are not a multiple of the 256-weight super-block")
-
-    def quantize(self, w, params=None, importance=None):
-        self._check(w)
-        return super().quantize(w, params, importance)
+    def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:
+        if params is not None:
+            return super().quantize(w, params)
+        self.check(w)
+        codes, params = self._reference(w.float(), importance)
+        return self.pack(codes, params)
 
     def fit(self, w: Tensor, importance: Tensor | None = None) -> dict:
-        self._check(w)
+        self.check(w)
+        return self._reference(w.float(), importance)[1]
+
+    def _reference(self, w: Tensor, importance: Tensor | None) -> tuple[Tensor, dict]:
+        """llama.cpp quantize_row_*_K_ref (importance None) or quantize_row_*_K_impl -> (codes [N, K], params)."""
         N, K = w.shape
-        S, sub = K // QK, self.block
-        b = w.float().view(N, S, QK // sub, sub)
-        imp = weighted_importance(w, importance).view_as(b)
+        S = K // QK
+        sub, qmax, _ = LAYOUT[self.type_name]
+        x = w.reshape(N * S * (QK // sub), sub)  # [B, sub] every sub-block
+        qw = None if importance is None else check_importance(importance, w).reshape_as(x)
         if self.type_name == "Q6_K":
-            amax = b.abs().amax(-1)
-            s = amax / 31  # q - 32 in [-32, 31]
-            d = (s.abs().amax(-1) / 127).to(torch.float16)
-            df = d.float()[..., None]
-            sc = torch.where(df == 0, 0.0, _r(s / torch.where(df == 0, 1.0, df))).clamp(-128, 127)
-            return {"d": d, "sc": sc.to(torch.int8)}
-        # weighted least squares would go here for importance; we weight the min/max choice by shrinking the range
-        lo = b.amin(-1).clamp(max=0)
-        hi = b.amax(-1)
-        s = (hi - lo) / self.qmax
-        mn = -lo
-        d = (s.amax(-1) / 63).to(torch.float16)
-        dmin = (mn.amax(-1) / 63).to(torch.float16)
-        df, dmf = d.float()[..., None], dmin.float()[..., None]
-        sc = torch.where(df == 0, 0.0, _r(s / torch.where(df == 0, 1.0, df))).clamp(0, 63)
-        # round the mins up so that the sub-block's range still covers its smallest weight
-        m = torch.where(dmf == 0, 0.0, torch.ceil(mn / torch.where(dmf == 0, 1.0, dmf))).clamp(0, 63)
-        return {"d": d, "sc": sc.to(torch.uint8), "dmin": dmin, "mn": m.to(torch.uint8)}
+            return self._q6_k(x, qw, N, S)
+        if qw is None:  # _ref: weights av_x + |x| with av_x the sub-block's rms
+            av_x = sqrtf(div(seqsum(x * x), 32.0))
+            weights = av_x[:, None] + x.abs()
+            rmin, rdelta, nstep = (-1.0, 0.1, 20) if qmax == 15 else (-0.5, 0.1, 15)
+            scales, mins, L = make_qkx_quants(x, weights, qmax, rmin, rdelta, nstep)
+            scales, mins = scales.view(N * S, 8), mins.view(N * S, 8)
+            max_scale, max_min = scales.amax(-1), mins.amax(-1)  # `if (s > max_scale) max_scale = s;` from +0.0
+            max_scale, max_min = torch.where(max_scale > 0, max_scale, 0.0), torch.where(max_min > 0, max_min, 0.0)
+            inv_scale = torch.where(max_scale > 0, div(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
+            inv_min = torch.where(max_min > 0, div(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
+            ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp(max=63)  # uint8_t ls = ...; MIN(63, ls)
+            lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp(max=63)
+            d, dmin = div(max_scale, 63.0), div(max_min, 63.0)
+        else:  # _impl: imatrix weights qw * sqrt(sigma2 + x^2), sigma2 = 2 * mean(x^2) over the super-block
+            xs = x.reshape(N * S, QK)
+            sigma2 = div(2 * seqsum(xs * xs), 256.0)
+            weights = qw * sqrtf(sigma2.repeat_interleave(QK // sub)[:, None] + x * x)
+            sw = seqsum(weights).view(N * S, 8)
+            scales, mins, L = make_qkx_quants(x, weights, qmax, -0.9, 0.05, 36)
+            d, ls = make_qp_quants(scales.view(N * S, 8), 63, sw)
+            dmin, lm = make_qp_quants(mins.view(N * S, 8), 63, sw)
+            if qmax == 31:  # quantize_row_q5_K_impl clamps, q4_K_impl does not (make_qp_quants keeps <= 63)
+                ls, lm = ls.clamp(max=63), lm.clamp(max=63)
+        sc, mn = unpack_scales(pack_scales(ls, lm))  # what the block stores, read back as C reads it
+        d16, dmin16 = d.to(torch.float16), dmin.to(torch.float16)
+        dd = (d16.float()[:, None] * sc.float()).reshape(-1)  # [B] sub-block scale
+        dm = (dmin16.float()[:, None] * mn.float()).reshape(-1)
+        q = nearest_int(div(x + dm[:, None], torch.where(dd == 0, 1.0, dd)[:, None])).clamp(0, qmax)
+        codes = torch.where(dd[:, None] != 0, q, L)  # `if (!d) continue;` keeps the search's codes
+        params = {"d": d16.view(N, S), "sc": sc.to(torch.uint8).view(N, S, 8),
+                  "dmin": dmin16.view(N, S), "mn": mn.to(torch.uint8).view(N, S, 8)}
+        return codes.reshape(N, K).int(), params
+
+    def _q6_k(self, x: Tensor, qw: Tensor | None, N: int, S: int) -> tuple[Tensor, dict]:
+        scales, L = make_qx_quants(x, 32, qw)  # [B], [B, 16] in [0, 63]
+        amax, max_scale = max_abs(scales.view(N * S, 16))
+        zero = amax < float(np.float32(1e-15))  # GROUP_MAX_EPS: the whole super-block is stored as zeros
+        iscale = div(-128.0, torch.where(zero, 1.0, max_scale))
+        d16 = torch.where(zero, 0.0, div(1.0, iscale)).to(torch.float16)
+        sc = nearest_int(iscale[:, None] * scales.view(N * S, 16)).clamp(max=127)
+        sc = torch.where(zero[:, None], 0, ((sc & 0xFF) ^ 0x80) - 0x80)  # int8_t store
+        dd = (d16.float()[:, None] * sc.float()).reshape(-1)
+        q = nearest_int(div(x, torch.where(dd == 0, 1.0, dd)[:, None])).clamp(-32, 31) + 32
+        codes = torch.where(dd[:, None] != 0, q, L)
+        codes = torch.where(zero.repeat_interleave(16)[:, None], 0, codes)
+        return codes.reshape(N, -1).int(), {"d": d16.view(N, S), "sc": sc.to(torch.int8).view(N, S, 16)}
 
     def grid(self, params: dict):
-        N, S = params["d"].shape
         d = params["d"].float()[..., None]
+        N = d.shape[0]
+        scale = (d * params["sc"].float()).reshape(N, -1)  # [N, K // block]
         if self.type_name == "Q6_K":
-            scale = (d * params["sc"].float()).reshape(N, -1)
             return scale, -32 * scale, 0, 63
-        scale = (d * params["sc"].float()).reshape(N, -1)
         offset = -(params["dmin"].float()[..., None] * params["mn"].float()).reshape(N, -1)
         return scale, offset, 0, self.qmax
 
-    def pack(self, codes: Tensor, params: dict) -> Packed:
-        return Packed(self, (codes.shape[0], codes.shape[1]),
-                      {"codes": codes.to(torch.int32).contiguous(), **{k: v.contiguous() for k, v in params.items()}})
+    def dequantize(self, p: Packed) -> Tensor:
+        """ggml's dequantize_row_*_K: (d sc) q - (dmin mn), or (d sc) (q - 32) for Q6_K. The grid's values, with
+        ggml's bits (signed zeros included)."""
+        N, K = p.shape
+        scale, offset, _, _ = self.grid(self.params(p))
+        q = p.data["codes"].float().view(N, scale.shape[1], self.block)
+        if self.type_name == "Q6_K":
+            return (scale[:, :, None] * (q - 32)).reshape(N, K)
+        return (scale[:, :, None] * q - (-offset)[:, :, None]).reshape(N, K)
 
-    def codes(self, p):
+    def pack(self, codes: Tensor, params: dict) -> Packed:
+        data = {"codes": codes.to(torch.int32).contiguous(), "d": params["d"].to(torch.float16).contiguous(),
+                "sc": params["sc"].to(torch.int8 if self.type_name == "Q6_K" else torch.uint8).contiguous()}
+        if self.type_name != "Q6_K":
+            data["dmin"] = params["dmin"].to(torch.float16).contiguous()
+            data["mn"] = params["mn"].to(torch.uint8).contiguous()
+        return Packed(self, (codes.shape[0], codes.shape[1]), data)
+
+    def codes(self, p: Packed) -> Tensor:
         return p.data["codes"]
 
-    def params(self, p):
+    def params(self, p: Packed) -> dict:
         return {k: v for k, v in p.data.items() if k != "codes"}
 
     # ---- ggml block bytes ----
     def to_gguf_bytes(self, p: Packed) -> np.ndarray:
         N, K = p.shape
         S = K // QK
-        q = p.data["codes"].numpy().astype(np.uint8).reshape(N, S, QK)
-        d = p.data["d"].numpy().reshape(N, S, 1).view(np.uint8)
+        q = p.data["codes"].cpu().numpy().astype(np.uint8).reshape(N, S, QK)
+        d = p.data["d"].cpu().numpy().reshape(N, S, 1).view(np.uint8)
         if self.type_name == "Q6_K":
-            ql = np.zeros((N, S, 128), np.uint8)
-            qh = np.zeros((N, S, 64), np.uint8)
+            lo, hi = q & 0xF, q >> 4
+            ql, qh = [], []
             for h in range(2):  # two halves of 128 weights
-                y = q[..., 128 * h:128 * (h + 1)]
-                lo, hi = y & 0xF, y >> 4
-                ql[..., 64 * h:64 * h + 32] = lo[..., 0:32] | (lo[..., 64:96] << 4)
-                ql[..., 64 * h + 32:64 * h + 64] = lo[..., 32:64] | (lo[..., 96:128] << 4)
-                qh[..., 32 * h:32 * h + 32] = (hi[..., 0:32] | (hi[..., 32:64] << 2) | (hi[..., 64:96] << 4)
-                                                | (hi[..., 96:128] << 6))
-            sc = p.data["sc"].numpy().astype(np.int8).view(np.uint8).reshape(N, S, 16)
-            return np.concatenate([ql, qh, sc, d], -1).reshape(N, S * 210)
-        dmin = p.data["dmin"].numpy().reshape(N, S, 1).view(np.uint8)
-        sc = p.data["sc"].numpy().astype(np.uint8).reshape(N, S, 8)
-        mn = p.data["mn"].numpy().astype(np.uint8).reshape(N, S, 8)
-        scales = np.zeros((N, S, 12), np.uint8)  # get_scale_min_k4, inverted
-        scales[..., 0:4] = (sc[..., 0:4] & 63) | ((sc[..., 4:8] >> 4) << 6)
-        scales[..., 4:8] = (mn[..., 0:4] & 63) | ((mn[..., 4:8] >> 4) << 6)
-        scales[..., 8:12] = (sc[..., 4:8] & 0xF) | ((mn[..., 4:8] & 0xF) << 4)
+                a = lambda i: slice(128 * h + 32 * i, 128 * h + 32 * i + 32)  # noqa: E731  quarter i of half h
+                ql += [lo[..., a(0)] | (lo[..., a(2)] << 4), lo[..., a(1)] | (lo[..., a(3)] << 4)]
+                qh.append(hi[..., a(0)] | (hi[..., a(1)] << 2) | (hi[..., a(2)] << 4) | (hi[..., a(3)] << 6))
+            sc = p.data["sc"].cpu().numpy().astype(np.int8).view(np.uint8).reshape(N, S, 16)
+            return np.concatenate(ql + qh + [sc, d], -1).reshape(N, S * 210)
+        dmin = p.data["dmin"].cpu().numpy().reshape(N, S, 1).view(np.uint8)
+        scales = pack_scales(p.data["sc"].cpu(), p.data["mn"].cpu()).numpy().astype(np.uint8).reshape(N, S, 12)
         lo = q & 0xF
-        qs = np.concatenate([lo[..., 64 * c:64 * c + 32] | (lo[..., 64 * c + 32:64 * c + 64] << 4) for c in range(4)], -1)
+        qs = [lo[..., 64 * c:64 * c + 32] | (lo[..., 64 * c + 32:64 * c + 64] << 4) for c in range(4)]
         parts = [d, dmin, scales]
         if self.type_name == "Q5_K":
             hb = (q >> 4) & 1
@@ -149,47 +204,33 @@ class KQuant(QuantFormat):
             for c in range(4):
                 qh |= (hb[..., 64 * c:64 * c + 32] << (2 * c)) | (hb[..., 64 * c + 32:64 * c + 64] << (2 * c + 1))
             parts.append(qh)
-        parts.append(qs)
-        return np.concatenate(parts, -1).reshape(N, -1)
+        return np.concatenate(parts + qs, -1).reshape(N, S * LAYOUT[self.type_name][2])
 
     def from_gguf_bytes(self, raw: np.ndarray, shape) -> Packed:
         N, K = shape
         S = K // QK
-        size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[self.type_name]
-        b = np.ascontiguousarray(raw).reshape(N, S, size)
+        b = np.ascontiguousarray(raw).reshape(N, S, LAYOUT[self.type_name][2]).astype(np.int32)
+        f16 = lambda a: torch.from_numpy(a.astype(np.uint8).copy().view(np.float16)[..., 0].copy())  # noqa: E731
         if self.type_name == "Q6_K":
-            ql, qh, sc, d = b[..., :128], b[..., 128:192], b[..., 192:208], b[..., 208:210]
-            q = np.zeros((N, S, QK), np.int32)
+            ql, qh, sc = b[..., :128], b[..., 128:192], b[..., 192:208]
+            quarters = []
             for h in range(2):
-                l0, l1 = ql[..., 64 * h:64 * h + 32].astype(np.int32), ql[..., 64 * h + 32:64 * h + 64].astype(np.int32)
-                hh = qh[..., 32 * h:32 * h + 32].astype(np.int32)
-                base = 128 * h
-                q[..., base:base + 32] = (l0 & 0xF) | ((hh & 3) << 4)
-                q[..., base + 32:base + 64] = (l1 & 0xF) | (((hh >> 2) & 3) << 4)
-                q[..., base + 64:base + 96] = (l0 >> 4) | (((hh >> 4) & 3) << 4)
-                q[..., base + 96:base + 128] = (l1 >> 4) | (((hh >> 6) & 3) << 4)
-            data = {"d": torch.from_numpy(d.copy().view(np.float16)[..., 0].copy()),
-                    "sc": torch.from_numpy(sc.copy().view(np.int8))}
+                l0, l1, hh = ql[..., 64 * h:64 * h + 32], ql[..., 64 * h + 32:64 * h + 64], qh[..., 32 * h:32 * h + 32]
+                quarters += [(l0 & 0xF) | ((hh & 3) << 4), (l1 & 0xF) | (((hh >> 2) & 3) << 4),
+                             (l0 >> 4) | (((hh >> 4) & 3) << 4), (l1 >> 4) | (((hh >> 6) & 3) << 4)]
+            q = np.concatenate(quarters, -1)
+            data = {"d": f16(b[..., 208:210]), "sc": torch.from_numpy(sc.astype(np.uint8).view(np.int8).copy())}
         else:
-            d, dmin, scales = b[..., 0:2], b[..., 2:4], b[..., 4:16].astype(np.uint8)
-            sc = np.concatenate([scales[..., 0:4] & 63, (scales[..., 8:12] & 0xF) | ((scales[..., 0:4] >> 6) << 4)], -1)
-            mn = np.concatenate([scales[..., 4:8] & 63, (scales[..., 8:12] >> 4) | ((scales[..., 4:8] >> 6) << 4)], -1)
-            pos = 16
-            hb = None
+            sc, mn = unpack_scales(torch.from_numpy(b[..., 4:16].copy()))
+            pos, hb = 16, 0
             if self.type_name == "Q5_K":
-                qh = b[..., 16:48].astype(np.int32)
-                hb = np.concatenate([np.concatenate([(qh >> (2 * c)) & 1, (qh >> (2 * c + 1)) & 1], -1)
-                                     for c in range(4)], -1)
+                qh = b[..., 16:48]
+                hb = np.concatenate([(qh >> s) & 1 for s in range(8)], -1)  # bit s of qh: weights 32s .. 32s + 31
                 pos = 48
-            qs = b[..., pos:pos + 128].astype(np.int32)
-            q = np.concatenate([np.concatenate([qs[..., 32 * c:32 * c + 32] & 0xF, qs[..., 32 * c:32 * c + 32] >> 4], -1)
-                                for c in range(4)], -1)
-            if hb is not None:
-                q = q | (hb << 4)
-            data = {"d": torch.from_numpy(d.copy().view(np.float16)[..., 0].copy()),
-                    "sc": torch.from_numpy(sc.copy()),
-                    "dmin": torch.from_numpy(dmin.copy().view(np.float16)[..., 0].copy()),
-                    "mn": torch.from_numpy(mn.copy())}
+            qs = b[..., pos:pos + 128]
+            q = np.concatenate([h for c in range(4) for h in (qs[..., 32 * c:32 * c + 32] & 0xF,
+                                                               qs[..., 32 * c:32 * c + 32] >> 4)], -1) | (hb << 4)
+            data = {"d": f16(b[..., 0:2]), "sc": sc.to(torch.uint8), "dmin": f16(b[..., 2:4]), "mn": mn.to(torch.uint8)}
         return Packed(self, (N, K), {"codes": torch.from_numpy(q.reshape(N, K).astype(np.int32)), **data})
 
 

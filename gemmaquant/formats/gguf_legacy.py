@@ -1,14 +1,19 @@
-"""GGUF legacy block types (ggml-common.h block_q8_0 ... block_q5_1), 32 weights per block.
+"""GGUF legacy block types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (ggml-common.h block_q8_0 ... block_q5_1): 32 weights a block.
 
-Packed.data for all of them:  codes int32 [N, K] (the stored q), d fp16 [N, K // 32], m fp16 [N, K // 32] (Q4_1, Q5_1)
-Block bytes (little-endian):
-  Q8_0  34 B: d fp16 | qs int8[32]                                  w = d * q,          q in [-128, 127]
-  Q4_0  18 B: d fp16 | qs[16]: byte j = q[j] | q[j+16] << 4         w = d * (q - 8),    q in [0, 15]
-  Q4_1  20 B: d fp16 | m fp16 | qs[16] as Q4_0                      w = d * q + m,      q in [0, 15]
-  Q5_0  22 B: d fp16 | qh u32 (bit j = bit 4 of q[j]) | qs[16]      w = d * (q - 16),   q in [0, 31]
-  Q5_1  24 B: d fp16 | m fp16 | qh u32 | qs[16]                     w = d * q + m,      q in [0, 31]
-Round-to-nearest `fit` is ggml's reference quantizer, run through the `gguf` package's numpy port, so RTN output is
-byte-identical to gguf.quants.quantize (tests/formats). Dequantization equals gguf.quants.dequantize bit for bit.
+Packed.data:  codes int32 [N, K] (the stored q),  d fp16 [N, K // 32],  m fp16 [N, K // 32] (Q4_1, Q5_1 only)
+Block bytes (little-endian) and grid (exactly what gguf.quants.dequantize computes):
+  Q8_0  34 B: d | qs int8[32]                                   w = d * q,          q in [-128, 127]
+  Q4_0  18 B: d | qs[16]: byte j = q[j] | q[j + 16] << 4        w = d * (q - 8),    q in [0, 15]
+  Q4_1  20 B: d | m | qs[16] as Q4_0                            w = d * q + m,      q in [0, 15]
+  Q5_0  22 B: d | qh u32 (bit j = bit 4 of q[j]) | qs[16]       w = d * (q - 16),   q in [0, 31]
+  Q5_1  24 B: d | m | qh u32 | qs[16]                           w = d * q + m,      q in [0, 31]
+(d * (q - 8) = d * q - 8 d exactly: an fp16 d times a 5-bit integer fits in fp32.)
+
+`quantize(w)` (no params) is ggml's quantize_row_*_ref, ported op for op to torch (the `gguf` package's numpy
+quantizers are a port of the same code): codes are rounded with the fp32 1/d before d is stored as fp16.
+With `importance` (imatrix [K] or [N, K]) it is llama.cpp's quantize_row_*_impl: weights qw * sqrt(sigma2 + x^2)
+(sigma2 = mean x^2 over the row), make_qx_quants (Q4_0, Q5_0) or make_qkx3_quants (Q4_1, Q5_1); Q8_0 ignores
+importance, as llama.cpp's quantize_q8_0 does. Both are byte-identical to llama.cpp (tests/formats).
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gemmaquant.formats.base import Packed, QuantFormat, check_weight, search_scale, weighted_importance
+from gemmaquant.formats.base import Packed, QuantFormat, check_importance
+from gemmaquant.formats.ggml_ref import div, first_min, make_qkx_quants, make_qx_quants, max_abs, roundf, seqsum, sqrtf
 
-T = gguf.GGMLQuantizationType
-# type -> (block bytes, has min, bits, code offset (q - off is the signed code for symmetric types))
-LAYOUT = {T.Q8_0: (34, False, 8, 0), T.Q4_0: (18, False, 4, 8), T.Q4_1: (20, True, 4, 0),
-          T.Q5_0: (22, False, 5, 16), T.Q5_1: (24, True, 5, 0)}
+# type -> (block bytes, has min m, bits, code offset: w = d * (q - offset) for the symmetric types)
+LAYOUT = {"Q8_0": (34, False, 8, 0), "Q4_0": (18, False, 4, 8), "Q4_1": (20, True, 4, 0),
+          "Q5_0": (22, False, 5, 16), "Q5_1": (24, True, 5, 0)}
 
 
 @dataclass(frozen=True)
@@ -33,56 +38,84 @@ class GGUFLegacy(QuantFormat):
     type_name: str = "Q4_0"
     block = 32
 
-    @property
-    def zero_code(self) -> int:
-        return self._layout()[3]
+    def __post_init__(self):
+        if self.type_name not in LAYOUT:
+            raise ValueError(f"GGUFLegacy type_name must be one of {list(LAYOUT)}, got {self.type_name!r}")
 
-    @property
-    def ggml_type(self):
-        return T[self.type_name]
-
-    @property
-    def name(self) -> str:
-        return self.type_name.lower()
-
-    @property
-    def bits(self) -> float:
-        return LAYOUT[self.ggml_type][0] * 8 / 32
-
-    def _layout(self):
-        return LAYOUT[self.ggml_type]
+    ggml_type = property(lambda self: gguf.GGMLQuantizationType[self.type_name])
+    name = property(lambda self: self.type_name.lower())
+    bits = property(lambda self: LAYOUT[self.type_name][0] * 8 / 32)
+    zero_code = property(lambda self: LAYOUT[self.type_name][3])  # what ggml stores for an all-zero block
 
     def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:
-        if params is None and importance is None:  # ggml's reference RTN, codes included (it rounds x / d with
-            check_weight(w, 32)                       # the fp32 d, before d is stored as fp16)
-            return self.from_gguf_bytes(gguf.quants.quantize(w.float().numpy(), self.ggml_type), tuple(w.shape))
-        return super().quantize(w, params, importance)
+        if params is not None:
+            return super().quantize(w, params)
+        self.check(w)
+        codes, params = self._reference(w.float(), importance)
+        return self.pack(codes, params)
 
     def fit(self, w: Tensor, importance: Tensor | None = None) -> dict:
-        raw = gguf.quants.quantize(w.float().numpy(), self.ggml_type)  # ggml's reference RTN
-        params = self.params(self.from_gguf_bytes(raw, tuple(w.shape)))
-        nbytes, has_min, bits, off = self._layout()
-        if importance is not None and not has_min:  # importance-weighted choice of d (symmetric types)
-            N, K = w.shape
-            b = w.float().view(N, K // 32, 32)
-            imp = weighted_importance(w, importance).view_as(b)
-            qmin, qmax = (-128, 127) if bits == 8 else (-off, off - 1)
-            d = search_scale(b, imp, qmin, qmax, params["d"].float())
-            params["d"] = d.to(torch.float16)
-        return params
+        self.check(w)
+        return self._reference(w.float(), importance)[1]
+
+    def _reference(self, w: Tensor, importance: Tensor | None) -> tuple[Tensor, dict]:
+        """ggml quantize_row_*_ref, or llama.cpp quantize_row_*_impl with importance -> (codes [N, K], params)."""
+        N, K = w.shape
+        nbytes, has_min, bits, off = LAYOUT[self.type_name]
+        x = w.reshape(-1, 32)  # [B, 32] blocks
+        zero = torch.zeros((), device=w.device)
+        qw = None if importance is None else check_importance(importance, w)
+        if qw is not None and self.type_name != "Q8_0":
+            sigma2 = div(seqsum(w * w), float(K))  # over the whole row
+            weight = (qw * sqrtf(sigma2[:, None] + w * w)).reshape(-1, 32)
+            if has_min:
+                d, m, q = make_qkx_quants(x, weight, (1 << bits) - 1, -0.9, 0.05, 36)
+                m = -m  # y.m = -min
+            else:
+                d, q = make_qx_quants(x, off, weight)
+                m = zero
+        elif self.type_name == "Q8_0":
+            amax = x.abs().amax(-1)
+            d = div(amax, 127.0)
+            idd = torch.where(d != 0, div(1.0, torch.where(d != 0, d, 1.0)), 0.0)
+            q, m = roundf(x * idd[:, None]), zero
+        elif has_min:
+            m = first_min(x)
+            d = div(x.amax(-1) - m, float((1 << bits) - 1))
+            idd = torch.where(d != 0, div(1.0, torch.where(d != 0, d, 1.0)), 0.0)
+            q = torch.trunc((x - m[:, None]) * idd[:, None] + 0.5)  # (int8_t) / (uint8_t)(x0 + 0.5f)
+        else:
+            d = div(max_abs(x)[1], float(-off))  # max / -8, max / -16
+            idd = torch.where(d != 0, div(1.0, torch.where(d != 0, d, 1.0)), 0.0)
+            q = torch.trunc(x * idd[:, None] + (off + 0.5))  # (int8_t)(x0 + 8.5f): one add of 8.5
+        q = q.clamp(-128 if bits == 8 else 0, 127 if bits == 8 else (1 << bits) - 1)  # MIN(15, ...) / MIN(31, ...)
+        params = {"d": d.to(torch.float16).view(N, K // 32)}
+        if has_min:
+            params["m"] = m.to(torch.float16).view(N, K // 32)
+        return q.reshape(N, K).to(torch.int32), params
 
     def grid(self, params: dict):
         d = params["d"].float()
-        nbytes, has_min, bits, off = self._layout()
+        nbytes, has_min, bits, off = LAYOUT[self.type_name]
         if has_min:
             return d, params["m"].float(), 0, (1 << bits) - 1
         if bits == 8:
             return d, torch.zeros_like(d), -128, 127
-        return d, -off * d, 0, (1 << bits) - 1  # w = d*q - off*d = d*(q - off): both terms exact in fp32
+        return d, -off * d, 0, (1 << bits) - 1
+
+    def dequantize(self, p: Packed) -> Tensor:
+        """ggml's dequantize_row_*: d * (q - offset), or d * q + m. The same values as the grid's scale * q +
+        offset, and the same bits, signed zeros included (d * (q - 8) is -0.0 for q = 8 and d < 0)."""
+        N, K = p.shape
+        nbytes, has_min, bits, off = LAYOUT[self.type_name]
+        d = p.data["d"].float()[:, :, None]
+        q = p.data["codes"].float().view(N, K // 32, 32)
+        w = d * q + p.data["m"].float()[:, :, None] if has_min else d * (q - off)
+        return w.reshape(N, K)
 
     def pack(self, codes: Tensor, params: dict) -> Packed:
         data = {"codes": codes.to(torch.int32).contiguous(), "d": params["d"].to(torch.float16).contiguous()}
-        if "m" in params and self._layout()[1]:
+        if LAYOUT[self.type_name][1]:
             data["m"] = params["m"].to(torch.float16).contiguous()
         return Packed(self, (codes.shape[0], codes.shape[1]), data)
 
@@ -96,11 +129,11 @@ class GGUFLegacy(QuantFormat):
     def to_gguf_bytes(self, p: Packed) -> np.ndarray:
         N, K = p.shape
         G = K // 32
-        nbytes, has_min, bits, off = self._layout()
-        q = p.data["codes"].numpy().reshape(N, G, 32)
-        parts = [p.data["d"].numpy().reshape(N, G, 1).view(np.uint8)]
+        nbytes, has_min, bits, off = LAYOUT[self.type_name]
+        q = p.data["codes"].cpu().numpy().reshape(N, G, 32)
+        parts = [p.data["d"].cpu().numpy().reshape(N, G, 1).view(np.uint8)]
         if has_min:
-            parts.append(p.data["m"].numpy().reshape(N, G, 1).view(np.uint8))
+            parts.append(p.data["m"].cpu().numpy().reshape(N, G, 1).view(np.uint8))
         if bits == 8:
             parts.append(q.astype(np.int8).view(np.uint8))
         else:
@@ -115,27 +148,23 @@ class GGUFLegacy(QuantFormat):
     def from_gguf_bytes(self, raw: np.ndarray, shape) -> Packed:
         N, K = shape
         G = K // 32
-        nbytes, has_min, bits, off = self._layout()
+        nbytes, has_min, bits, off = LAYOUT[self.type_name]
         b = np.ascontiguousarray(raw).reshape(N, G, nbytes)
-        d = b[..., 0:2].copy().view(np.float16)[..., 0]
-        pos = 2
-        data = {"d": torch.from_numpy(d.copy())}
+        f16 = lambda a: torch.from_numpy(a.copy().view(np.float16)[..., 0].copy())  # noqa: E731
+        data = {"d": f16(b[..., 0:2])}
         if has_min:
-            data["m"] = torch.from_numpy(b[..., 2:4].copy().view(np.float16)[..., 0].copy())
-            pos = 4
+            data["m"] = f16(b[..., 2:4])
+        pos = 4 if has_min else 2
         if bits == 8:
             q = b[..., pos:].view(np.int8).astype(np.int32)
         else:
-            qh = None
-            if bits == 5:
-                qh = b[..., pos:pos + 4].copy().view(np.uint32)[..., 0]
-                pos += 4
-            qs = b[..., pos:pos + 16].astype(np.int32)
+            qs = b[..., -16:].astype(np.int32)
             q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)
-            if qh is not None:
-                q = q | (((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32) << 4)
-        data["codes"] = torch.from_numpy(np.ascontiguousarray(q.reshape(N, K)).astype(np.int32))
-        return Packed(self, (N, K), {"codes": data.pop("codes"), **data})
+            if bits == 5:
+                qh = b[..., pos:pos + 4].copy().view(np.uint32)  # [N, G, 1]
+                q = q | (((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32) << 4)
+        codes = torch.from_numpy(np.ascontiguousarray(q.reshape(N, K)).astype(np.int32))
+        return Packed(self, (N, K), {"codes": codes, **data})
 
 
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 = (GGUFLegacy(t) for t in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"))

@@ -1,0 +1,203 @@
+"""Torch ports of ggml's block-search helpers (llama.cpp ggml/src/ggml-quants.c), vectorised over blocks.
+
+Each function takes a batch of blocks x [B, n] and does, for every block at once, exactly the float32 operations
+the C function does for one block, in the same order, so the results are bit-identical to a C build without
+-ffast-math / FMA contraction (plain -O2 on x86-64): tests/formats/test_llamacpp.py compares bytes.
+
+Rules kept to stay bit-exact (float arithmetic is not associative):
+  * a C `for` accumulation is `seqsum`: one fp32 add per element, in index order (torch.sum reorders);
+  * C expression order is kept: `w*x[i]*l` is (w * x) * l, `a + b - c` is (a + b) - c;
+  * float32 constants are formed with numpy float32 scalars (0.1f * is is not 0.1 * is in double);
+  * divisions are tensor / tensor: `c / t` on a tensor is reciprocal(t) * c in torch, and CUDA turns
+    `t / python_scalar` into a multiplication by the reciprocal, neither of which is IEEE division;
+  * sqrtf goes through float64 (torch's float32 sqrt is not correctly rounded on CPU);
+  * nearest_int is ggml's magic-number rounding (half to even, garbage beyond 2^22, as in C), and a value
+    stored in a uint8_t / int8_t wraps modulo 256.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+GROUP_MAX_EPS = float(np.float32(1e-15))  # 1e-15f
+_MAGIC = 12582912.0  # 1.5 * 2^23
+
+
+def f32(v: float) -> float:
+    """A Python float holding exactly the float32 value of v (so torch casts it to float32 without change)."""
+    return float(np.float32(v))
+
+
+def full(like: Tensor, v: float) -> Tensor:
+    return torch.full_like(like, f32(v))
+
+
+def div(a: Tensor | float, b: Tensor | float) -> Tensor:
+    """IEEE float32 a / b with both operands as tensors of the same shape (see the module docstring)."""
+    if not isinstance(a, Tensor):
+        a = full(b, a)
+    if not isinstance(b, Tensor):
+        b = full(a, b)
+    a, b = torch.broadcast_tensors(a, b)
+    return torch.div(a.contiguous(), b.contiguous())
+
+
+def nearest_int(x: Tensor) -> Tensor:
+    """ggml nearest_int: float32 -> int32 via (x + 1.5 * 2^23)'s mantissa bits (round half to even)."""
+    return ((x.float() + _MAGIC).view(torch.int32) & 0x7FFFFF) - 0x400000
+
+
+def sqrtf(x: Tensor) -> Tensor:
+    """IEEE sqrtf. torch.sqrt on CPU float32 is not correctly rounded (about 1 in 5 results is 1 ulp off);
+    the float64 square root rounded to float32 is (53 >= 2 * 24 + 2 bits: no double-rounding error)."""
+    return torch.sqrt(x.double()).float()
+
+
+def roundf(x: Tensor) -> Tensor:
+    """C roundf (half away from zero), exact for every float32 (floor(|x| + 0.5) is not: 0.49999997 -> 1)."""
+    a = x.abs()
+    f = torch.floor(a)
+    return torch.sign(x) * (f + torch.floor(2 * (a - f)))
+
+
+def seqsum(t: Tensor) -> Tensor:
+    """Sum over the last dim as `float s = 0; for (i...) s += t[i];` does: fp32 adds in index order."""
+    t = t.movedim(-1, 0).contiguous()
+    acc = torch.zeros_like(t[0])
+    for v in t:
+        acc = acc + v
+    return acc
+
+
+def first_min(x: Tensor) -> Tensor:
+    """`min = x[0]; if (x[i] < min) min = x[i];` over the last dim, including the sign of a zero minimum."""
+    mn = x.amin(-1)
+    first_zero = (x == 0).int().argmax(-1, keepdim=True)  # the first zero wins a tie between 0.0 and -0.0
+    return torch.where(mn == 0, x.gather(-1, first_zero)[..., 0], mn)
+
+
+def max_abs(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }` from amax = max = 0 -> (amax, max)."""
+    ax = x.abs()
+    i = ax.argmax(-1, keepdim=True)  # the first index of the largest |x|
+    amax = ax.gather(-1, i)[..., 0]
+    return amax, torch.where(amax > 0, x.gather(-1, i)[..., 0], 0.0)
+
+
+def make_qx_quants(x: Tensor, nmax: int, qw: Tensor | None) -> tuple[Tensor, Tensor]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) -> (scale [B], L [B, n] in [0, 2 nmax - 1]).
+    Symmetric: x ~ scale * (L - nmax); weights qw, or x^2 when qw is None."""
+    amax, mx = max_abs(x)
+    zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, 1.0, mx)
+    w = x * x if qw is None else qw
+    wx = w * x
+
+    def attempt(iscale):
+        l = nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1)
+        lf = l.float()
+        sumlx, suml2 = seqsum(torch.stack([wx * lf, (w * lf) * lf]))
+        return l + nmax, sumlx, suml2
+
+    L, sumlx, suml2 = attempt(div(-nmax, mx))
+    scale = torch.where(suml2 != 0, div(sumlx, torch.where(suml2 != 0, suml2, 1.0)), 0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        Lc, sumlx, suml2 = attempt(div(f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(step))), mx))
+        upd = (suml2 > 0) & ((sumlx * sumlx) > (best * suml2))
+        L = torch.where(upd[:, None], Lc, L)
+        scale = torch.where(upd, div(sumlx, torch.where(upd, suml2, 1.0)), scale)
+        best = torch.where(upd, scale * sumlx, best)
+    return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0, L)
+
+
+def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """make_qkx2_quants / make_qkx3_quants with use_mad = false and weights given (the two are then the same
+    code) -> (scale [B], the_min [B] >= 0, L [B, n] in [0, nmax]):  x ~ scale * L - the_min."""
+    mn = first_min(x)
+    mx = x.amax(-1)
+    mn = torch.where(mn > 0, 0.0, mn)
+    flat = mx == mn  # (max - min == 0 exactly when max == min: float subtraction underflows gradually)
+    sum_w, sum_x = seqsum(torch.stack([w, w * x]))
+
+    def codes(iscale, mn):
+        return nearest_int(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax).float()
+
+    def error(scale, mn, L):
+        diff = (scale[:, None] * L + mn[:, None]) - x
+        return seqsum(w * (diff * diff))
+
+    rng = torch.where(flat, 1.0, mx - mn)
+    iscale = div(nmax, rng)
+    scale = div(1.0, iscale)
+    L = codes(iscale, mn)
+    best = error(scale, mn, L)
+    for step in range(nstep + 1):
+        rng = torch.where(flat, 1.0, mx - mn)  # min moves when a better fit is found, and so does the range
+        c = np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)
+        La = codes(div(float(c), rng), mn)
+        wl = w * La
+        s_l, s_l2, s_xl = seqsum(torch.stack([wl, wl * La, wl * x]))
+        D = sum_w * s_l2 - s_l * s_l
+        ok = D > 0
+        Ds = torch.where(ok, D, 1.0)
+        t_scale = div(sum_w * s_xl - sum_x * s_l, Ds)
+        t_min = div(s_l2 * sum_x - s_l * s_xl, Ds)
+        pos = t_min > 0
+        t_min = torch.where(pos, 0.0, t_min)
+        t_scale = torch.where(pos, div(s_xl, torch.where(pos, s_l2, 1.0)), t_scale)
+        cur = error(t_scale, t_min, La)
+        upd = ok & (cur < best) & ~flat
+        L = torch.where(upd[:, None], La, L)
+        best = torch.where(upd, cur, best)
+        scale = torch.where(upd, t_scale, scale)
+        mn = torch.where(upd, t_min, mn)
+    return torch.where(flat, 0.0, scale), -mn, torch.where(flat[:, None], 0, L.int())
+
+
+def make_qp_quants(x: Tensor, nmax: int, qw: Tensor) -> tuple[Tensor, Tensor]:
+    """make_qp_quants(n, nmax, x, L, quant_weights) -> (scale [B], L [B, n] as the uint8 C stores).
+    Quantizes the (non-negative) sub-block scales or mins of a K-quant super-block against one scale."""
+    mx = x.amax(-1).clamp(min=0)
+    zero = mx < GROUP_MAX_EPS
+    mx = torch.where(zero, 1.0, mx)
+
+    def mse(scale, l):
+        diff = x - scale[:, None] * l.float()
+        return seqsum((qw * diff) * diff)
+
+    iscale = div(nmax, mx)
+    best = mse(div(1.0, iscale), nearest_int(iscale[:, None] * x) & 0xFF)  # L is a uint8_t array
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        isc = div(float(np.float32(0.1) * np.float32(step) + np.float32(nmax)), mx)
+        cur = mse(div(1.0, isc), nearest_int(isc[:, None] * x).clamp(max=nmax))
+        upd = cur < best
+        best = torch.where(upd, cur, best)
+        iscale = torch.where(upd, isc, iscale)
+    l = nearest_int(iscale[:, None] * x).clamp(max=nmax)
+    lf = l.float()
+    wx = qw * x
+    sumlx, suml2 = seqsum(torch.stack([wx * lf, (qw * lf) * lf]))
+    L = l & 0xFF
+    for _ in range(5):  # a pass that changes nothing leaves the state as it was, so no early exit is needed
+        for i in range(x.shape[-1]):
+            w, xi, Li = qw[:, i], x[:, i], L[:, i].float()
+            slx = sumlx - (wx[:, i] * Li)
+            sl2 = suml2 - ((w * Li) * Li)
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = nearest_int(div(xi * sl2, torch.where(ok, slx, 1.0))).clamp(max=nmax)
+            nl = new_l.float()
+            slx = slx + wx[:, i] * nl
+            sl2 = sl2 + (w * nl) * nl
+            ok &= (new_l != L[:, i]) & (((slx * slx) * suml2) > ((sumlx * sumlx) * sl2))
+            L[:, i] = torch.where(ok, new_l & 0xFF, L[:, i])
+            sumlx = torch.where(ok, slx, sumlx)
+            suml2 = torch.where(ok, sl2, suml2)
+    scale = torch.where(suml2 > 0, div(sumlx, torch.where(suml2 > 0, suml2, 1.0)), 0.0)
+    return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0, L)
