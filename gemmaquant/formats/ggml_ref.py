@@ -1,8 +1,10 @@
 """Torch ports of ggml's block-search helpers (llama.cpp ggml/src/ggml-quants.c), vectorised over blocks.
 
-Each function takes a batch of blocks x [B, n] and does, for every block at once, exactly the float32 operations
-the C function does for one block, in the same order, so the results are bit-identical to a C build without
--ffast-math / FMA contraction (plain -O2 on x86-64): tests/formats/test_llamacpp.py compares bytes.
+Each function takes a batch of B blocks of n values stored as columns, x [n, B] (element i of every block is the
+contiguous row x[i], so a C loop over i is a loop over rows with no copies), and does, for every block at once,
+exactly the float32 operations the C function does for one block, in the same order, so the results are
+bit-identical to a C build without -ffast-math / FMA contraction (plain -O2 on x86-64):
+tests/formats/test_llamacpp.py compares bytes.
 
 Rules kept to stay bit-exact (float arithmetic is not associative):
   * a C `for` accumulation is `seqsum`: one fp32 add per element, in index order (torch.sum reorders);
@@ -62,32 +64,32 @@ def roundf(x: Tensor) -> Tensor:
     return torch.sign(x) * (f + torch.floor(2 * (a - f)))
 
 
-def seqsum(t: Tensor) -> Tensor:
-    """Sum over the last dim as `float s = 0; for (i...) s += t[i];` does: fp32 adds in index order."""
-    t = t.movedim(-1, 0).contiguous()
-    acc = torch.zeros_like(t[0])
-    for v in t:
-        acc = acc + v
-    return acc
+def seqsum(*ts: Tensor):
+    """Sum over dim 0 as `float s = 0; for (i...) s += t[i];` does: fp32 adds in index order (torch.sum reorders).
+    One result per argument (a tuple when several)."""
+    accs = [torch.zeros_like(t[0]) for t in ts]
+    for i in range(ts[0].shape[0]):
+        accs = [a + t[i] for a, t in zip(accs, ts)]
+    return accs[0] if len(ts) == 1 else tuple(accs)
 
 
 def first_min(x: Tensor) -> Tensor:
-    """`min = x[0]; if (x[i] < min) min = x[i];` over the last dim, including the sign of a zero minimum."""
-    mn = x.amin(-1)
-    first_zero = (x == 0).int().argmax(-1, keepdim=True)  # the first zero wins a tie between 0.0 and -0.0
-    return torch.where(mn == 0, x.gather(-1, first_zero)[..., 0], mn)
+    """`min = x[0]; if (x[i] < min) min = x[i];` over dim 0, including the sign of a zero minimum."""
+    mn = x.amin(0)
+    first_zero = (x == 0).int().argmax(0, keepdim=True)  # the first zero wins a tie between 0.0 and -0.0
+    return torch.where(mn == 0, x.gather(0, first_zero)[0], mn)
 
 
 def max_abs(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }` from amax = max = 0 -> (amax, max)."""
+    """`if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }` from amax = max = 0, over dim 0."""
     ax = x.abs()
-    i = ax.argmax(-1, keepdim=True)  # the first index of the largest |x|
-    amax = ax.gather(-1, i)[..., 0]
-    return amax, torch.where(amax > 0, x.gather(-1, i)[..., 0], 0.0)
+    i = ax.argmax(0, keepdim=True)  # the first index of the largest |x|
+    amax = ax.gather(0, i)[0]
+    return amax, torch.where(amax > 0, x.gather(0, i)[0], 0.0)
 
 
 def make_qx_quants(x: Tensor, nmax: int, qw: Tensor | None) -> tuple[Tensor, Tensor]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) -> (scale [B], L [B, n] in [0, 2 nmax - 1]).
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw), x [n, B] -> (scale [B], L [n, B] in [0, 2 nmax - 1]).
     Symmetric: x ~ scale * (L - nmax); weights qw, or x^2 when qw is None."""
     amax, mx = max_abs(x)
     zero = amax < GROUP_MAX_EPS
@@ -96,9 +98,9 @@ def make_qx_quants(x: Tensor, nmax: int, qw: Tensor | None) -> tuple[Tensor, Ten
     wx = w * x
 
     def attempt(iscale):
-        l = nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1)
+        l = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
         lf = l.float()
-        sumlx, suml2 = seqsum(torch.stack([wx * lf, (w * lf) * lf]))
+        sumlx, suml2 = seqsum(wx * lf, (w * lf) * lf)
         return l + nmax, sumlx, suml2
 
     L, sumlx, suml2 = attempt(div(-nmax, mx))
@@ -109,26 +111,26 @@ def make_qx_quants(x: Tensor, nmax: int, qw: Tensor | None) -> tuple[Tensor, Ten
             continue
         Lc, sumlx, suml2 = attempt(div(f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(step))), mx))
         upd = (suml2 > 0) & ((sumlx * sumlx) > (best * suml2))
-        L = torch.where(upd[:, None], Lc, L)
+        L = torch.where(upd, Lc, L)
         scale = torch.where(upd, div(sumlx, torch.where(upd, suml2, 1.0)), scale)
         best = torch.where(upd, scale * sumlx, best)
-    return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0, L)
+    return torch.where(zero, 0.0, scale), torch.where(zero, 0, L)
 
 
 def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
     """make_qkx2_quants / make_qkx3_quants with use_mad = false and weights given (the two are then the same
-    code) -> (scale [B], the_min [B] >= 0, L [B, n] in [0, nmax]):  x ~ scale * L - the_min."""
+    code), x, w [n, B] -> (scale [B], the_min [B] >= 0, L [n, B] in [0, nmax]):  x ~ scale * L - the_min."""
     mn = first_min(x)
-    mx = x.amax(-1)
+    mx = x.amax(0)
     mn = torch.where(mn > 0, 0.0, mn)
     flat = mx == mn  # (max - min == 0 exactly when max == min: float subtraction underflows gradually)
-    sum_w, sum_x = seqsum(torch.stack([w, w * x]))
+    sum_w, sum_x = seqsum(w, w * x)
 
     def codes(iscale, mn):
-        return nearest_int(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax).float()
+        return nearest_int(iscale * (x - mn)).clamp(0, nmax).float()
 
     def error(scale, mn, L):
-        diff = (scale[:, None] * L + mn[:, None]) - x
+        diff = (scale * L + mn) - x
         return seqsum(w * (diff * diff))
 
     rng = torch.where(flat, 1.0, mx - mn)
@@ -141,7 +143,7 @@ def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float,
         c = np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)
         La = codes(div(float(c), rng), mn)
         wl = w * La
-        s_l, s_l2, s_xl = seqsum(torch.stack([wl, wl * La, wl * x]))
+        s_l, s_l2, s_xl = seqsum(wl, wl * La, wl * x)
         D = sum_w * s_l2 - s_l * s_l
         ok = D > 0
         Ds = torch.where(ok, D, 1.0)
@@ -152,52 +154,52 @@ def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float,
         t_scale = torch.where(pos, div(s_xl, torch.where(pos, s_l2, 1.0)), t_scale)
         cur = error(t_scale, t_min, La)
         upd = ok & (cur < best) & ~flat
-        L = torch.where(upd[:, None], La, L)
+        L = torch.where(upd, La, L)
         best = torch.where(upd, cur, best)
         scale = torch.where(upd, t_scale, scale)
         mn = torch.where(upd, t_min, mn)
-    return torch.where(flat, 0.0, scale), -mn, torch.where(flat[:, None], 0, L.int())
+    return torch.where(flat, 0.0, scale), -mn, torch.where(flat, 0, L.int())
 
 
 def make_qp_quants(x: Tensor, nmax: int, qw: Tensor) -> tuple[Tensor, Tensor]:
-    """make_qp_quants(n, nmax, x, L, quant_weights) -> (scale [B], L [B, n] as the uint8 C stores).
+    """make_qp_quants(n, nmax, x, L, quant_weights), x [n, B] -> (scale [B], L [n, B] as the uint8 C stores).
     Quantizes the (non-negative) sub-block scales or mins of a K-quant super-block against one scale."""
-    mx = x.amax(-1).clamp(min=0)
+    mx = x.amax(0).clamp(min=0)
     zero = mx < GROUP_MAX_EPS
     mx = torch.where(zero, 1.0, mx)
 
     def mse(scale, l):
-        diff = x - scale[:, None] * l.float()
+        diff = x - scale * l.float()
         return seqsum((qw * diff) * diff)
 
     iscale = div(nmax, mx)
-    best = mse(div(1.0, iscale), nearest_int(iscale[:, None] * x) & 0xFF)  # L is a uint8_t array
+    best = mse(div(1.0, iscale), nearest_int(iscale * x) & 0xFF)  # L is a uint8_t array
     for step in range(-4, 5):
         if step == 0:
             continue
         isc = div(float(np.float32(0.1) * np.float32(step) + np.float32(nmax)), mx)
-        cur = mse(div(1.0, isc), nearest_int(isc[:, None] * x).clamp(max=nmax))
+        cur = mse(div(1.0, isc), nearest_int(isc * x).clamp(max=nmax))
         upd = cur < best
         best = torch.where(upd, cur, best)
         iscale = torch.where(upd, isc, iscale)
-    l = nearest_int(iscale[:, None] * x).clamp(max=nmax)
+    l = nearest_int(iscale * x).clamp(max=nmax)
     lf = l.float()
     wx = qw * x
-    sumlx, suml2 = seqsum(torch.stack([wx * lf, (qw * lf) * lf]))
+    sumlx, suml2 = seqsum(wx * lf, (qw * lf) * lf)
     L = l & 0xFF
     for _ in range(5):  # a pass that changes nothing leaves the state as it was, so no early exit is needed
-        for i in range(x.shape[-1]):
-            w, xi, Li = qw[:, i], x[:, i], L[:, i].float()
-            slx = sumlx - (wx[:, i] * Li)
+        for i in range(x.shape[0]):
+            w, xi, Li = qw[i], x[i], L[i].float()
+            slx = sumlx - (wx[i] * Li)
             sl2 = suml2 - ((w * Li) * Li)
             ok = (slx > 0) & (sl2 > 0)
             new_l = nearest_int(div(xi * sl2, torch.where(ok, slx, 1.0))).clamp(max=nmax)
             nl = new_l.float()
-            slx = slx + wx[:, i] * nl
+            slx = slx + wx[i] * nl
             sl2 = sl2 + (w * nl) * nl
-            ok &= (new_l != L[:, i]) & (((slx * slx) * suml2) > ((sumlx * sumlx) * sl2))
-            L[:, i] = torch.where(ok, new_l & 0xFF, L[:, i])
+            ok &= (new_l != L[i]) & (((slx * slx) * suml2) > ((sumlx * sumlx) * sl2))
+            L[i] = torch.where(ok, new_l & 0xFF, L[i])
             sumlx = torch.where(ok, slx, sumlx)
             suml2 = torch.where(ok, sl2, suml2)
     scale = torch.where(suml2 > 0, div(sumlx, torch.where(suml2 > 0, suml2, 1.0)), 0.0)
-    return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0, L)
+    return torch.where(zero, 0.0, scale), torch.where(zero, 0, L)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from gemmaquant.formats.base import Packed, QuantFormat, check_importance
-from gemmaquant.formats.ggml_ref import (div, make_qkx_quants, make_qp_quants, make_qx_quants, max_abs, nearest_int,
+from gemmaquant.formats.ggml_ref import (GROUP_MAX_EPS, div, make_qkx_quants, make_qp_quants, make_qx_quants, max_abs, nearest_int,
                                          seqsum, sqrtf)
 
 QK = 256
@@ -94,13 +94,13 @@ class KQuant(QuantFormat):
         N, K = w.shape
         S = K // QK
         sub, qmax, _ = LAYOUT[self.type_name]
-        x = w.reshape(N * S * (QK // sub), sub)  # [B, sub] every sub-block
-        qw = None if importance is None else check_importance(importance, w).reshape_as(x)
+        x = w.reshape(-1, sub).T.contiguous()  # [sub, B]: column b is sub-block b, in (row, super-block, j) order
+        qw = None if importance is None else check_importance(importance, w).reshape(-1, sub).T.contiguous()
         if self.type_name == "Q6_K":
             return self._q6_k(x, qw, N, S)
         if qw is None:  # _ref: weights av_x + |x| with av_x the sub-block's rms
             av_x = sqrtf(div(seqsum(x * x), 32.0))
-            weights = av_x[:, None] + x.abs()
+            weights = av_x + x.abs()
             rmin, rdelta, nstep = (-1.0, 0.1, 20) if qmax == 15 else (-0.5, 0.1, 15)
             scales, mins, L = make_qkx_quants(x, weights, qmax, rmin, rdelta, nstep)
             scales, mins = scales.view(N * S, 8), mins.view(N * S, 8)
@@ -112,38 +112,40 @@ class KQuant(QuantFormat):
             lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp(max=63)
             d, dmin = div(max_scale, 63.0), div(max_min, 63.0)
         else:  # _impl: imatrix weights qw * sqrt(sigma2 + x^2), sigma2 = 2 * mean(x^2) over the super-block
-            xs = x.reshape(N * S, QK)
+            xs = w.reshape(N * S, QK).T.contiguous()  # [256, N * S]
             sigma2 = div(2 * seqsum(xs * xs), 256.0)
-            weights = qw * sqrtf(sigma2.repeat_interleave(QK // sub)[:, None] + x * x)
-            sw = seqsum(weights).view(N * S, 8)
+            weights = qw * sqrtf(sigma2.repeat_interleave(QK // sub) + x * x)
+            sw = seqsum(weights).view(N * S, 8).T.contiguous()  # [8, N * S]
             scales, mins, L = make_qkx_quants(x, weights, qmax, -0.9, 0.05, 36)
-            d, ls = make_qp_quants(scales.view(N * S, 8), 63, sw)
-            dmin, lm = make_qp_quants(mins.view(N * S, 8), 63, sw)
+            d, ls = make_qp_quants(scales.view(N * S, 8).T.contiguous(), 63, sw)
+            dmin, lm = make_qp_quants(mins.view(N * S, 8).T.contiguous(), 63, sw)
+            ls, lm = ls.T, lm.T  # [N * S, 8]
             if qmax == 31:  # quantize_row_q5_K_impl clamps, q4_K_impl does not (make_qp_quants keeps <= 63)
                 ls, lm = ls.clamp(max=63), lm.clamp(max=63)
         sc, mn = unpack_scales(pack_scales(ls, lm))  # what the block stores, read back as C reads it
         d16, dmin16 = d.to(torch.float16), dmin.to(torch.float16)
         dd = (d16.float()[:, None] * sc.float()).reshape(-1)  # [B] sub-block scale
         dm = (dmin16.float()[:, None] * mn.float()).reshape(-1)
-        q = nearest_int(div(x + dm[:, None], torch.where(dd == 0, 1.0, dd)[:, None])).clamp(0, qmax)
-        codes = torch.where(dd[:, None] != 0, q, L)  # `if (!d) continue;` keeps the search's codes
+        q = nearest_int(div(x + dm, torch.where(dd == 0, 1.0, dd))).clamp(0, qmax)
+        codes = torch.where(dd != 0, q, L)  # `if (!d) continue;` keeps the search's codes
         params = {"d": d16.view(N, S), "sc": sc.to(torch.uint8).view(N, S, 8),
                   "dmin": dmin16.view(N, S), "mn": mn.to(torch.uint8).view(N, S, 8)}
-        return codes.reshape(N, K).int(), params
+        return codes.T.reshape(N, K).int(), params
 
     def _q6_k(self, x: Tensor, qw: Tensor | None, N: int, S: int) -> tuple[Tensor, dict]:
-        scales, L = make_qx_quants(x, 32, qw)  # [B], [B, 16] in [0, 63]
-        amax, max_scale = max_abs(scales.view(N * S, 16))
-        zero = amax < float(np.float32(1e-15))  # GROUP_MAX_EPS: the whole super-block is stored as zeros
+        scales, L = make_qx_quants(x, 32, qw)  # [B], [16, B] in [0, 63]
+        scales = scales.view(N * S, 16)
+        amax, max_scale = max_abs(scales.T)
+        zero = amax < GROUP_MAX_EPS  # the whole super-block is stored as zeros
         iscale = div(-128.0, torch.where(zero, 1.0, max_scale))
         d16 = torch.where(zero, 0.0, div(1.0, iscale)).to(torch.float16)
-        sc = nearest_int(iscale[:, None] * scales.view(N * S, 16)).clamp(max=127)
+        sc = nearest_int(iscale[:, None] * scales).clamp(max=127)
         sc = torch.where(zero[:, None], 0, ((sc & 0xFF) ^ 0x80) - 0x80)  # int8_t store
-        dd = (d16.float()[:, None] * sc.float()).reshape(-1)
-        q = nearest_int(div(x, torch.where(dd == 0, 1.0, dd)[:, None])).clamp(-32, 31) + 32
-        codes = torch.where(dd[:, None] != 0, q, L)
-        codes = torch.where(zero.repeat_interleave(16)[:, None], 0, codes)
-        return codes.reshape(N, -1).int(), {"d": d16.view(N, S), "sc": sc.to(torch.int8).view(N, S, 16)}
+        dd = (d16.float()[:, None] * sc.float()).reshape(-1)  # [B]
+        q = nearest_int(div(x, torch.where(dd == 0, 1.0, dd))).clamp(-32, 31) + 32
+        codes = torch.where(dd != 0, q, L)
+        codes = torch.where(zero.repeat_interleave(16), 0, codes)
+        return codes.T.reshape(N, -1).int(), {"d": d16.view(N, S), "sc": sc.to(torch.int8).view(N, S, 16)}
 
     def grid(self, params: dict):
         d = params["d"].float()[..., None]

@@ -62,37 +62,35 @@ class GGUFLegacy(QuantFormat):
         """ggml quantize_row_*_ref, or llama.cpp quantize_row_*_impl with importance -> (codes [N, K], params)."""
         N, K = w.shape
         nbytes, has_min, bits, off = LAYOUT[self.type_name]
-        x = w.reshape(-1, 32)  # [B, 32] blocks
-        zero = torch.zeros((), device=w.device)
+        x = w.reshape(-1, 32).T.contiguous()  # [32, B]: column b is block b (ggml_ref's layout)
         qw = None if importance is None else check_importance(importance, w)
+        m = None
         if qw is not None and self.type_name != "Q8_0":
-            sigma2 = div(seqsum(w * w), float(K))  # over the whole row
-            weight = (qw * sqrtf(sigma2[:, None] + w * w)).reshape(-1, 32)
+            sigma2 = div(seqsum(w.T * w.T), float(K))  # [N] mean x^2 over the row (strided rows of w.T: no copy)
+            weight = (qw * sqrtf(sigma2[:, None] + w * w)).reshape(-1, 32).T.contiguous()
             if has_min:
                 d, m, q = make_qkx_quants(x, weight, (1 << bits) - 1, -0.9, 0.05, 36)
                 m = -m  # y.m = -min
             else:
                 d, q = make_qx_quants(x, off, weight)
-                m = zero
         elif self.type_name == "Q8_0":
-            amax = x.abs().amax(-1)
-            d = div(amax, 127.0)
+            d = div(x.abs().amax(0), 127.0)
             idd = torch.where(d != 0, div(1.0, torch.where(d != 0, d, 1.0)), 0.0)
-            q, m = roundf(x * idd[:, None]), zero
+            q = roundf(x * idd)
         elif has_min:
             m = first_min(x)
-            d = div(x.amax(-1) - m, float((1 << bits) - 1))
+            d = div(x.amax(0) - m, float((1 << bits) - 1))
             idd = torch.where(d != 0, div(1.0, torch.where(d != 0, d, 1.0)), 0.0)
-            q = torch.trunc((x - m[:, None]) * idd[:, None] + 0.5)  # (int8_t) / (uint8_t)(x0 + 0.5f)
+            q = torch.trunc((x - m) * idd + 0.5)  # (int8_t) / (uint8_t)(x0 + 0.5f)
         else:
             d = div(max_abs(x)[1], float(-off))  # max / -8, max / -16
             idd = torch.where(d != 0, div(1.0, torch.where(d != 0, d, 1.0)), 0.0)
-            q = torch.trunc(x * idd[:, None] + (off + 0.5))  # (int8_t)(x0 + 8.5f): one add of 8.5
+            q = torch.trunc(x * idd + (off + 0.5))  # (int8_t)(x0 + 8.5f): one add of 8.5
         q = q.clamp(-128 if bits == 8 else 0, 127 if bits == 8 else (1 << bits) - 1)  # MIN(15, ...) / MIN(31, ...)
         params = {"d": d.to(torch.float16).view(N, K // 32)}
         if has_min:
             params["m"] = m.to(torch.float16).view(N, K // 32)
-        return q.reshape(N, K).to(torch.int32), params
+        return q.T.reshape(N, K).to(torch.int32), params
 
     def grid(self, params: dict):
         d = params["d"].float()

@@ -123,8 +123,10 @@ def test_roundf_is_half_away_from_zero_for_every_float():
 
 
 def test_seqsum_adds_in_index_order():
-    t = torch.tensor([[1e8, 1.0, -1e8, 1.0]], dtype=torch.float32)
-    assert seqsum(t).item() == 1.0  # ((1e8 + 1) - 1e8) + 1 in fp32: the first 1 is lost
+    t = torch.tensor([[1e8, 0.0], [1.0, 1.0], [-1e8, 2.0], [1.0, 3.0]], dtype=torch.float32)  # blocks are columns
+    assert seqsum(t).tolist() == [1.0, 6.0]  # ((1e8 + 1) - 1e8) + 1 in fp32: the first 1 is lost
+    a, b = seqsum(t, 2 * t)
+    assert a.tolist() == [1.0, 6.0] and b.tolist() == [2.0, 12.0]
 
 
 def test_sqrtf_is_correctly_rounded():
