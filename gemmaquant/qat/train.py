@@ -1,0 +1,410 @@
+"""The QAT recipe: start from GPTQ, then distill the float model into the fake-quantized one.
+
+    teacher  = the float model (frozen)
+    student  = the GPTQ result (gemmaquant.quantize, calibrated on the training text): weights set to the
+               dequantized GPTQ values, LSQ block parameters initialised to GPTQ's, so step 0 *is* the PTQ model
+    for step t < steps:
+        ids     = batch_size random windows of seq_len tokens of the training text (fixed by seed and t)
+        loss    = KL(softmax(teacher(ids) / T) || softmax(student(ids) / T)) * T^2, mean over tokens
+                  + hidden_weight * mean over layers |h_student - h_teacher|^2 / |h_teacher|^2
+                  + router_weight * KL of the router distributions (MoE)
+        AdamW on the latent weights (lr), the block scales (scale_lr), the float norms / router (float_lr) and
+        the embeddings (embed_lr), linear warm-up then cosine decay to min_lr_ratio, gradient clipping
+        every save_every steps: model + optimizer state to one safetensors file (resumable, no pickle)
+    convert -> Packed values -> work directory + GGUF + compressed-tensors (the PTQ exporters), held-out report
+
+The embeddings train too: tied to the output head, they are the largest lever on the logits, and they are
+exported as the PTQ pipeline exports them (bf16 in compressed-tensors, Q6_K by round-to-nearest in GGUF).
+Measured on the trained fixtures (docs/qat.md): most of the gain comes from the scales, the embeddings and the
+norms; the latent weights move slowly (a code flips only after a weight travels half a grid step), and larger
+weight learning rates flip codes on gradient noise and undo GPTQ's work.
+`qat_train` is what `gemmaquant qat MODEL --bits 4 --data FILE --steps N --out DIR` runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gemmaquant.qat.prepare import QATError, convert, latent_weights, prepare_qat, scale_parameters
+
+BITS_FORMAT = {8: "int8", 4: "int4_g32_sym", 3: "int3_g32_sym", 2: "int2_g32_asym"}
+EXPORTS = {"int4_g32_sym": ("Q4_0", "W4A16"), "int8": ("Q8_0", "W8A16")}  # lossless GGUF type, CT scheme
+CHECKPOINT = "qat-checkpoint.safetensors"
+
+
+@dataclass(frozen=True)
+class QATRecipe:
+    bits: int = 4
+    weight_format: str | None = None  # default: BITS_FORMAT[bits]
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 0.01  # latent weights, in grid steps per step (see param_groups)
+    scale_lr: float = 3e-3  # learnable block scales / mins, relative to the grid step
+    float_lr: float = 3e-4  # norms, router, per-layer projections kept in float
+    embed_lr: float = 2e-4  # token (and per-layer) embeddings, tied to the output head; 0 freezes them
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    temperature: float = 1.0
+    hidden_weight: float = 1.0  # relative squared error of every layer's output (0: logits KL only)
+    router_weight: float = 10.0  # KL of the router distributions (MoE models only)
+    grad_clip: float = 1.0
+    learnable_scales: bool = True
+    scale_grad: str = "codes"  # or "lsq" (see gemmaquant.qat.fake_quant)
+    calib_samples: int = 32  # GPTQ calibration windows from the training text
+    calib_seq_len: int = 256
+    save_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.weight_format is None and self.bits not in BITS_FORMAT:
+            raise QATError(f"bits={self.bits}: choose one of {sorted(BITS_FORMAT)} (or name a weight_format)")
+        for k in ("steps", "batch_size", "seq_len", "calib_samples", "calib_seq_len", "save_every"):
+            if getattr(self, k) <= 0:
+                raise QATError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.temperature <= 0:
+            raise QATError("warmup >= 0, 0 <= min_lr_ratio <= 1 and temperature > 0 are required")
+
+    @property
+    def format_name(self) -> str:
+        return self.weight_format or BITS_FORMAT[self.bits]
+
+
+def default_heldout() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("gemmaquant.calibration") / "data" / "heldout.txt"))
+
+
+# ---- pieces -------------------------------------------------------------------------------------------------
+def token_stream(tokenizer_dir: str | os.PathLike, data: str | os.PathLike, bos: int = 2) -> Tensor:
+    """All documents of `data` (.txt: blank-line or <eos> separated; .jsonl: "text" fields), BOS before each."""
+    from gemmaquant.calibration import CalibrationError, load_tokenizer, read_texts
+
+    try:
+        texts = read_texts(Path(data))
+    except CalibrationError as e:
+        raise QATError(f"training data: {e}") from None
+    tok = load_tokenizer(tokenizer_dir)
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        ids.append(bos)
+        ids.extend(enc.ids)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def check_data(stream: Tensor, r: QATRecipe, data) -> None:
+    need = r.batch_size * r.seq_len + 1
+    if stream.numel() < need:
+        raise QATError(f"{data}: {stream.numel()} tokens of training data, too short for one batch of "
+                       f"{r.batch_size} x {r.seq_len} tokens ({need} needed); give more text or lower "
+                       f"batch_size / seq_len")
+
+
+def batch_at(stream: Tensor, step: int, r: QATRecipe) -> Tensor:
+    """[batch_size, seq_len] windows at random offsets, a function of (seed, step) only (exact resume)."""
+    g = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
+    starts = torch.randint(0, stream.numel() - r.seq_len + 1, (r.batch_size,), generator=g)
+    return torch.stack([stream[s:s + r.seq_len] for s in starts.tolist()])
+
+
+def lr_factor(step: int, r: QATRecipe) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to min_lr_ratio at the last step."""
+    if step < r.warmup:
+        return (step + 1) / (r.warmup + 1)
+    t = (step - r.warmup) / max(r.steps - r.warmup - 1, 1)
+    return r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(teacher || student) per token, averaged: [B, T, V] logits -> scalar."""
+    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+class Taps:
+    """Forward hooks on the reference Gemma4 collecting every decoder layer's output [B, T, H] and every router's
+    logits [B*T, E] of the current forward (for the hidden-state and routing terms of the loss)."""
+
+    def __init__(self, model: nn.Module, hidden: bool, router: bool):
+        self.hidden: list[Tensor] = []
+        self.router: list[Tensor] = []
+        self.handles = []
+        for layer in getattr(model, "layers", []):
+            if hidden:
+                self.handles.append(layer.register_forward_hook(lambda m, a, o: self.hidden.append(o)))
+            if router and hasattr(layer, "router"):
+                self.handles.append(layer.router.proj.register_forward_hook(lambda m, a, o: self.router.append(o)))
+
+    def clear(self) -> None:
+        self.hidden.clear()
+        self.router.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.clear()
+
+
+def qat_loss(s_logits: Tensor, t_logits: Tensor, s_taps: Taps, t_taps: Taps, r: "QATRecipe") -> tuple[Tensor, dict]:
+    """KL on the logits, + hidden_weight * the relative squared error of every layer's output (averaged over
+    layers), + router_weight * KL between teacher and student router distributions (MoE: routing decisions
+    are discrete, and a flipped top-k choice carries most of an MoE model's quantization error)."""
+    kl = distill_loss(s_logits, t_logits, r.temperature)
+    loss, parts = kl, {"kl": kl.item()}
+    if r.hidden_weight > 0 and s_taps.hidden:
+        h = sum(((s - t) ** 2).mean() / (t ** 2).mean().clamp(min=1e-12)
+                for s, t in zip(s_taps.hidden, t_taps.hidden)) / len(s_taps.hidden)
+        loss, parts["hidden"] = loss + r.hidden_weight * h, h.item()
+    if r.router_weight > 0 and s_taps.router:
+        rt = sum(distill_loss(s, t) for s, t in zip(s_taps.router, t_taps.router)) / len(s_taps.router)
+        loss, parts["router"] = loss + r.router_weight * rt, rt.item()
+    return loss, parts
+
+
+def grid_step(fq) -> float:
+    """Mean |scale| of a fake quantizer's current grid: the distance between neighbouring grid points."""
+    params = fq.block_params()
+    if params is None:
+        return 0.0
+    scale = fq.fmt.grid({k: v.detach().float() for k, v in params.items()})[0]
+    return float(scale.abs().mean())
+
+
+def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
+    """AdamW groups, one pair per quantized weight: its latent weight with lr = r.lr * grid step and its block
+    scales with lr = r.scale_lr * grid step (Adam moves every element by about lr per step, so both rates are in
+    grid steps per step, whatever the format or bit width); then the small float tensors (norms, router) at
+    r.float_lr, and the embedding tables at r.embed_lr (0 freezes them)."""
+    from gemmaquant.qat.prepare import fake_quantizers
+
+    groups, taken = [], set()
+    for mod, pname, fq in fake_quantizers(model):
+        latent = mod.parametrizations[pname].original
+        step = grid_step(fq)
+        if step == 0.0:  # fit mode: the grid of the current weights
+            from gemmaquant.qat.fake_quant import quantize_rows
+
+            p = quantize_rows(latent.detach().reshape(-1, latent.shape[-1]), fq.fmt)
+            step = float(fq.fmt.grid(fq.fmt.params(p))[0].float().abs().mean())
+        latent.requires_grad_(True)
+        groups.append({"params": [latent], "lr": r.lr * step, "name": f"{fq.name}"})
+        scales = list(fq.parameters(recurse=False))
+        if scales:
+            groups.append({"params": scales, "lr": r.scale_lr * step, "name": f"{fq.name}:scales"})
+        taken |= {id(latent), *map(id, scales)}
+    floats, embeds = [], []
+    for n, p in model.named_parameters():
+        if id(p) not in taken:
+            (embeds if "embed_tokens" in n else floats).append(p)
+    for name, ps, lr in (("float", floats, r.float_lr), ("embeddings", embeds, r.embed_lr)):
+        for p in ps:
+            p.requires_grad_(lr > 0)
+        if ps and lr > 0:
+            groups.append({"params": ps, "lr": lr, "name": name})
+    return groups
+
+
+# ---- resumable state (safetensors, never pickle) ------------------------------------------------------------
+def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, fingerprint: str,
+               log: list[dict]) -> None:
+    from gemmaquant.quantized import save_atomic
+
+    tensors = {f"model::{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt::{i}::{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
+    meta = {"step": str(step), "fingerprint": fingerprint, "log": json.dumps(log),
+            "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
+                                        for g in sd["param_groups"]])}
+    save_atomic(tensors, path, meta)
+
+
+def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: str) -> tuple[int, list]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        if meta.get("fingerprint") != fingerprint:
+            raise QATError(f"{path}: a QAT checkpoint of another run (model, recipe or data differ); remove it "
+                           f"or choose another output directory")
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[len("model::"):]: v for k, v in t.items() if k.startswith("model::")}, strict=True)
+    state: dict[int, dict] = {}
+    for k, v in t.items():
+        if k.startswith("opt::"):
+            _, i, name = k.split("::")
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"]), json.loads(meta["log"])
+
+
+# ---- the recipe ---------------------------------------------------------------------------------------------
+def _float_model(model, tokenizer_dir):
+    """-> (reference Gemma4 in fp32, tokenizer dir, display name) from an alias / path / model object."""
+    import gemmaquant
+    from gemmaquant.model.gemma4 import Gemma4
+
+    if isinstance(model, nn.Module):
+        from gemmaquant.quantize import ModuleSource
+
+        src = ModuleSource(model, tokenizer_dir)
+        m = Gemma4(src.config)
+        m.load_state_dict({**src.global_state(torch.float32),
+                           **{f"layers.{i}.{k}": v for i in range(src.config.num_hidden_layers)
+                              for k, v in src.layer_state(i, torch.float32).items()}}, strict=True)
+        if src.path is None:
+            raise QATError("no tokenizer: pass tokenizer_dir= (the checkpoint directory with tokenizer.json)")
+        return m.eval(), Path(src.path), Path(src.path).name
+    from gemmaquant.hub import resolve
+
+    path = resolve(model)
+    return gemmaquant.load(path, dtype=torch.float32).eval(), Path(tokenizer_dir or path), Path(str(model)).name
+
+
+def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps: int = 200,
+              out: str | os.PathLike | None = None, *, tokenizer_dir: str | os.PathLike | None = None,
+              heldout: str | os.PathLike | None = None, eval_seqs: int = 16, eval_seq_len: int = 128,
+              export: bool = True, progress: bool | None = None, stop_after_step: int | None = None,
+              **recipe_overrides) -> dict:
+    """Quantization-aware training of a Gemma 4 onto `bits`-bit weights; returns a summary dict ("text" included).
+
+    model: alias (`tiny-moe`, `26b-a4b`, ...), checkpoint directory, or a Gemma 4 model object (then pass
+        tokenizer_dir unless it is a transformers model loaded from a local directory).
+    data: the training text (.txt, documents separated by blank lines or `<eos>` lines; or .jsonl), also
+        GPTQ's calibration text. `recipe_overrides`: any QATRecipe field (lr, batch_size, seq_len, ...).
+    out: the output directory:
+        .gemmaquant-work/                GPTQ's resumable work directory, and qat-checkpoint.safetensors
+        quantized/                       the QAT result in the work-directory layout (QuantizedSource), any format
+        <name>-Q4_0.gguf, safetensors/   GGUF and compressed-tensors exports (4 and 8 bits)
+        qat-report.json                  loss curve, held-out KL / top-1 / perplexity of GPTQ and QAT vs float
+    Running the same call again after an interruption resumes from the last saved step (same result).
+    """
+    from gemmaquant.eval.metrics import compare_logits, heldout_ids
+    from gemmaquant.quantize import quantize
+    from gemmaquant.quantized import QuantizedSource
+    from gemmaquant.recipe import Recipe
+
+    if data is None or out is None:
+        raise QATError("qat_train needs data= (training text) and out= (output directory)")
+    r = QATRecipe(bits=bits, steps=steps, **recipe_overrides)
+    out = Path(out)
+    t0 = time.time()
+    teacher, tok_dir, name = _float_model(model, tokenizer_dir)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    stream = token_stream(tok_dir, data, teacher.config.bos_token_id)
+    check_data(stream, r, data)
+
+    # 1. GPTQ, calibrated on the training text (resumable, in out/.gemmaquant-work)
+    n_cal = min(r.calib_samples, stream.numel() // r.calib_seq_len)
+    ptq_recipe = Recipe(name=f"qat-{r.format_name}-gptq", method="gptq", weight_format=r.format_name,
+                        calibration=str(Path(data).resolve()), n_samples=max(n_cal, 1),
+                        seq_len=min(r.calib_seq_len, stream.numel()))
+    from gemmaquant.qat.prepare import qat_plan
+
+    qat_plan(teacher, ptq_recipe)  # a recipe that does not fit the model fails here, before any work
+    # (a copy: quantize() on a model object writes the dequantized weights into that object's tensors)
+    ptq = quantize(copy.deepcopy(teacher), ptq_recipe, out=out, tokenizer_dir=tok_dir, progress=False)
+    ptq_src = QuantizedSource(ptq.work_dir)
+
+    # 2. the student: GPTQ's weights and block parameters under fake quantization
+    student = copy.deepcopy(teacher)
+    prepare_qat(student, ptq_recipe, learnable_scales=r.learnable_scales, init=ptq_src, scale_grad=r.scale_grad)
+    student.train()
+    opt = torch.optim.AdamW(param_groups(student, r), betas=(0.9, 0.95), weight_decay=0.0)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    fingerprint = json.dumps({"recipe": dataclasses.asdict(r), "ptq": ptq.calibration_sha256,
+                              "data_tokens": int(stream.numel()), "model": name}, sort_keys=True)
+    ckpt = Path(ptq.work_dir) / CHECKPOINT
+    start, log = (load_state(ckpt, student, opt, fingerprint) if ckpt.is_file() else (0, []))
+
+    # 3. distillation
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, r.steps), desc="qat", unit="step", initial=start, total=r.steps,
+               disable=(not progress) if progress is not None else None)
+    t_taps = Taps(teacher, r.hidden_weight > 0, r.router_weight > 0)
+    s_taps = Taps(student, r.hidden_weight > 0, r.router_weight > 0)
+    try:
+        for step in bar:
+            ids = batch_at(stream, step, r)
+            t_taps.clear(), s_taps.clear()
+            with torch.no_grad():
+                t_logits = teacher(ids)
+            loss, parts = qat_loss(student(ids), t_logits, s_taps, t_taps, r)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], r.grad_clip)
+            f = lr_factor(step, r)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * f
+            opt.step()
+            log.append({"step": step, "loss": round(loss.item(), 6), **{k: round(v, 6) for k, v in parts.items()},
+                        "grad_norm": round(float(gnorm), 4), "lr_factor": round(f, 5)})
+            bar.set_postfix(kl=f"{parts['kl']:.4f}")
+            done = step + 1
+            stop = stop_after_step is not None and done > stop_after_step
+            if done % r.save_every == 0 or done == r.steps or stop:
+                save_state(ckpt, student, opt, done, fingerprint, log)
+            if stop:
+                return {"stopped_at_step": done, "log": log, "text": f"QAT stopped after step {done}"}
+    finally:
+        t_taps.remove(), s_taps.remove()
+
+    # 4. convert, write, export
+    student.eval()
+    packed = convert(student)
+    from gemmaquant.qat.source import ModelSource, dequantized_model, write_work_dir
+
+    meta = {**ptq_src.metadata, "qat": json.dumps({**dataclasses.asdict(r), "data": str(data)}, sort_keys=True)}
+    src = ModelSource(student, packed, tok_dir, meta)
+    files = {"quantized": str(write_work_dir(src, out / "quantized"))}
+    if export and r.format_name in EXPORTS:
+        from gemmaquant.export import export_compressed_tensors, export_gguf
+
+        gguf_type, scheme = EXPORTS[r.format_name]
+        files["gguf"] = str(export_gguf(src, out / f"{name}-{gguf_type}.gguf", type=gguf_type, overwrite=True))
+        files["safetensors"] = str(export_compressed_tensors(src, out / "safetensors", scheme=scheme,
+                                                             group_size=32, overwrite=True))
+
+    # 5. held-out quality of GPTQ and QAT against the float model
+    report = {"model": name, "recipe": dataclasses.asdict(r), "format": r.format_name, "steps": r.steps,
+              "kl_first": log[0]["kl"] if log else None, "kl_last": log[-1]["kl"] if log else None,
+              "log": log, "files": files, "work_dir": str(Path(ptq.work_dir))}
+    if eval_seqs > 0:
+        ids = heldout_ids(tok_dir, heldout or default_heldout(), eval_seqs, eval_seq_len, teacher.config.bos_token_id)
+        report["ptq"] = compare_logits(teacher, dequantized_model(ptq_src), ids)
+        report["qat"] = compare_logits(teacher, student, ids)
+    report["seconds"] = round(time.time() - t0, 2)
+    report["text"] = _summary(report, out)
+    (out / "qat-report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _summary(rep: dict, out: Path) -> str:
+    lines = [f"QAT of {rep['model']} onto {rep['format']}: {rep['steps']} steps, training KL "
+             f"{rep['kl_first']} -> {rep['kl_last']}, {rep['seconds']:.0f} s"]
+    if "qat" in rep:
+        p, q = rep["ptq"], rep["qat"]
+        lines.append(f"  held-out KL to the float model: GPTQ {p['kl_mean']:.5f} -> QAT {q['kl_mean']:.5f}; top-1 "
+                     f"{100 * p['top1']:.1f}% -> {100 * q['top1']:.1f}%; perplexity {p['ppl_test']:.2f} -> "
+                     f"{q['ppl_test']:.2f} (float {q['ppl_ref']:.2f})")
+    for kind, path in rep["files"].items():
+        lines.append(f"  {kind:12s} {path}")
+    lines.append(f"  report       {out / 'qat-report.json'}")
+    return "\n".join(lines)

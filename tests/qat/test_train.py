@@ -1,0 +1,87 @@
+"""qat_train on a bundled trained fixture, small: GPTQ start, distillation, exact resume, the PTQ exporters on its
+output, bad input refused with a clear error (library and CLI)."""
+
+import json
+
+import pytest
+import torch
+
+import gemmaquant
+from gemmaquant.fixtures import documents
+from gemmaquant.formats import get_format
+from gemmaquant.qat import QATError, qat_train
+from gemmaquant.quantized import QuantizedSource
+
+SMALL = dict(batch_size=2, seq_len=64, calib_samples=4, calib_seq_len=64, eval_seqs=2, eval_seq_len=64, save_every=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text("\n<eos>\n".join(documents("train")[:40]) + "\n")
+    return path
+
+
+def packed_of(work):
+    src = QuantizedSource(work)
+    return {n: src.get(n) for n in src.names()}
+
+
+def test_qat_train_writes_exports_and_report(tmp_path, data):
+    rep = qat_train("tiny-moe", bits=4, data=data, steps=3, out=tmp_path, progress=False, **SMALL)
+    assert rep["steps"] == 3 and len(rep["log"]) == 3 and rep["ptq"]["kl_mean"] > 0
+    assert json.loads((tmp_path / "qat-report.json").read_text())["qat"]["top1"] == rep["qat"]["top1"]
+    values = packed_of(rep["files"]["quantized"])
+    fmt = get_format("int4_g32_sym")
+    q = values["layers.1.self_attn.q_proj.weight"]
+    assert q.fmt == fmt and all(p.fmt == fmt for p in values["layers.1.experts.gate_up_proj"])
+    # the GGUF (Q4_0) and compressed-tensors (W4A16) exports hold exactly the trained grid values
+    w_hat = fmt.dequantize(q)
+    for f in (rep["files"]["gguf"], rep["files"]["safetensors"]):
+        m = gemmaquant.load(f)
+        assert torch.equal(m.layers[1].self_attn.q_proj.weight, w_hat), f
+        e = values["layers.2.experts.down_proj"]
+        assert torch.equal(m.layers[2].experts.down_proj[5], fmt.dequantize(e[5])), f
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path, data):
+    kw = dict(bits=2, data=data, steps=4, progress=False, export=False, **SMALL)
+    whole = qat_train("tiny-moe", out=tmp_path / "whole", **kw)
+    stopped = qat_train("tiny-moe", out=tmp_path / "cut", stop_after_step=2, **kw)  # saved after step 3 of 4
+    assert stopped["stopped_at_step"] == 3
+    resumed = qat_train("tiny-moe", out=tmp_path / "cut", **kw)
+    assert [x["loss"] for x in resumed["log"]] == [x["loss"] for x in whole["log"]]
+    a, b = packed_of(whole["files"]["quantized"]), packed_of(resumed["files"]["quantized"])
+    for name, va in a.items():
+        vb = b[name]
+        if isinstance(va, torch.Tensor):
+            assert torch.equal(va, vb), name
+            continue
+        for pa, pb in zip(va if isinstance(va, list) else [va], vb if isinstance(vb, list) else [vb]):
+            assert all(torch.equal(pa.data[k], pb.data[k]) for k in pa.data), name
+
+
+def test_bad_input(tmp_path, data):
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words of training text.\n")
+    with pytest.raises(QATError, match="too short"):
+        qat_train("tiny-moe", bits=4, data=short, steps=2, out=tmp_path / "a", **SMALL)
+    with pytest.raises(QATError, match="bits=5"):
+        qat_train("tiny-moe", bits=5, data=data, steps=2, out=tmp_path / "b", **SMALL)
+    with pytest.raises(QATError, match="does not fit"):  # Q4_K needs 256-weight super-blocks; rows have 160
+        qat_train("tiny-moe", bits=4, data=data, steps=2, out=tmp_path / "c", weight_format="q4_k", **SMALL)
+    with pytest.raises(QATError, match="not found"):
+        qat_train("tiny-moe", bits=4, data=tmp_path / "missing.txt", steps=2, out=tmp_path / "d", **SMALL)
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from gemmaquant.cli import app
+
+    short = tmp_path / "short.txt"
+    short.write_text("Too little.\n")
+    res = CliRunner().invoke(app, ["qat", "tiny-moe", "--bits", "4", "--data", str(short), "--steps", "2",
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "too short" in res.output and "Traceback" not in res.output
