@@ -144,55 +144,6 @@ def export_gguf(source, out_path: str | os.PathLike, type: str = "Q4_K_M", overw
     keep_auto = keep_type is None and mix not in FLOAT_TYPES  # kept tensors follow their dtype (converter "auto")
 
     w = gguf.GGUFWriter(None, "gemma4")
-    w.kv_data = kv_data
-    for name, shape, type_name, nbytes in infos:
-        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=gguf.GGMLQuantizationType[type_name])
-    try:
-        w.write_header_to_file(scratch)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        w.close()
-        return scratch.read_bytes()
-    finally:
-        w.close()
-        scratch.unlink(missing_ok=True)
-
-
-def export_gguf(source, out_path: str | os.PathLike, type: str = "Q4_K_M", overwrite: bool = False, *,
-                pure: bool = False, token_embd_type: str | None = None, keep_type: str | None = None,
-                name: str | None = None) -> Path:
-    """Write `source` (a tensor source, see gemmaquant.export.source) as a llama.cpp GGUF file.
-
-    type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K (= Q4_K_M), Q4_K_S, Q4_K_M, Q5_K (= Q5_K_M), Q5_K_S,
-        Q5_K_M or Q6_K: the file type; it decides the type of every *float* value as llama-quantize would
-        (`gguf_mix_plan`, with `pure`, `token_embd_type` as llama-quantize's --pure / --token-embedding-type).
-        `Packed` values keep the block type they were quantized to.
-    keep_type: float type of tensors llama-quantize never requantizes (per_layer_model_proj); default: BF16 when
-        the value is bf16, else F16 (llama.cpp's converter `--outtype auto`).
-    Returns the path written. Raises ExportError (nothing written) for bad input, FileExistsError when
-    `out_path` exists and not `overwrite`.
-    """
-    out = Path(out_path)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists (pass overwrite=True to replace it)")
-    if out.is_dir():
-        raise ExportError(f"{out}: is a directory, expected a .gguf file path")
-    cfg: Gemma4Config = source.config
-    try:
-        mix, ftype, _ = file_type(type)
-        plan = gguf_mix_plan(cfg, mix, keep_type=keep_type or "BF16", pure=pure, token_embd_type=token_embd_type)
-    except MixError as e:
-        raise ExportError(str(e)) from None
-    check_llamacpp_compatible(cfg)
-    names = list(source.names())
-    _check_names(names, plan)
-    from gemmaquant.checkpoint import expected_shapes
-
-    shapes = expected_shapes(cfg)
-    entries = [(n, gguf_name(n), tuple(shapes[n])) for n in names]
-    keep_auto = keep_type is None and mix not in FLOAT_TYPES  # kept tensors follow their dtype (converter "auto")
-
-    w = gguf.GGUFWriter(None, "gemma4")
     w.add_type(gguf.GGUFType.MODEL)
     default_name = Path(source.source_dir).name if source.source_dir else f"gemma4-{cfg.num_hidden_layers}L"
     w.add_name(name or default_name)
