@@ -9,6 +9,8 @@ AWQ scales are folded only into what can absorb them in Gemma 4 (GEMMA4_SPEC §2
 o_proj (its input passes the weightless v_norm), per_layer_input_gate (reads the raw residual) and
 per_layer_projection (gelu(gate) * ple) have nothing that can absorb a scale: AWQ leaves them unscaled
 (round-to-nearest on their grid) and the report says so.
+After the scales, every AWQ matrix but q_proj and k_proj gets AWQ's clipping search (`awq_clip`), weighted by
+its input's Gram matrix in the scaled space (H / (s s^T): the folded matrix reads x / s).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gemmaquant.recipe import Recipe
 AWQ_FOLDS = {"attn_in": "input_layernorm.weight", "mlp_in": "pre_feedforward_layernorm.weight",
              "down_in": "mlp.up_proj.weight", "expert_in": "pre_feedforward_layernorm_2.weight"}
 AWQ_UNSCALED = ("self_attn.o_proj.weight", "per_layer_input_gate.weight", "per_layer_projection.weight")
+AWQ_NO_CLIP = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")  # llm-awq: seen through the softmax
 
 
 def sqnr_db(w: Tensor, w_hat: Tensor) -> float:
@@ -38,11 +41,19 @@ def _param(layer: DecoderLayer, name: str) -> torch.nn.Parameter:
     return getattr(mod, name.split(".")[-1])
 
 
-def _quantize_matrix(w: Tensor, fmt, method: str, stats, recipe: Recipe):
-    from gemmaquant.algorithms import gptq, rtn
+def _quantize_matrix(w: Tensor, fmt, method: str, stats, recipe: Recipe, name: str = "",
+                     awq_scale: Tensor | None = None):
+    from gemmaquant.algorithms import awq_clip, gptq, rtn
 
-    if stats is None or stats.n == 0 or method == "rtn" or method == "awq":
+    if stats is None or stats.n == 0 or method == "rtn":
         return rtn(w, fmt)
+    if method == "awq":
+        if name.endswith(AWQ_NO_CLIP):
+            return rtn(w, fmt)
+        H = stats.hessian
+        if awq_scale is not None:
+            H = H / (awq_scale[:, None] * awq_scale[None, :]).to(H)
+        return rtn(awq_clip(w, H, fmt, n_grid=recipe.awq_grid), fmt)
     H = stats.hessian
     if method == "imatrix":
         return rtn(w, fmt, importance=torch.diagonal(H).clone())
@@ -51,7 +62,8 @@ def _quantize_matrix(w: Tensor, fmt, method: str, stats, recipe: Recipe):
 
 @torch.no_grad()
 def apply_awq(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan], recipe: Recipe) -> dict:
-    """Search AWQ scales on the float weights, fold them in place. Returns {group: alpha-free scale stats}."""
+    """Search AWQ scales on the float weights, fold them in place. Returns {input statistic: s} (the name of the
+    statistic in `stats.inputs` whose input x the folded matrices now read as x / s)."""
     from gemmaquant.algorithms.awq import awq_scales
 
     done = {}
@@ -63,10 +75,13 @@ def apply_awq(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan
             fmt = plan["experts.gate_up_proj"].fmt
             if fmt is None:
                 continue
-            s = awq_scales(list(gu), stats.get("expert_pool").x, [fmt] * gu.shape[0], n_grid=recipe.awq_grid)
+            routed = [stats.inputs[f"expert_in.{e}"].x if f"expert_in.{e}" in stats.inputs else torch.zeros(0, gu.shape[-1])
+                      for e in range(gu.shape[0])]  # each expert's loss on the tokens routed to it
+            s = awq_scales(list(gu), stats.get("expert_pool").x, [fmt] * gu.shape[0], n_grid=recipe.awq_grid,
+                           x_per_weight=routed)
             gu.mul_(s[None, None, :])
             _param(layer, fold).div_(s)
-            done[group] = s
+            done.update({f"expert_in.{e}": s for e in range(gu.shape[0])})
             continue
         _, names = LINEAR_GROUPS[group]
         names = [n for n in names if n in plan and plan[n].fmt is not None and hasattr(layer, "self_attn")
@@ -92,6 +107,7 @@ def apply_awq(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan
             s = awq_scales([d], st.x, [plan["experts.down_proj"].fmt], n_grid=recipe.awq_grid)
             d.mul_(s[None, :])
             layer.experts.gate_up_proj[e, Ie:].div_(s[:, None])  # the up half feeds down's input channels
+            done[f"expert_down_in.{e}"] = s
     return done
 
 
@@ -108,8 +124,7 @@ def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, Tenso
     """Quantize every planned matrix of `layer` (plan keys relative to the layer), replace its weights by the
     dequantized result in place (so the next layer's inputs come from this quantized layer), and return
     ({name: Packed | [Packed per expert] | float tensor}, {name: sqnr_db}, {expert tensor: [sqnr_db per expert]})."""
-    if recipe.method == "awq":
-        apply_awq(layer, stats, plan, recipe)
+    awq = apply_awq(layer, stats, plan, recipe) if recipe.method == "awq" else {}
     values, sqnr = {}, {}
     expert_sqnr: dict[str, list[float]] = {}
     for name, p in plan.items():
@@ -121,13 +136,14 @@ def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, Tenso
             continue
         if name.startswith("experts."):
             kind = "expert_in" if name.endswith("gate_up_proj") else "expert_down_in"
-            packs = [_quantize_matrix(t[e].float(), p.fmt, recipe.method, stats.inputs.get(f"{kind}.{e}"), recipe)
-                     for e in range(t.shape[0])]
+            packs = [_quantize_matrix(t[e].float(), p.fmt, recipe.method, stats.inputs.get(f"{kind}.{e}"), recipe,
+                                      name, awq.get(f"{kind}.{e}")) for e in range(t.shape[0])]
             w_hat = torch.stack([q.fmt.dequantize(q) for q in packs])
             values[name] = packs
             expert_sqnr[name] = [sqnr_db(t[e], w_hat[e]) for e in range(t.shape[0])]
         else:
-            pk = _quantize_matrix(t.float(), p.fmt, recipe.method, stats.inputs.get(group_of(name)), recipe)
+            group = group_of(name)
+            pk = _quantize_matrix(t.float(), p.fmt, recipe.method, stats.inputs.get(group), recipe, name, awq.get(group))
             w_hat = pk.fmt.dequantize(pk)
             values[name] = pk
         sqnr[name] = sqnr_db(t, w_hat)

@@ -3,12 +3,13 @@
     rtn(w, fmt, importance=None)       round-to-nearest; with importance, imatrix-style block parameters
     gptq(w, H, fmt, ...)               GPTQ with static groups (any format, K-quants included)
     awq_scales(weights, x, fmts)       AWQ per-input-channel scales for linears that share the input x
+    awq_clip(w, H, fmt)                AWQ's per-block clipping search (output-error weighted)
 
 See docs/algorithms.md for the knobs, defaults and measured errors.
 """
 
-from gemmaquant.algorithms.awq import AWQSearch, awq_scales, awq_search
+from gemmaquant.algorithms.awq import AWQSearch, awq_clip, awq_scales, awq_search
 from gemmaquant.algorithms.gptq import gptq
 from gemmaquant.algorithms.rtn import rtn
 
-__all__ = ["rtn", "gptq", "awq_scales", "awq_search", "AWQSearch"]
+__all__ = ["rtn", "gptq", "awq_scales", "awq_search", "awq_clip", "AWQSearch"]

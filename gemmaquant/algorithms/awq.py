@@ -18,6 +18,18 @@ The loss is computed from the effective weight error dW = Q(W s) / s - W as ||x 
 between two large outputs). With more tokens than channels, x is replaced by the R of its QR factorization
 ([K, K], R^T R = x^T x, so ||R dW^T|| = ||x dW^T||): fewer rows, still a sum of squares (a quadratic form
 through the Gram matrix x^T x loses ~1e-4 relative in fp32 to cancellation on outlier channels).
+
+After the scales, AWQ searches a clipping range per block (llm-awq `auto_clip_layer`, AutoAWQ `_search_best_clip`):
+
+    for r in {1, 1 - 1/n, ..., 1 - max_shrink + 1/n}:   w_r = clamp(w, -r * max|w_b|, r * max|w_b|)  per block b
+    err_b(r) = dW_b H_bb dW_b^T,   dW = Q(w_r) - w        (the block's share of the output error; H_bb is the
+                                                          block's diagonal Gram block, H = x^T x / n)
+    each block keeps the r of least error; Q of the clipped weights is the result
+
+Shrinking the range trades clipped outliers for finer steps on the rest; r = 1 is plain RTN, so for formats
+whose blocks are fit independently (int groups, Q4_0 ... Q8_0; not the K-quants, whose super-block scale couples
+their blocks) no block's error on the calibration tokens grows. llm-awq skips q_proj and k_proj (their error is seen through
+the attention softmax, not the output norm); the caller does the same.
 """
 
 from __future__ import annotations
@@ -50,9 +62,20 @@ def squared_output_error(dW: Tensor, x: Tensor, rows_per_chunk: int) -> float:
     return total
 
 
+def _loss_rows(x: Tensor, K: int, what: str) -> Tensor:
+    """x [n, K] -> rows with the same ||x dW^T|| for every dW: x itself, or its R [K, K] when n > K."""
+    check_finite(x, what)
+    return torch.linalg.qr(x.double(), mode="r").R.float() if x.shape[0] > K else x
+
+
 @torch.no_grad()
-def awq_search(weights: list[Tensor], x: Tensor, fmts: list, n_grid: int = 20) -> AWQSearch:
-    """The AWQ grid search; `awq_scales` returns its `.scales`. See the module docstring."""
+def awq_search(weights: list[Tensor], x: Tensor, fmts: list, n_grid: int = 20,
+               x_per_weight: list[Tensor] | None = None) -> AWQSearch:
+    """The AWQ grid search; `awq_scales` returns its `.scales`. See the module docstring.
+
+    x_per_weight: the inputs each W_i actually sees, when they differ (MoE experts sharing one scale, each
+    reading only the tokens routed to it): the loss of W_i is measured on x_per_weight[i] (empty: no loss), while
+    x still sets x_mean. Default: every W_i reads x."""
     if not weights or len(weights) != len(fmts):
         raise ValueError(f"need one format per weight, got {len(weights)} weights and {len(fmts)} formats")
     if n_grid <= 0:
@@ -73,9 +96,10 @@ def awq_search(weights: list[Tensor], x: Tensor, fmts: list, n_grid: int = 20) -
         check_finite(w, f"weights[{i}]")
 
     x_mean = x.abs().mean(0)  # [K]
-    if x.shape[0] > K:  # same ||x dW^T|| from K rows instead of n
-        x = torch.linalg.qr(x.double(), mode="r").R.float()  # [K, K] upper
-    rows_per_chunk = max(1, (1 << 24) // x.shape[0])  # keeps a chunk's product at <= 16M elements
+    if x_per_weight is not None and len(x_per_weight) != len(Ws):
+        raise ValueError(f"need one input per weight, got {len(x_per_weight)} for {len(Ws)} weights")
+    xs = [_loss_rows(xi.detach().reshape(-1, K).to(dev, torch.float32), K, f"x_per_weight[{i}]")
+          for i, xi in enumerate(x_per_weight)] if x_per_weight is not None else [_loss_rows(x, K, "x")] * len(Ws)
 
     losses = torch.empty(n_grid, dtype=torch.float64)
     best = (float("inf"), 0.0, None)
@@ -83,10 +107,12 @@ def awq_search(weights: list[Tensor], x: Tensor, fmts: list, n_grid: int = 20) -
         alpha = k / n_grid
         s = awq_candidate_scales(x_mean, alpha)  # [K]
         loss = 0.0
-        for w, fmt in zip(Ws, fmts):
+        for w, fmt, xi in zip(Ws, fmts, xs):
+            if xi.shape[0] == 0:
+                continue
             p = rtn(w * s, fmt)
             dW = fmt.dequantize(p).to(dev, torch.float32) / s - w  # effective weight error on x
-            loss += squared_output_error(dW, x, rows_per_chunk)
+            loss += squared_output_error(dW, xi, max(1, (1 << 24) // xi.shape[0]))  # chunks of <= 16M elements
         losses[k] = loss
         if loss < best[0]:  # strict: ties keep the smaller alpha (alpha = 0 is RTN)
             best = (loss, alpha, s)
@@ -95,7 +121,44 @@ def awq_search(weights: list[Tensor], x: Tensor, fmts: list, n_grid: int = 20) -
     return AWQSearch(best[2], best[1], losses)
 
 
-def awq_scales(weights: list[Tensor], x: Tensor, fmts: list, n_grid: int = 20) -> Tensor:
+@torch.no_grad()
+def awq_clip(w: Tensor, H: Tensor, fmt, n_grid: int = 20, max_shrink: float = 0.5,
+             rows_per_chunk: int = 1024) -> Tensor:
+    """w [N, K] -> w clamped to the per-block range that minimises each block's output error (module docstring).
+
+    H: [K, K] Gram matrix of the inputs w reads (x^T x / n). Formats with one pair per row (int8) or blocks over
+    256 wide are returned unchanged (their error is too small to repay a K x K search per row).
+    """
+    N, K = w.shape
+    B = fmt.block
+    if B > 256 or K % B:
+        return w
+    w = w.detach().float()
+    check_finite(w, "w")
+    G = K // B
+    Hb = torch.stack([H[g * B:(g + 1) * B, g * B:(g + 1) * B] for g in range(G)]).to(w.device, torch.float32)
+    out = torch.empty_like(w)
+    for r0 in range(0, N, rows_per_chunk):
+        wc = w[r0:r0 + rows_per_chunk]  # [n, K]
+        amax = wc.abs().reshape(-1, G, B).amax(-1, keepdim=True)  # [n, G, 1]
+        best_err = torch.full((wc.shape[0], G), float("inf"), device=w.device)
+        best_r = torch.ones(wc.shape[0], G, 1, device=w.device)
+        for i in range(int(max_shrink * n_grid)):
+            r = 1.0 - i / n_grid
+            lim = (amax * r).expand(-1, -1, B).reshape_as(wc)
+            clipped = torch.maximum(torch.minimum(wc, lim), -lim)
+            dW = (fmt.dequantize(rtn(clipped, fmt)).to(w.device, torch.float32) - wc).reshape(-1, G, B)
+            err = torch.einsum("ngk,gkl,ngl->ng", dW, Hb, dW)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_r[better] = r
+        lim = (amax * best_r).expand(-1, -1, B).reshape_as(wc)
+        out[r0:r0 + rows_per_chunk] = torch.maximum(torch.minimum(wc, lim), -lim)
+    return out
+
+
+def awq_scales(weights: list[Tensor], x: Tensor, fmts: list, n_grid: int = 20,
+               x_per_weight: list[Tensor] | None = None) -> Tensor:
     """Activation-aware per-input-channel scales s [K] (fp32, on weights[0]'s device) for linears sharing x.
 
     weights: the W_i [N_i, K] that read the same input (q/k/v, gate/up, every expert's gate_up, ...).
@@ -104,4 +167,4 @@ def awq_scales(weights: list[Tensor], x: Tensor, fmts: list, n_grid: int = 20) -
     n_grid: number of exponents alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid} tried.
     The caller multiplies each W_i by s (columns) and divides what produces x by s, then quantizes W_i * s.
     """
-    return awq_search(weights, x, fmts, n_grid).scales
+    return awq_search(weights, x, fmts, n_grid, x_per_weight).scales

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemmaquant.algorithms import awq_scales, awq_search, rtn
+from gemmaquant.algorithms import awq_clip, awq_scales, awq_search, rtn
 from gemmaquant.algorithms.awq import awq_candidate_scales
 from gemmaquant.algorithms.awq import squared_output_error
 from tests.algorithms.fmts import GPTQ_VS_RTN, fmt
@@ -80,3 +80,51 @@ def test_bad_input(data):
     with pytest.raises(ValueError, match="one format per weight"):
         awq_scales(ws, x, [f])
     assert torch.equal(awq_scales(ws, torch.zeros(0), [f] * 3), torch.ones(K))  # no tokens: no scaling
+
+
+# ---- clipping search (awq_clip) ---------------------------------------------------------------------------------
+def block_errors(w, w_hat, H, B):
+    """Each block's share of the output error, dW_b H_bb dW_b^T, [N, K // B] fp64."""
+    N, K = w.shape
+    dW = (w_hat - w).double().reshape(N, K // B, B)
+    Hb = torch.stack([H[g * B:(g + 1) * B, g * B:(g + 1) * B] for g in range(K // B)]).double()
+    return torch.einsum("ngk,gkl,ngl->ng", dW, Hb, dW)
+
+
+@pytest.mark.parametrize("name", ["int4_g32_sym", "int3_g32_sym", "int4_g64_asym", "q4_0", "q5_1"])
+def test_clip_never_worse_per_block_and_better_overall(data, name):
+    x, x_test, ws = data
+    f = fmt(name)
+    H = x.T @ x / x.shape[0]
+    w = ws[2]
+    clipped = awq_clip(w, H, f)
+    assert (clipped.abs() <= w.abs()).all() and torch.equal(clipped.sign() * (clipped != 0), w.sign() * (clipped != 0))
+    w_rtn = f.dequantize(rtn(w, f))
+    w_clip = f.dequantize(rtn(clipped, f))
+    e_rtn, e_clip = block_errors(w, w_rtn, H, f.block), block_errors(w, w_clip, H, f.block)
+    assert (e_clip <= e_rtn * (1 + 1e-5) + 1e-12).all()  # r = 1 (RTN) is a candidate of every block
+    assert output_error(w, w_clip, x) < 0.95 * output_error(w, w_rtn, x), name
+    assert output_error(w, w_clip, x_test) < 0.97 * output_error(w, w_rtn, x_test), name  # held out too
+
+
+def test_clip_chunking_and_passthrough(data):
+    x, _, ws = data
+    H = x.T @ x / x.shape[0]
+    f = fmt("int4_g32_sym")
+    assert torch.equal(awq_clip(ws[0], H, f, rows_per_chunk=7), awq_clip(ws[0], H, f))
+    assert torch.equal(awq_clip(ws[0], H, f, max_shrink=0.05), ws[0])  # the grid is {1}: nothing clipped
+    assert awq_clip(ws[0], H, fmt("int8")) is ws[0]  # one pair per row: left to plain RTN
+
+
+def test_per_weight_inputs(data):
+    """MoE experts share one scale but each reads its own routed tokens: the loss follows x_per_weight."""
+    x, _, ws = data
+    fmts = [fmt("int4_g32_sym")] * 3
+    same = awq_search(ws, x, fmts, x_per_weight=[x, x, x])
+    plain = awq_search(ws, x, fmts)
+    assert same.alpha == plain.alpha and torch.allclose(same.losses, plain.losses, rtol=1e-6)
+    only_two = awq_search(ws, x, fmts, x_per_weight=[x[:300], torch.zeros(0, K), x[300:]])
+    ref = awq_search(ws[::2], x, fmts[:2], x_per_weight=[x[:300], x[300:]])  # the empty one adds no loss
+    assert only_two.alpha == ref.alpha and torch.allclose(only_two.losses, ref.losses, rtol=1e-6)
+    with pytest.raises(ValueError, match="one input per weight"):
+        awq_search(ws, x, fmts, x_per_weight=[x])
