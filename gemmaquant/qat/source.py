@@ -48,6 +48,9 @@ class ModelSource:
     def names(self) -> list[str]:
         return list(self._names)
 
+    def quantized_names(self) -> set[str]:
+        return set(self._packed)
+
     def get(self, name: str):
         if name in self._packed:
             return self._packed[name]

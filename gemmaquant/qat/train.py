@@ -389,11 +389,25 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     if eval_seqs > 0:
         ids = heldout_ids(tok_dir, heldout or default_heldout(), eval_seqs, eval_seq_len, teacher.config.bos_token_id)
         report["ptq"] = compare_logits(teacher, dequantized_model(ptq_src), ids)
-        report["qat"] = compare_logits(teacher, student, ids)
+        report["qat"] = compare_logits(teacher, as_exported(src), ids)
     report["seconds"] = round(time.time() - t0, 2)
     report["text"] = _summary(report, out)
     (out / "qat-report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def as_exported(src, float_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The QAT result as the exporters write it: quantized weights on their grid, the trained float tensors
+    (norms, router, embeddings) rounded to the checkpoint dtype, so the report measures the shipped model."""
+    from gemmaquant.qat.source import dequantized_model
+
+    model = dequantized_model(src)
+    quantized = src.quantized_names()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in quantized:
+                p.copy_(p.to(float_dtype).float())
+    return model
 
 
 def _summary(rep: dict, out: Path) -> str:
