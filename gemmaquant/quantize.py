@@ -155,16 +155,19 @@ class QuantizeResult:
     seconds: float
 
 
-def quantize(model, recipe: Recipe, *, out: str | os.PathLike, calib: str | None = None,
+def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike, calib: str | None = None,
              tokenizer_dir: str | os.PathLike | None = None, progress: bool | None = None,
              stop_after_layer: int | None = None) -> QuantizeResult:
-    """Quantize `model` (alias, checkpoint directory, or a Gemma 4 model object) with `recipe`.
+    """Quantize `model` (alias, checkpoint directory, or a Gemma 4 model object) with `recipe`: a `Recipe`, a recipe
+    file (.toml), or a bundled recipe's name (`26b-a4b/int4-gptq`, see `gemmaquant.recipe.bundled_recipes()`).
 
     Writes the work directory `out/.gemmaquant-work`; running the same call again after an interruption
     resumes after the last finished layer, and the result is byte-identical to an uninterrupted run.
     `stop_after_layer` stops early (for tests of resumption).
     """
     t0 = time.time()
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.from_file(recipe) if Path(recipe).suffix == ".toml" else Recipe.from_name(str(recipe))
     torch.manual_seed(0)
     src = open_source(model, tokenizer_dir)
     cfg = src.config

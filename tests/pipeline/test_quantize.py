@@ -64,7 +64,8 @@ def test_rare_experts_get_forced_routing_statistics(tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    import gemmaquant.quantize as q
+    import gemmaquant  # noqa: F401  (gemmaquant.quantize is the function; the module is in sys.modules)
+    q = sys.modules["gemmaquant.quantize"]
     from gemmaquant.recipe import Recipe
     kill_at = int(sys.argv[2])
     real = q.save_layer
@@ -141,3 +142,20 @@ def test_accepts_a_transformers_model_object(tmp_path):
     for i in range(model.config.num_hidden_layers):
         assert (a.work_dir / f"layer_{i:05d}.safetensors").read_bytes() == \
                (b.work_dir / f"layer_{i:05d}.safetensors").read_bytes()
+
+
+def test_top_level_verb_takes_a_recipe_object_file_or_name(tmp_path):
+    """Issue #4's API: gemmaquant.quantize(model_or_path, recipe, ...), the recipe as an object, a file or a name."""
+    import gemmaquant
+
+    small = dict(method="rtn", weight_format="int8", n_samples=2, seq_len=32, batch_size=2)
+    a = gemmaquant.quantize("tiny-dense", gemmaquant.Recipe.from_dict(small), out=tmp_path / "a", progress=False)
+    f = tmp_path / "r.toml"
+    f.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in small.items()))
+    b = gemmaquant.quantize("tiny-dense", f, out=tmp_path / "b", progress=False)
+    layer = "layer_00000.safetensors"
+    assert (a.work_dir / layer).read_bytes() == (b.work_dir / layer).read_bytes()
+    c = gemmaquant.quantize("tiny-dense", "default/int8-rtn", out=tmp_path / "c", progress=False, stop_after_layer=0)
+    assert (c.work_dir / layer).is_file()
+    with pytest.raises(gemmaquant.recipe.RecipeError, match="no bundled recipe"):
+        gemmaquant.quantize("tiny-dense", "no/such-recipe", out=tmp_path / "d")
