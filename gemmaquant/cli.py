@@ -74,7 +74,8 @@ def quantize(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="the unquantized model (alias or directory)"),
-    quantized: Path = typer.Argument(..., help="a GGUF file or compressed-tensors directory"),
+    quantized: Path = typer.Argument(..., help="a GGUF file, compressed-tensors directory, or "
+                                   "a `quantize --out` directory (run packed)"),
     heldout: Optional[Path] = typer.Option(None, help="held-out text (default: the bundled held-out set)"),
     n_seq: int = typer.Option(16), seq_len: int = typer.Option(128),
     as_json: bool = typer.Option(False, "--json"),
@@ -96,7 +97,8 @@ def inspect(path: Path = typer.Argument(..., help="a GGUF file or a safetensors 
 
 @app.command()
 def bench(
-    model: str = typer.Argument(..., help="alias, checkpoint directory, GGUF file or compressed-tensors directory"),
+    model: str = typer.Argument(..., help="alias, checkpoint directory, GGUF file, compressed-tensors "
+                                "directory, or a `quantize --out` directory (run packed, through gemmaquant.ops)"),
     prompt_len: int = typer.Option(128), new_tokens: int = typer.Option(32),
     as_json: bool = typer.Option(False, "--json"),
 ):

@@ -192,8 +192,10 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.hub import resolve
 
+    from gemmaquant.runtime import load_for_inference
+
     ref = gemmaquant.load(model)
-    test = gemmaquant.load(quantized)
+    test = load_for_inference(quantized, device="cpu")  # a quantizer output runs packed, through gemmaquant.ops
     ids = heldout_ids(resolve(model), heldout or default_heldout(), n_seq, seq_len)
     m = compare_logits(ref, test, ids)
     text = (f"KL divergence mean {m['kl_mean']:.5f}, p99 {m['kl_p99']:.5f}, max {m['kl_max']:.5f}; "
@@ -209,10 +211,10 @@ def default_heldout() -> Path:
 
 
 def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32) -> dict:
-    import gemmaquant
     from gemmaquant.eval.latency import measure_latency
+    from gemmaquant.runtime import load_for_inference
 
-    m = gemmaquant.load(model)
+    m = load_for_inference(model)
     res = measure_latency(m, prompt_len=prompt_len, new_tokens=new_tokens)
     res["text"] = (f"{model}: prefill {res['prefill_tokens_per_s']:.1f} tok/s, decode {res['decode_tokens_per_s']:.1f} "
                    f"tok/s on {res['device']} ({res.get('threads', '?')} threads)")

@@ -136,6 +136,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(self.d, cfg.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(self.nq * self.d, cfg.hidden_size, bias=False)
+        self.attend = attention  # same signature; gemmaquant.runtime swaps in its dispatched kernel
 
     def forward(self, x: Tensor, st: ForwardState) -> Tensor:
         B, T, _ = x.shape
@@ -152,7 +153,7 @@ class Attention(nn.Module):
             st.fresh_kv[self.layer_idx] = kv
         else:
             kv = st.fresh_kv[self.producer]  # producer ran earlier in this same call
-        a = attention(q.transpose(1, 2), kv.k, kv.v, st.q_pos, kv.pos, self.window)  # [B, nq, T, d]
+        a = self.attend(q.transpose(1, 2), kv.k, kv.v, st.q_pos, kv.pos, self.window)  # [B, nq, T, d]
         return self.o_proj(a.transpose(1, 2).reshape(B, T, self.nq * self.d))
 
     def _update_cache(self, cache: KVCache, new: LayerKV) -> LayerKV:
