@@ -5,7 +5,8 @@ Under `TRITON_INTERPRET=1` (CPU tensors) Triton executes kernels with numpy, whi
     value is an fp32 value, and a product of two bf16 values is exact in fp32), so the interpreter computes what a
     tensor core computes: exact products, fp32 accumulation.
   * fp32 -> bf16 casts truncate instead of rounding to nearest even, so `cast_rn` rounds the fp32 bits first; the
-    truncating cast that follows is then exact.
+    truncating cast that follows is then exact. (Subnormal results still flush to zero there, 1e-40 -> 0 where
+    torch keeps a bf16 subnormal: irrelevant at activation scales, and the GPU path is the hardware cast.)
 fp16 is native in numpy, so fp16 runs exactly the GPU code path under the interpreter. On a GPU (`EMULATE=False`)
 both helpers are the plain Triton operations.
 """
