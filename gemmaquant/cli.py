@@ -123,13 +123,18 @@ def qat(
     model: str = typer.Argument(...),
     bits: int = typer.Option(4), data: Path = typer.Option(..., help="training text"),
     steps: int = typer.Option(200), out: Path = typer.Option(...),
+    lr: Optional[float] = typer.Option(None, help="latent-weight rate in grid steps per step (default 0.01); 0 "
+                                                  "keeps GPTQ's weights and trains the scales (docs/qat.md)"),
+    scale_lr: Optional[float] = typer.Option(None, help="block-scale rate in grid steps per step (default 0.003)"),
+    batch_size: Optional[int] = typer.Option(None, help="sequences per step (default 8)"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Quantization-aware training (distillation from the float model, from GPTQ weights), then export."""
     from gemmaquant.workflow import run_qat
 
-    res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite)
+    res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, lr=lr,
+               scale_lr=scale_lr, batch_size=batch_size)
     _emit(res, as_json, res["text"])
 
 

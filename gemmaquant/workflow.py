@@ -239,14 +239,16 @@ def list_variants() -> dict:
     return {"variants": rows, "fixtures": fixtures, "text": text}
 
 
-def run_qat(model: str, *, bits: int, data: Path, steps: int, out: Path, overwrite: bool = False) -> dict:
+def run_qat(model: str, *, bits: int, data: Path, steps: int, out: Path, overwrite: bool = False,
+            **recipe_overrides) -> dict:
     try:
         from gemmaquant.qat import qat_train
     except ImportError:
         raise UsageError("quantization-aware training is not available in this version of gemmaquant") from None
 
     prepare_out(Path(out), overwrite)
-    res = qat_train(model, bits=bits, data=data, steps=steps, out=out)
+    overrides = {k: v for k, v in recipe_overrides.items() if v is not None}
+    res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
     res = dict(res) if isinstance(res, dict) else {"result": str(res)}
     res.setdefault("text", f"QAT finished: {out}")
     return res

@@ -85,3 +85,25 @@ def test_cli_reports_bad_data_in_one_line(tmp_path):
                                    "--out", str(tmp_path / "out")])
     assert res.exit_code == 2, res.output
     assert "too short" in res.output and "Traceback" not in res.output
+
+
+def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import gemmaquant.qat
+    from gemmaquant.cli import app
+
+    seen = {}
+
+    def fake_train(model, **kw):
+        seen.update(kw, model=model)
+        return {"text": "ok"}
+
+    monkeypatch.setattr(gemmaquant.qat, "qat_train", fake_train)
+    args = ["qat", "tiny-edge", "--data", str(tmp_path / "d.txt"), "--steps", "3", "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
+    seen.clear()
+    res = CliRunner().invoke(app, args + ["--overwrite"])
+    assert res.exit_code == 0 and "lr" not in seen and "batch_size" not in seen  # the recipe's defaults apply
