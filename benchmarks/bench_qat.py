@@ -10,8 +10,11 @@ the fixtures was trained on). "gap recovered" = 1 - KL(QAT) / KL(GPTQ).
     python benchmarks/bench_qat.py                          # everything, 1 thread (about an hour on one core)
     python benchmarks/bench_qat.py --fixtures tiny-moe --bits 4
     python benchmarks/bench_qat.py --table-only             # rebuild the table from the saved runs
+    python benchmarks/bench_qat.py --fixtures tiny-edge --bits 4 --set lr=0 --set scale_lr=0.01 --tag scales-only
 Each run is saved as benchmarks/results/qat/<fixture>-int<bits>.json; the table goes to
-benchmarks/results/qat.json and qat.md, and into docs/qat.md between the qat-table markers.
+benchmarks/results/qat.json and qat.md, and into docs/qat.md between the qat-table markers. A run with recipe
+overrides (--set, named by --tag) is saved as results/qat/variants/<fixture>-int<bits>-<tag>.json and tabulated
+against the default recipe's run between the qat-variants markers.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 RUNS = RESULTS / "qat"
 DOC = Path(__file__).parent.parent / "docs" / "qat.md"
+VARIANTS = RUNS / "variants"
 START, END = "<!-- qat-table:start -->", "<!-- qat-table:end -->"
+VSTART, VEND = "<!-- qat-variants:start -->", "<!-- qat-variants:end -->"
 FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
 
 
-def run_one(fixture: str, bits: int, steps: int, eval_seqs: int) -> dict:
+def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict | None = None) -> dict:
     import gemmaquant
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.fixtures import fixture_path
@@ -43,7 +48,12 @@ def run_one(fixture: str, bits: int, steps: int, eval_seqs: int) -> dict:
     data = Path(str(fixture_path(fixture))).parent.parent / "calibration" / "data" / "train.txt"
     with tempfile.TemporaryDirectory() as tmp:
         rep = qat_train(fixture, bits=bits, data=data, steps=steps, out=tmp, eval_seqs=eval_seqs,
-                        export=False, progress=False)
+                        export=False, progress=False,
+                        **{k: v for k, v in (overrides or {}).items() if k != "steps"})
+    if overrides:  # a variant: QAT against GPTQ only
+        return {"fixture": fixture, "bits": bits, "format": BITS_FORMAT[bits], "steps": steps,
+                "overrides": overrides, "gptq": rep["ptq"], "qat": rep["qat"], "kl_train_first": rep["kl_first"],
+                "kl_train_last": rep["kl_last"], "seconds": rep["seconds"], "recipe": rep["recipe"]}
     fmt = BITS_FORMAT[bits]
     ref = gemmaquant.load(fixture)
     rtn = prepare_qat(copy.deepcopy(ref), fmt)
@@ -73,18 +83,46 @@ def table(runs: list[dict]) -> str:
     return head + "\n" + "\n".join(rows) + note
 
 
-def write_table(runs: list[dict]) -> str:
+def variants_table(variants: list[dict], runs: list[dict]) -> str:
+    base = {(r["fixture"], r["bits"]): r for r in runs}
+    head = ("| fixture | bits | recipe change | steps | GPTQ KL | QAT KL | gap recovered | default recipe's |\n"
+            "|---|---|---|---|---|---|---|---|")
+    rows = []
+    for v in variants:
+        g, q, b = v["gptq"]["kl_mean"], v["qat"]["kl_mean"], base.get((v["fixture"], v["bits"]))
+        ref = f"{100 * (1 - b['qat']['kl_mean'] / b['gptq']['kl_mean']):.0f}%" if b else "-"
+        change = ", ".join(f"{k}={val}" for k, val in sorted(v["overrides"].items()))
+        rows.append(f"| {v['fixture']} | {v['bits']} | {change} | {v['steps']} | {g:.4f} | **{q:.4f}** "
+                    f"| {100 * (1 - q / g):.0f}% | {ref} |")
+    return head + "\n" + "\n".join(rows)
+
+
+def _replace_between(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        return text
+    a, b = text.index(start) + len(start), text.index(end)
+    return text[:a] + "\n" + body + "\n" + text[b:]
+
+
+def write_table(runs: list[dict], variants: list[dict] = ()) -> str:
     order = {f: i for i, f in enumerate(FIXTURES)}
     runs = sorted(runs, key=lambda r: (order.get(r["fixture"], 9), -r["bits"]))
     md = table(runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "qat.json").write_text(json.dumps(runs, indent=2))
     (RESULTS / "qat.md").write_text("# QAT vs PTQ on the trained fixtures\n\n" + md + "\n")
+    if variants:
+        order_v = sorted(variants, key=lambda v: (order.get(v["fixture"], 9), -v["bits"], sorted(v["overrides"].items())))
+        vmd = variants_table(order_v, runs)
+        (RESULTS / "qat.md").write_text((RESULTS / "qat.md").read_text() + "\n## Recipe variations\n\n" + vmd + "\n")
+        md_v = vmd
+    else:
+        md_v = None
     if DOC.is_file():
-        text = DOC.read_text()
-        if START in text and END in text:
-            a, b = text.index(START) + len(START), text.index(END)
-            DOC.write_text(text[:a] + "\n" + md + "\n" + text[b:])
+        text = _replace_between(DOC.read_text(), START, END, md)
+        if md_v:
+            text = _replace_between(text, VSTART, VEND, md_v)
+        DOC.write_text(text)
     return md
 
 
@@ -96,19 +134,33 @@ def main():
     ap.add_argument("--eval-seqs", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a QATRecipe field for a variant run (repeatable); needs --tag")
+    ap.add_argument("--tag", help="name of the variant run")
     a = ap.parse_args()
+    overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    if overrides and not a.tag:
+        ap.error("--set needs --tag (the variant's file name)")
+    a.steps = int(overrides.pop("steps", a.steps))  # steps is run_one's own argument
+    if a.tag and not overrides and a.steps != 500:
+        overrides = {"steps": a.steps}  # a variant that changes only the step count
     torch.set_num_threads(a.threads)
     RUNS.mkdir(parents=True, exist_ok=True)
     if not a.table_only:
         for fx in a.fixtures:
             for bits in a.bits:
                 t = time.time()
-                res = run_one(fx, bits, a.steps, a.eval_seqs)
-                (RUNS / f"{fx}-int{bits}.json").write_text(json.dumps(res, indent=2))
+                res = run_one(fx, bits, a.steps, a.eval_seqs, overrides)
+                if overrides:
+                    VARIANTS.mkdir(parents=True, exist_ok=True)
+                    (VARIANTS / f"{fx}-int{bits}-{a.tag}.json").write_text(json.dumps(res, indent=2))
+                else:
+                    (RUNS / f"{fx}-int{bits}.json").write_text(json.dumps(res, indent=2))
                 print(f"{fx} int{bits}: KL GPTQ {res['gptq']['kl_mean']:.5f} -> QAT {res['qat']['kl_mean']:.5f} "
                       f"({time.time() - t:.0f} s)", flush=True)
     runs = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
-    print(write_table(runs))
+    variants = [json.loads(p.read_text()) for p in sorted(VARIANTS.glob("*.json"))]
+    print(write_table(runs, variants))
 
 
 if __name__ == "__main__":
