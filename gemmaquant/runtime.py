@@ -104,10 +104,13 @@ class PackedExperts(nn.Module):
 
 
 def ops_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
-    """model.gemma4.attention's call on ops.attention. The model's keys are always a contiguous run of positions
-    (the whole sequence, or a sliding layer's last W-1 cached keys plus the new ones), so only the offset of the
-    first query from the first key matters: masks depend on q_pos - k_pos alone."""
-    return ops.attention(q, k, v, window=window, scale=1.0, q_offset=int(q_pos[0]) - int(k_pos[0]))
+    """model.gemma4.attention's call on ops.attention. In the model the keys always end at the last query (the whole
+    sequence; or the cached keys, a sliding layer's last W-1, followed by this call's), so the first query sits
+    S - L positions after the first key: ops.attention's default offset. Masks depend on q_pos - k_pos alone, so
+    the position tensors are not read (no device sync per layer)."""
+    if k.shape[2] < q.shape[2]:
+        raise ValueError(f"attention: {k.shape[2]} keys for {q.shape[2]} queries; the keys must end at the last query")
+    return ops.attention(q, k, v, window=window, scale=1.0)
 
 
 def _set_tensor(model: nn.Module, name: str, t: Tensor) -> None:
