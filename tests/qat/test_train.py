@@ -42,6 +42,18 @@ def test_qat_train_writes_exports_and_report(tmp_path, data):
         assert torch.equal(m.layers[1].self_attn.q_proj.weight, w_hat), f
         e = values["layers.2.experts.down_proj"]
         assert torch.equal(m.layers[2].experts.down_proj[5], fmt.dequantize(e[5])), f
+    # and the trained model runs packed (gemmaquant.runtime), with the logits of its dequantized weights
+    from gemmaquant import ops
+    from gemmaquant.model.gemma4 import Gemma4
+    from gemmaquant.runtime import load_quantized
+
+    run = load_quantized(rep["files"]["quantized"], dtype=torch.float32)
+    ref = Gemma4(run.config)
+    ref.load_state_dict(QuantizedSource(rep["files"]["quantized"]).dequantized_state(), strict=False)
+    ids = torch.randint(3, run.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), ops.use("reference"):
+        want, got = ref(ids), run(ids)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path, data):
