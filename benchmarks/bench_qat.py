@@ -48,9 +48,8 @@ def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict
     data = Path(str(fixture_path(fixture))).parent.parent / "calibration" / "data" / "train.txt"
     with tempfile.TemporaryDirectory() as tmp:
         rep = qat_train(fixture, bits=bits, data=data, steps=steps, out=tmp, eval_seqs=eval_seqs,
-                        export=False, progress=False,
-                        **{k: v for k, v in (overrides or {}).items() if k != "steps"})
-    if overrides:  # a variant: QAT against GPTQ only
+                        export=False, progress=False, **(overrides or {}))
+    if overrides is not None:  # a variant: QAT against GPTQ only
         return {"fixture": fixture, "bits": bits, "format": BITS_FORMAT[bits], "steps": steps,
                 "overrides": overrides, "gptq": rep["ptq"], "qat": rep["qat"], "kl_train_first": rep["kl_first"],
                 "kl_train_last": rep["kl_last"], "seconds": rep["seconds"], "recipe": rep["recipe"]}
@@ -91,7 +90,7 @@ def variants_table(variants: list[dict], runs: list[dict]) -> str:
     for v in variants:
         g, q, b = v["gptq"]["kl_mean"], v["qat"]["kl_mean"], base.get((v["fixture"], v["bits"]))
         ref = f"{100 * (1 - b['qat']['kl_mean'] / b['gptq']['kl_mean']):.0f}%" if b else "-"
-        change = ", ".join(f"{k}={val}" for k, val in sorted(v["overrides"].items()))
+        change = ", ".join(f"{k}={val}" for k, val in sorted(v["overrides"].items())) or "(steps only)"
         rows.append(f"| {v['fixture']} | {v['bits']} | {change} | {v['steps']} | {g:.4f} | **{q:.4f}** "
                     f"| {100 * (1 - q / g):.0f}% | {ref} |")
     return head + "\n" + "\n".join(rows)
@@ -110,19 +109,13 @@ def write_table(runs: list[dict], variants: list[dict] = ()) -> str:
     md = table(runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "qat.json").write_text(json.dumps(runs, indent=2))
-    (RESULTS / "qat.md").write_text("# QAT vs PTQ on the trained fixtures\n\n" + md + "\n")
-    if variants:
-        order_v = sorted(variants, key=lambda v: (order.get(v["fixture"], 9), -v["bits"], sorted(v["overrides"].items())))
-        vmd = variants_table(order_v, runs)
-        (RESULTS / "qat.md").write_text((RESULTS / "qat.md").read_text() + "\n## Recipe variations\n\n" + vmd + "\n")
-        md_v = vmd
-    else:
-        md_v = None
+    variants = sorted(variants, key=lambda v: (order.get(v["fixture"], 9), -v["bits"], sorted(v["overrides"].items())))
+    vmd = variants_table(variants, runs) if variants else ""
+    (RESULTS / "qat.md").write_text("# QAT vs PTQ on the trained fixtures\n\n" + md + "\n"
+                                    + (f"\n## Recipe variations\n\n{vmd}\n" if vmd else ""))
     if DOC.is_file():
         text = _replace_between(DOC.read_text(), START, END, md)
-        if md_v:
-            text = _replace_between(text, VSTART, VEND, md_v)
-        DOC.write_text(text)
+        DOC.write_text(_replace_between(text, VSTART, VEND, vmd) if vmd else text)
     return md
 
 
@@ -141,9 +134,8 @@ def main():
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     if overrides and not a.tag:
         ap.error("--set needs --tag (the variant's file name)")
-    a.steps = int(overrides.pop("steps", a.steps))  # steps is run_one's own argument
-    if a.tag and not overrides and a.steps != 500:
-        overrides = {"steps": a.steps}  # a variant that changes only the step count
+    a.steps = int(overrides.pop("steps", a.steps))  # run_one's own argument (the table's steps column)
+    overrides = overrides if a.tag else None  # None: the default recipe's run
     torch.set_num_threads(a.threads)
     RUNS.mkdir(parents=True, exist_ok=True)
     if not a.table_only:
@@ -151,7 +143,7 @@ def main():
             for bits in a.bits:
                 t = time.time()
                 res = run_one(fx, bits, a.steps, a.eval_seqs, overrides)
-                if overrides:
+                if overrides is not None:
                     VARIANTS.mkdir(parents=True, exist_ok=True)
                     (VARIANTS / f"{fx}-int{bits}-{a.tag}.json").write_text(json.dumps(res, indent=2))
                 else:

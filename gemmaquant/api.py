@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -25,13 +24,10 @@ def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: s
         from gemmaquant.export.gguf_reader import load_gguf
 
         return load_gguf(path, dtype=dtype, device=device)
-    if path.is_dir() and (path / "config.json").is_file():
-        raw = json.loads((path / "config.json").read_text())
-        qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
-        if qc and qc.get("quant_method") == "compressed-tensors":
-            from gemmaquant.export.compressed_tensors_reader import load_compressed_tensors
+    from gemmaquant.export.compressed_tensors_reader import is_compressed_tensors, load_compressed_tensors
 
-            return load_compressed_tensors(path, dtype=dtype, device=device)
+    if path.is_dir() and is_compressed_tensors(path):
+        return load_compressed_tensors(path, dtype=dtype, device=device)
     ckpt = Checkpoint(path)
     with torch.device("meta"):
         m = Gemma4(ckpt.config)

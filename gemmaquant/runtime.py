@@ -70,9 +70,10 @@ class PackedExperts(nn.Module):
         groups = {p.fmt.group_size for p in (gate_up[0], down[0]) if isinstance(p.fmt, IntGroup)}
         self.kind = kinds.pop() if len(kinds) == 1 and len(groups) <= 1 else None
         self.group_size = groups.pop() if groups else 0
-        self.gate_up, self.down = gate_up, down
         self.num_experts = len(gate_up)
+        self.layouts = {}  # name -> (format, [N, K] of one expert, data keys); the data are the stacked buffers
         for name, packs in (("gate_up", gate_up), ("down", down)):
+            self.layouts[name] = (packs[0].fmt, packs[0].shape, tuple(packs[0].data))
             for k in packs[0].data:  # stacked over experts: qdata [E, N, ...], scale / zero [E, N, ...]
                 self.register_buffer(f"{name}_{k}", torch.stack([p.data[k] for p in packs]))
 
@@ -80,8 +81,8 @@ class PackedExperts(nn.Module):
         return getattr(self, f"{name}_{key}", None)
 
     def _expert(self, name: str, e: int) -> Packed:
-        first = getattr(self, name)[0]
-        return Packed(first.fmt, first.shape, {k: self._stacked(name, k)[e] for k in first.data})
+        fmt, shape, keys = self.layouts[name]
+        return Packed(fmt, shape, {k: self._stacked(name, k)[e] for k in keys})
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:  # x [N, H], weights / ids [N, k]
         if self.kind is not None:  # the router's weights already carry per_expert_scale
@@ -100,7 +101,7 @@ class PackedExperts(nn.Module):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_experts} experts, {self.gate_up[0].fmt.name}, {self.kind or 'dequantized per expert'}"
+        return f"{self.num_experts} experts, {self.layouts['gate_up'][0].name}, {self.kind or 'dequantized per expert'}"
 
 
 def ops_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
@@ -138,7 +139,10 @@ def load_quantized(work, dtype: torch.dtype = torch.bfloat16, device: str | torc
         model = Gemma4(src.config)
     experts: dict[str, list[Packed]] = {}
     for name in src.names():  # in layer order: the source reads each layer file once
-        v = src.get(name)
+        try:
+            v = src.get(name)
+        except KeyError:
+            raise ValueError(f"{src.work}: tensor {name!r} is missing") from None
         if isinstance(v, Tensor):
             _set_tensor(model, name, v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype))
         elif isinstance(v, Packed):
@@ -174,12 +178,11 @@ class CompressedTensorsSource:
 
         from gemmaquant.checkpoint import Checkpoint
         from gemmaquant.config import Gemma4Config
-        from gemmaquant.export.compressed_tensors_reader import _bits
+        from gemmaquant.export.compressed_tensors_reader import _bits, quantization_config
 
         self.work = Path(path)
         raw = json.loads((self.work / "config.json").read_text())
-        qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config") or {}
-        self.bits = _bits(qc, self.work)
+        self.bits = _bits(quantization_config(raw), self.work)
         self.config = Gemma4Config.from_hf_dict(raw, source=str(self.work / "config.json"))
         self.ckpt = Checkpoint(self.work)
 
@@ -195,10 +198,8 @@ class CompressedTensorsSource:
         q = unpack_int32(self.ckpt.get(f"{base}.weight_packed"), self.bits, shape[1])
         scale = self.ckpt.get(f"{base}.weight_scale")
         if self.bits == 8:
-            return Packed(Int8Channel(scale.dtype), shape, {"qdata": q, "scale": scale[:, 0].contiguous()})
-        u = (q.to(torch.int16) + 8).to(torch.uint8)
-        fmt = IntGroup(4, shape[1] // scale.shape[1], True, scale.dtype)
-        return Packed(fmt, shape, {"qdata": (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), "scale": scale})
+            return Int8Channel(scale.dtype).pack(q, {"scale": scale[:, 0]})
+        return IntGroup(4, shape[1] // scale.shape[1], True, scale.dtype).pack(q, {"scale": scale})  # u = q + 8
 
     def get(self, name: str):
         from gemmaquant.export.compressed_tensors import EXPERTS, is_quantized
@@ -234,24 +235,16 @@ def load_for_inference(model: str | os.PathLike, device: str | torch.device | No
     packed model (bf16 on CUDA, fp32 on CPU); anything else through `gemmaquant.load` (a GGUF comes back
     dequantized)."""
     import gemmaquant
+    from gemmaquant.export.compressed_tensors_reader import is_compressed_tensors
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     work = work_dir_of(model) if Path(model).is_dir() else None
     if work is not None:
         return load_quantized(work, dtype, device)
-    if Path(model).is_dir() and "compressed-tensors" in _quant_method(Path(model)):
+    if Path(model).is_dir() and is_compressed_tensors(Path(model)):
         return load_quantized(CompressedTensorsSource(model), dtype, device)
     return gemmaquant.load(model, device=device)
-
-
-def _quant_method(path: Path) -> str:
-    import json
-
-    cfg = path / "config.json"
-    raw = json.loads(cfg.read_text()) if cfg.is_file() else {}
-    qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config") or {}
-    return str(qc.get("quant_method", ""))
 
 
 def _to(p: Packed, device) -> Packed:

@@ -191,7 +191,6 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
     import gemmaquant
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.hub import resolve
-
     from gemmaquant.runtime import load_for_inference
 
     ref = gemmaquant.load(model)

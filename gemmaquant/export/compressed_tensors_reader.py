@@ -29,6 +29,17 @@ class CompressedTensorsError(ExportError):
     pass
 
 
+def quantization_config(raw: dict) -> dict:
+    """The quantization_config of an HF config dict (top level, or text_config's for a multimodal export)."""
+    return raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config") or {}
+
+
+def is_compressed_tensors(path: Path) -> bool:
+    """True for a checkpoint directory whose config.json declares quant_method compressed-tensors."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and quantization_config(json.loads(cfg.read_text())).get("quant_method") == "compressed-tensors"
+
+
 def _bits(qc: dict, path: Path) -> int:
     if qc.get("format") != "pack-quantized":
         raise CompressedTensorsError(f"{path}: compressed-tensors format {qc.get('format')!r} is not read "
@@ -54,8 +65,7 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
 
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
-    qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config") or {}
-    bits = _bits(qc, path)
+    bits = _bits(quantization_config(raw), path)
     cfg = Gemma4Config.from_hf_dict(raw, source=str(path / "config.json"))
     ckpt = Checkpoint(path)
     state = {}

@@ -125,7 +125,7 @@ def test_missing_tensor_is_named(works, tmp_path):
     t = load_file(str(f))
     del t["norm.weight"]
     save_file(t, str(f), metadata=meta)
-    with pytest.raises(Exception, match="norm.weight"):
+    with pytest.raises(ValueError, match="norm.weight"):
         load_quantized(work)
 
 
