@@ -66,6 +66,9 @@ class QATRecipe:
     calib_seq_len: int = 256
     save_every: int = 50
     seed: int = 0
+    block_steps: int = 0  # per decoder layer, before the end-to-end steps (gemmaquant.qat.blockwise); 0: none
+    average: float = 0.0  # decay of an exponential moving average of the trained values, exported (0: last step)
+    block_samples: int = 128  # windows of seq_len tokens from the training text for the block-wise phase
 
     def __post_init__(self):
         if self.weight_format is None and self.bits not in BITS_FORMAT:
@@ -73,6 +76,10 @@ class QATRecipe:
         for k in ("steps", "batch_size", "seq_len", "calib_samples", "calib_seq_len", "save_every"):
             if getattr(self, k) <= 0:
                 raise QATError(f"{k} must be positive, got {getattr(self, k)}")
+        if not 0 <= self.average < 1:
+            raise QATError(f"average is an EMA decay in [0, 1), got {self.average}")
+        if self.block_steps < 0:
+            raise QATError(f"block_steps must be >= 0, got {self.block_steps}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.temperature <= 0:
             raise QATError("warmup >= 0, 0 <= min_lr_ratio <= 1 and temperature > 0 are required")
 
@@ -116,6 +123,13 @@ def batch_at(stream: Tensor, step: int, r: QATRecipe) -> Tensor:
     """[batch_size, seq_len] windows at random offsets, a function of (seed, step) only (exact resume)."""
     g = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
     starts = torch.randint(0, stream.numel() - r.seq_len + 1, (r.batch_size,), generator=g)
+    return torch.stack([stream[s:s + r.seq_len] for s in starts.tolist()])
+
+
+def block_windows(stream: Tensor, r: QATRecipe) -> Tensor:
+    """[block_samples, seq_len] windows for the block-wise phase, at offsets fixed by the seed."""
+    g = torch.Generator().manual_seed(r.seed * 1_000_003 - 1)
+    starts = torch.randint(0, stream.numel() - r.seq_len + 1, (r.block_samples,), generator=g)
     return torch.stack([stream[s:s + r.seq_len] for s in starts.tolist()])
 
 
@@ -219,10 +233,12 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
 
 # ---- resumable state (safetensors, never pickle) ------------------------------------------------------------
 def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, fingerprint: str,
-               log: list[dict]) -> None:
+               log: list[dict], average: "WeightAverage | None" = None) -> None:
     from gemmaquant.quantized import save_atomic
 
     tensors = {f"model::{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors |= {f"avg::{k}": v.contiguous() for k, v in average.avg.items()}
     sd = opt.state_dict()
     for i, st in sd["state"].items():
         for k, v in st.items():
@@ -233,7 +249,8 @@ def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: i
     save_atomic(tensors, path, meta)
 
 
-def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: str) -> tuple[int, list]:
+def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: str,
+               average: "WeightAverage | None" = None) -> tuple[int, list]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -249,7 +266,31 @@ def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerp
             _, i, name = k.split("::")
             state.setdefault(int(i), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    if average is not None:
+        average.avg = {k: t[f"avg::{k}"] for k in average.avg}
     return int(meta["step"]), json.loads(meta["log"])
+
+
+class WeightAverage:
+    """Exponential moving average of the trained parameters (Polyak averaging), swapped in before `convert`.
+    With a straight-through estimator, latent weights near a rounding threshold oscillate across it from step to
+    step, and the last step's side is chance (Nagel et al. 2022, "Overcoming Oscillations in QAT"); the average
+    rounds to the side where the weight spent its time, and averages out the gradient noise of the rest."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.avg = {n: p.detach().float().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.avg[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for n, p in self.params.items():
+            p.copy_(self.avg[n].to(p.dtype))
 
 
 # ---- the recipe ---------------------------------------------------------------------------------------------
@@ -325,13 +366,20 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     student = copy.deepcopy(teacher)
     prepare_qat(student, ptq_recipe, learnable_scales=r.learnable_scales, init=ptq_src, scale_grad=r.scale_grad)
     student.train()
-    opt = torch.optim.AdamW(param_groups(student, r), betas=(0.9, 0.95), weight_decay=0.0)
-    for g in opt.param_groups:
-        g["base_lr"] = g["lr"]
     fingerprint = json.dumps({"recipe": dataclasses.asdict(r), "ptq": ptq.calibration_sha256,
                               "data_tokens": int(stream.numel()), "model": name}, sort_keys=True)
     ckpt = Path(ptq.work_dir) / CHECKPOINT
-    start, log = (load_state(ckpt, student, opt, fingerprint) if ckpt.is_file() else (0, []))
+    block_log = []
+    if r.block_steps > 0 and not ckpt.is_file():  # 2b. layer by layer (EfficientQAT's Block-AP)
+        from gemmaquant.qat.blockwise import block_reconstruct
+
+        block_log = block_reconstruct(teacher, student, block_windows(stream, r), r, param_groups,
+                                      Path(ptq.work_dir), fingerprint, progress)
+    opt = torch.optim.AdamW(param_groups(student, r), betas=(0.9, 0.95), weight_decay=0.0)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    average = WeightAverage(student, r.average) if r.average > 0 else None
+    start, log = (load_state(ckpt, student, opt, fingerprint, average) if ckpt.is_file() else (0, []))
 
     # 3. distillation
     from tqdm.auto import tqdm
@@ -354,19 +402,23 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
             opt.step()
+            if average is not None:
+                average.update()
             log.append({"step": step, "loss": round(loss.item(), 6), **{k: round(v, 6) for k, v in parts.items()},
                         "grad_norm": round(float(gnorm), 4), "lr_factor": round(f, 5)})
             bar.set_postfix(kl=f"{parts['kl']:.4f}")
             done = step + 1
             stop = stop_after_step is not None and done > stop_after_step
             if done % r.save_every == 0 or done == r.steps or stop:
-                save_state(ckpt, student, opt, done, fingerprint, log)
+                save_state(ckpt, student, opt, done, fingerprint, log, average)
             if stop:
                 return {"stopped_at_step": done, "log": log, "text": f"QAT stopped after step {done}"}
     finally:
         t_taps.remove(), s_taps.remove()
 
     # 4. convert, write, export
+    if average is not None:
+        average.apply()
     student.eval()
     packed = convert(student)
     from gemmaquant.qat.source import ModelSource, dequantized_model, write_work_dir
@@ -385,7 +437,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     # 5. held-out quality of GPTQ and QAT against the float model
     report = {"model": name, "recipe": dataclasses.asdict(r), "format": r.format_name, "steps": r.steps,
               "kl_first": log[0]["kl"] if log else None, "kl_last": log[-1]["kl"] if log else None,
-              "log": log, "files": files, "work_dir": str(Path(ptq.work_dir))}
+              "log": log, "block_log": block_log, "files": files, "work_dir": str(Path(ptq.work_dir))}
     if eval_seqs > 0:
         ids = heldout_ids(tok_dir, heldout or default_heldout(), eval_seqs, eval_seq_len, teacher.config.bos_token_id)
         report["ptq"] = compare_logits(teacher, dequantized_model(ptq_src), ids)
