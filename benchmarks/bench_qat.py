@@ -36,9 +36,11 @@ VARIANTS = RUNS / "variants"
 START, END = "<!-- qat-table:start -->", "<!-- qat-table:end -->"
 VSTART, VEND = "<!-- qat-variants:start -->", "<!-- qat-variants:end -->"
 FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
+LATER_FIELDS = {"average": 0.0}  # QATRecipe fields added after some saved runs: their value before
 
 
-def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict | None = None) -> dict:
+def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict | None = None,
+            weight_format: str | None = None) -> dict:
     import gemmaquant
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.fixtures import fixture_path
@@ -48,12 +50,12 @@ def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict
     data = Path(str(fixture_path(fixture))).parent.parent / "calibration" / "data" / "train.txt"
     with tempfile.TemporaryDirectory() as tmp:
         rep = qat_train(fixture, bits=bits, data=data, steps=steps, out=tmp, eval_seqs=eval_seqs,
-                        export=False, progress=False, **(overrides or {}))
+                        export=False, progress=False, weight_format=weight_format, **(overrides or {}))
     if overrides is not None:  # a variant: QAT against GPTQ only
-        return {"fixture": fixture, "bits": bits, "format": BITS_FORMAT[bits], "steps": steps,
+        return {"fixture": fixture, "bits": bits, "format": weight_format or BITS_FORMAT[bits], "steps": steps,
                 "overrides": overrides, "gptq": rep["ptq"], "qat": rep["qat"], "kl_train_first": rep["kl_first"],
                 "kl_train_last": rep["kl_last"], "seconds": rep["seconds"], "recipe": rep["recipe"]}
-    fmt = BITS_FORMAT[bits]
+    fmt = weight_format or BITS_FORMAT[bits]
     ref = gemmaquant.load(fixture)
     rtn = prepare_qat(copy.deepcopy(ref), fmt)
     convert(rtn)
@@ -65,13 +67,14 @@ def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict
 
 
 def table(runs: list[dict]) -> str:
-    head = ("| fixture | bits (format) | float PPL | RTN KL | GPTQ KL | QAT KL | gap recovered | top-1 GPTQ → QAT "
-            "| PPL GPTQ → QAT | QAT s |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| fixture | bits (format) | float PPL | RTN KL | GPTQ KL | QAT KL | recovered vs RTN | vs GPTQ "
+            "| top-1 GPTQ → QAT | PPL GPTQ → QAT | QAT s |\n|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in runs:
-        g, q = r["gptq"], r["qat"]
-        rows.append(f"| {r['fixture']} | {r['bits']} ({r['format']}) | {q['ppl_ref']:.2f} | {r['rtn']['kl_mean']:.4f} "
-                    f"| {g['kl_mean']:.4f} | **{q['kl_mean']:.4f}** | {100 * (1 - q['kl_mean'] / g['kl_mean']):.0f}% "
+        g, q, rtn = r["gptq"], r["qat"], r["rtn"]["kl_mean"]
+        rows.append(f"| {r['fixture']} | {r['bits']} ({r['format']}) | {q['ppl_ref']:.2f} | {rtn:.4f} "
+                    f"| {g['kl_mean']:.4f} | **{q['kl_mean']:.4f}** | {100 * (1 - q['kl_mean'] / rtn):.0f}% "
+                    f"| {100 * (1 - q['kl_mean'] / g['kl_mean']):.0f}% "
                     f"| {100 * g['top1']:.1f}% → {100 * q['top1']:.1f}% | {g['ppl_test']:.2f} → {q['ppl_test']:.2f} "
                     f"| {r['seconds']:.0f} |")
     steps = sorted({r["steps"] for r in runs})
@@ -83,15 +86,21 @@ def table(runs: list[dict]) -> str:
 
 
 def variants_table(variants: list[dict], runs: list[dict]) -> str:
-    base = {(r["fixture"], r["bits"]): r for r in runs}
-    head = ("| fixture | bits | recipe change | steps | GPTQ KL | QAT KL | gap recovered | default recipe's |\n"
+    from gemmaquant.qat.train import QATRecipe
+
+    base = {(r["fixture"], r["format"]): r for r in runs}
+    head = ("| fixture | format | recipe change | steps | GPTQ KL | QAT KL | gap recovered | default recipe's |\n"
             "|---|---|---|---|---|---|---|---|")
     rows = []
     for v in variants:
-        g, q, b = v["gptq"]["kl_mean"], v["qat"]["kl_mean"], base.get((v["fixture"], v["bits"]))
+        g, q, b = v["gptq"]["kl_mean"], v["qat"]["kl_mean"], base.get((v["fixture"], v["format"]))
         ref = f"{100 * (1 - b['qat']['kl_mean'] / b['gptq']['kl_mean']):.0f}%" if b else "-"
-        change = ", ".join(f"{k}={val}" for k, val in sorted(v["overrides"].items())) or "(steps only)"
-        rows.append(f"| {v['fixture']} | {v['bits']} | {change} | {v['steps']} | {g:.4f} | **{q:.4f}** "
+        changes = dict(v["overrides"])
+        for k, before in LATER_FIELDS.items():  # a run from before the field existed had its old behaviour
+            if k not in changes and v.get("recipe", {}).get(k, before) != getattr(QATRecipe(), k):
+                changes[k] = v.get("recipe", {}).get(k, before)
+        change = ", ".join(f"{k}={val}" for k, val in sorted(changes.items())) or "(steps only)"
+        rows.append(f"| {v['fixture']} | {v['format']} | {change} | {v['steps']} | {g:.4f} | **{q:.4f}** "
                     f"| {100 * (1 - q / g):.0f}% | {ref} |")
     return head + "\n" + "\n".join(rows)
 
@@ -105,11 +114,12 @@ def _replace_between(text: str, start: str, end: str, body: str) -> str:
 
 def write_table(runs: list[dict], variants: list[dict] = ()) -> str:
     order = {f: i for i, f in enumerate(FIXTURES)}
-    runs = sorted(runs, key=lambda r: (order.get(r["fixture"], 9), -r["bits"]))
+    runs = sorted(runs, key=lambda r: (order.get(r["fixture"], 9), -r["bits"], r["format"]))
     md = table(runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "qat.json").write_text(json.dumps(runs, indent=2))
-    variants = sorted(variants, key=lambda v: (order.get(v["fixture"], 9), -v["bits"], sorted(v["overrides"].items())))
+    variants = sorted(variants, key=lambda v: (order.get(v["fixture"], 9), -v["bits"], v["format"],
+                                               sorted(map(str, v["overrides"].items()))))
     vmd = variants_table(variants, runs) if variants else ""
     (RESULTS / "qat.md").write_text("# QAT vs PTQ on the trained fixtures\n\n" + md + "\n"
                                     + (f"\n## Recipe variations\n\n{vmd}\n" if vmd else ""))
@@ -130,6 +140,8 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a QATRecipe field for a variant run (repeatable); needs --tag")
     ap.add_argument("--tag", help="name of the variant run")
+    ap.add_argument("--format", help="train on this format instead of the bits' default (e.g. q4_0: llama.cpp's "
+                    "Q4_0 grid; its RTN column is then llama.cpp's own Q4_0 rounding); saved as <fixture>-<format>")
     a = ap.parse_args()
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     if overrides and not a.tag:
@@ -142,12 +154,13 @@ def main():
         for fx in a.fixtures:
             for bits in a.bits:
                 t = time.time()
-                res = run_one(fx, bits, a.steps, a.eval_seqs, overrides)
+                res = run_one(fx, bits, a.steps, a.eval_seqs, overrides, a.format)
+                stem = f"{fx}-{a.format}" if a.format else f"{fx}-int{bits}"
                 if overrides is not None:
                     VARIANTS.mkdir(parents=True, exist_ok=True)
-                    (VARIANTS / f"{fx}-int{bits}-{a.tag}.json").write_text(json.dumps(res, indent=2))
+                    (VARIANTS / f"{stem}-{a.tag}.json").write_text(json.dumps(res, indent=2))
                 else:
-                    (RUNS / f"{fx}-int{bits}.json").write_text(json.dumps(res, indent=2))
+                    (RUNS / f"{stem}.json").write_text(json.dumps(res, indent=2))
                 print(f"{fx} int{bits}: KL GPTQ {res['gptq']['kl_mean']:.5f} -> QAT {res['qat']['kl_mean']:.5f} "
                       f"({time.time() - t:.0f} s)", flush=True)
     runs = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]

@@ -127,6 +127,10 @@ def qat(
                                                   "keeps GPTQ's weights and trains the scales (docs/qat.md)"),
     scale_lr: Optional[float] = typer.Option(None, help="block-scale rate in grid steps per step (default 0.003)"),
     batch_size: Optional[int] = typer.Option(None, help="sequences per step (default 8)"),
+    weight_format: Optional[str] = typer.Option(None, "--format", help="train on this format's grid instead of "
+                                                "--bits' default, e.g. q4_0 (llama.cpp's Q4_0; GGUF export only)"),
+    average: Optional[float] = typer.Option(None, help="export an exponential moving average of the trained "
+                                            "values with this decay, e.g. 0.99 (default: the last step's)"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -134,7 +138,7 @@ def qat(
     from gemmaquant.workflow import run_qat
 
     res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, lr=lr,
-               scale_lr=scale_lr, batch_size=batch_size)
+               scale_lr=scale_lr, batch_size=batch_size, weight_format=weight_format, average=average)
     _emit(res, as_json, res["text"])
 
 

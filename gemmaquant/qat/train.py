@@ -39,7 +39,12 @@ from torch import Tensor, nn
 from gemmaquant.qat.prepare import QATError, convert, latent_weights, prepare_qat, scale_parameters
 
 BITS_FORMAT = {8: "int8", 4: "int4_g32_sym", 3: "int3_g32_sym", 2: "int2_g32_asym"}
-EXPORTS = {"int4_g32_sym": ("Q4_0", "W4A16"), "int8": ("Q8_0", "W8A16")}  # lossless GGUF type, CT scheme
+# QAT format -> (GGUF type, compressed-tensors scheme) that hold its trained grid exactly (None: no such export).
+# A GGUF block format (weight_format="q4_0", "q4_k", ...) trains on llama.cpp's own grid: Q4_0 uses all 16 codes
+# and fp16 scales, where int4_g32_sym leaves the code -8 unused and keeps bf16 scales (vLLM's W4A16 layout).
+EXPORTS = {"int4_g32_sym": ("Q4_0", "W4A16"), "int8": ("Q8_0", "W8A16"),
+           **{t.lower(): (t, None) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                                             "Q6_K")}}
 CHECKPOINT = "qat-checkpoint.safetensors"
 
 
@@ -66,9 +71,7 @@ class QATRecipe:
     calib_seq_len: int = 256
     save_every: int = 50
     seed: int = 0
-    block_steps: int = 0  # per decoder layer, before the end-to-end steps (gemmaquant.qat.blockwise); 0: none
-    average: float = 0.0  # decay of an exponential moving average of the trained values, exported (0: last step)
-    block_samples: int = 128  # windows of seq_len tokens from the training text for the block-wise phase
+    average: float = 0.99  # decay of the moving average of the trained values that is exported (0: the last step)
 
     def __post_init__(self):
         if self.weight_format is None and self.bits not in BITS_FORMAT:
@@ -78,8 +81,6 @@ class QATRecipe:
                 raise QATError(f"{k} must be positive, got {getattr(self, k)}")
         if not 0 <= self.average < 1:
             raise QATError(f"average is an EMA decay in [0, 1), got {self.average}")
-        if self.block_steps < 0:
-            raise QATError(f"block_steps must be >= 0, got {self.block_steps}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.temperature <= 0:
             raise QATError("warmup >= 0, 0 <= min_lr_ratio <= 1 and temperature > 0 are required")
 
@@ -123,13 +124,6 @@ def batch_at(stream: Tensor, step: int, r: QATRecipe) -> Tensor:
     """[batch_size, seq_len] windows at random offsets, a function of (seed, step) only (exact resume)."""
     g = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
     starts = torch.randint(0, stream.numel() - r.seq_len + 1, (r.batch_size,), generator=g)
-    return torch.stack([stream[s:s + r.seq_len] for s in starts.tolist()])
-
-
-def block_windows(stream: Tensor, r: QATRecipe) -> Tensor:
-    """[block_samples, seq_len] windows for the block-wise phase, at offsets fixed by the seed."""
-    g = torch.Generator().manual_seed(r.seed * 1_000_003 - 1)
-    starts = torch.randint(0, stream.numel() - r.seq_len + 1, (r.block_samples,), generator=g)
     return torch.stack([stream[s:s + r.seq_len] for s in starts.tolist()])
 
 
@@ -369,12 +363,6 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     fingerprint = json.dumps({"recipe": dataclasses.asdict(r), "ptq": ptq.calibration_sha256,
                               "data_tokens": int(stream.numel()), "model": name}, sort_keys=True)
     ckpt = Path(ptq.work_dir) / CHECKPOINT
-    block_log = []
-    if r.block_steps > 0 and not ckpt.is_file():  # 2b. layer by layer (EfficientQAT's Block-AP)
-        from gemmaquant.qat.blockwise import block_reconstruct
-
-        block_log = block_reconstruct(teacher, student, block_windows(stream, r), r, param_groups,
-                                      Path(ptq.work_dir), fingerprint, progress)
     opt = torch.optim.AdamW(param_groups(student, r), betas=(0.9, 0.95), weight_decay=0.0)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
@@ -431,13 +419,14 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
 
         gguf_type, scheme = EXPORTS[r.format_name]
         files["gguf"] = str(export_gguf(src, out / f"{name}-{gguf_type}.gguf", type=gguf_type, overwrite=True))
-        files["safetensors"] = str(export_compressed_tensors(src, out / "safetensors", scheme=scheme,
-                                                             group_size=32, overwrite=True))
+        if scheme is not None:
+            files["safetensors"] = str(export_compressed_tensors(src, out / "safetensors", scheme=scheme,
+                                                                 group_size=32, overwrite=True))
 
     # 5. held-out quality of GPTQ and QAT against the float model
     report = {"model": name, "recipe": dataclasses.asdict(r), "format": r.format_name, "steps": r.steps,
               "kl_first": log[0]["kl"] if log else None, "kl_last": log[-1]["kl"] if log else None,
-              "log": log, "block_log": block_log, "files": files, "work_dir": str(Path(ptq.work_dir))}
+              "log": log, "files": files, "work_dir": str(Path(ptq.work_dir))}
     if eval_seqs > 0:
         ids = heldout_ids(tok_dir, heldout or default_heldout(), eval_seqs, eval_seq_len, teacher.config.bos_token_id)
         report["ptq"] = compare_logits(teacher, dequantized_model(ptq_src), ids)

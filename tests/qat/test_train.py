@@ -56,8 +56,9 @@ def test_qat_train_writes_exports_and_report(tmp_path, data):
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
-def test_resume_gives_the_uninterrupted_result(tmp_path, data):
-    kw = dict(bits=2, data=data, steps=4, progress=False, export=False, **SMALL)
+@pytest.mark.parametrize("average", [0.0, 0.5])
+def test_resume_gives_the_uninterrupted_result(tmp_path, data, average):
+    kw = dict(bits=2, data=data, steps=4, progress=False, export=False, average=average, **SMALL)
     whole = qat_train("tiny-moe", out=tmp_path / "whole", **kw)
     stopped = qat_train("tiny-moe", out=tmp_path / "cut", stop_after_step=2, **kw)  # saved after step 3 of 4
     assert stopped["stopped_at_step"] == 3
@@ -73,6 +74,37 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, data):
             assert all(torch.equal(pa.data[k], pb.data[k]) for k in pa.data), name
 
 
+def test_weight_average_is_the_ema_of_the_trained_values():
+    from gemmaquant.qat.train import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    avg = WeightAverage(model, decay=0.75)
+    w0 = model.weight.detach().clone()
+    want = w0.clone()
+    for k in range(3):
+        with torch.no_grad():
+            model.weight.add_(float(k + 1))
+        avg.update()
+        want = 0.75 * want + 0.25 * model.weight.detach()
+    assert set(avg.avg) == {"weight"}  # only what trains
+    avg.apply()
+    assert torch.allclose(model.weight, want) and not torch.equal(model.weight, w0 + 6)
+
+
+def test_qat_on_a_gguf_grid_exports_that_gguf_type_exactly(tmp_path, data):
+    rep = qat_train("tiny-moe", bits=4, data=data, steps=2, out=tmp_path, progress=False, weight_format="q4_0",
+                    **SMALL)
+    assert "safetensors" not in rep["files"]  # Q4_0's fp16 scales and code -8 are not W4A16's grid
+    values = packed_of(rep["files"]["quantized"])
+    q = values["layers.1.self_attn.q_proj.weight"]
+    assert q.fmt == get_format("q4_0") and rep["files"]["gguf"].endswith("-Q4_0.gguf")
+    m = gemmaquant.load(rep["files"]["gguf"])
+    assert torch.equal(m.layers[1].self_attn.q_proj.weight, q.fmt.dequantize(q))
+    e = values["layers.2.experts.gate_up_proj"]
+    assert torch.equal(m.layers[2].experts.gate_up_proj[3], e[3].fmt.dequantize(e[3]))
+
+
 def test_bad_input(tmp_path, data):
     short = tmp_path / "short.txt"
     short.write_text("Just a few words of training text.\n")
@@ -84,6 +116,8 @@ def test_bad_input(tmp_path, data):
         qat_train("tiny-moe", bits=4, data=data, steps=2, out=tmp_path / "c", weight_format="q4_k", **SMALL)
     with pytest.raises(QATError, match="not found"):
         qat_train("tiny-moe", bits=4, data=tmp_path / "missing.txt", steps=2, out=tmp_path / "d", **SMALL)
+    with pytest.raises(QATError, match="average"):
+        qat_train("tiny-moe", bits=4, data=data, steps=2, out=tmp_path / "e", average=1.0, **SMALL)
 
 
 def test_cli_reports_bad_data_in_one_line(tmp_path):
@@ -113,9 +147,11 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gemmaquant.qat, "qat_train", fake_train)
     args = ["qat", "tiny-edge", "--data", str(tmp_path / "d.txt"), "--steps", "3", "--out", str(tmp_path / "o")]
-    res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4"])
+    res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4", "--format", "q4_0",
+                                          "--average", "0.99"])
     assert res.exit_code == 0, res.output
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
+    assert seen["weight_format"] == "q4_0" and seen["average"] == 0.99
     seen.clear()
     res = CliRunner().invoke(app, args + ["--overwrite"])
-    assert res.exit_code == 0 and "lr" not in seen and "batch_size" not in seen  # the recipe's defaults apply
+    assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
