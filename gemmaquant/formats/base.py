@@ -124,6 +124,27 @@ class QuantFormat:
         raise NotImplementedError
 
 
+class ReferenceQuantizer(QuantFormat):
+    """A format whose fit is a port of llama.cpp's quantizer (the GGUF block types): `_reference(w, importance)`
+    chooses the codes and the block parameters together, so `quantize` keeps its codes (llama.cpp's own
+    rounding, byte for byte) instead of re-encoding on the parameters; given `params`, it encodes as usual."""
+
+    def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:
+        if params is not None:
+            return super().quantize(w, params)
+        self.check(w)
+        codes, params = self._reference(w.float(), importance)
+        return self.pack(codes, params)
+
+    def fit(self, w: Tensor, importance: Tensor | None = None) -> dict:
+        self.check(w)
+        return self._reference(w.float(), importance)[1]
+
+    def _reference(self, w: Tensor, importance: Tensor | None) -> tuple[Tensor, dict]:
+        """w [N, K] fp32 -> (int32 codes [N, K], params)."""
+        raise NotImplementedError
+
+
 def weighted_importance(w: Tensor, importance: Tensor | None) -> Tensor:
     """[N, K] weights for the block fits: importance per input channel (imatrix) or per element, else ones."""
     return torch.ones_like(w) if importance is None else check_importance(importance, w)

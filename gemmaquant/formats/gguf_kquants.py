@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gemmaquant.formats.base import Packed, QuantFormat, check_importance
+from gemmaquant.formats.base import Packed, ReferenceQuantizer, check_importance
 from gemmaquant.formats.ggml_ref import (GROUP_MAX_EPS, div, make_qkx_quants, make_qp_quants, make_qx_quants, max_abs, nearest_int,
                                          seqsum, sqrtf)
 
@@ -60,7 +60,7 @@ def unpack_scales(b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass(frozen=True)
-class KQuant(QuantFormat):
+class KQuant(ReferenceQuantizer):
     """One of Q4_K, Q5_K, Q6_K (type_name); the affine block is the sub-block (32, or 16 for Q6_K)."""
 
     type_name: str = "Q4_K"
@@ -77,17 +77,6 @@ class KQuant(QuantFormat):
     bits = property(lambda self: LAYOUT[self.type_name][2] * 8 / QK)
     qmax = property(lambda self: LAYOUT[self.type_name][1])
     row_block = property(lambda self: QK)
-
-    def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:
-        if params is not None:
-            return super().quantize(w, params)
-        self.check(w)
-        codes, params = self._reference(w.float(), importance)
-        return self.pack(codes, params)
-
-    def fit(self, w: Tensor, importance: Tensor | None = None) -> dict:
-        self.check(w)
-        return self._reference(w.float(), importance)[1]
 
     def _reference(self, w: Tensor, importance: Tensor | None) -> tuple[Tensor, dict]:
         """llama.cpp quantize_row_*_K_ref (importance None) or quantize_row_*_K_impl -> (codes [N, K], params)."""

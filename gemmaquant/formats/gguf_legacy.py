@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gemmaquant.formats.base import Packed, QuantFormat, check_importance
+from gemmaquant.formats.base import Packed, ReferenceQuantizer, check_importance
 from gemmaquant.formats.ggml_ref import div, first_min, make_qkx_quants, make_qx_quants, max_abs, roundf, seqsum, sqrtf
 
 # type -> (block bytes, has min m, bits, code offset: w = d * (q - offset) for the symmetric types)
@@ -34,7 +34,7 @@ LAYOUT = {"Q8_0": (34, False, 8, 0), "Q4_0": (18, False, 4, 8), "Q4_1": (20, Tru
 
 
 @dataclass(frozen=True)
-class GGUFLegacy(QuantFormat):
+class GGUFLegacy(ReferenceQuantizer):
     type_name: str = "Q4_0"
     block = 32
 
@@ -46,17 +46,6 @@ class GGUFLegacy(QuantFormat):
     name = property(lambda self: self.type_name.lower())
     bits = property(lambda self: LAYOUT[self.type_name][0] * 8 / 32)
     zero_code = property(lambda self: LAYOUT[self.type_name][3])  # what ggml stores for an all-zero block
-
-    def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:
-        if params is not None:
-            return super().quantize(w, params)
-        self.check(w)
-        codes, params = self._reference(w.float(), importance)
-        return self.pack(codes, params)
-
-    def fit(self, w: Tensor, importance: Tensor | None = None) -> dict:
-        self.check(w)
-        return self._reference(w.float(), importance)[1]
 
     def _reference(self, w: Tensor, importance: Tensor | None) -> tuple[Tensor, dict]:
         """ggml quantize_row_*_ref, or llama.cpp quantize_row_*_impl with importance -> (codes [N, K], params)."""
