@@ -18,8 +18,8 @@ from gemmaquant.qat.fake_quant import FakeQuant, fake_quantize
 from gemmaquant.qat.prepare import (QATError, checkpoint_name, convert, fake_quantizers, latent_weights, prepare_qat,
                                     qat_plan, scale_parameters)
 from gemmaquant.qat.source import ModelSource, dequantized_model, export_source, write_work_dir
-from gemmaquant.qat.train import BITS_FORMAT, QATRecipe, distill_loss, qat_train
+from gemmaquant.qat.train import BITS_FORMAT, QATRecipe, WeightAverage, distill_loss, qat_train
 
 __all__ = ["prepare_qat", "convert", "export_source", "qat_train", "QATRecipe", "QATError", "fake_quantize",
            "FakeQuant", "fake_quantizers", "scale_parameters", "latent_weights", "qat_plan", "checkpoint_name",
-           "ModelSource", "write_work_dir", "dequantized_model", "distill_loss", "BITS_FORMAT"]
+           "ModelSource", "write_work_dir", "dequantized_model", "distill_loss", "BITS_FORMAT", "WeightAverage"]

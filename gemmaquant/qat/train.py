@@ -10,7 +10,9 @@
                   + router_weight * KL of the router distributions (MoE)
         AdamW on the latent weights (lr), the block scales (scale_lr), the float norms / router (float_lr) and
         the embeddings (embed_lr), linear warm-up then cosine decay to min_lr_ratio, gradient clipping
-        every save_every steps: model + optimizer state to one safetensors file (resumable, no pickle)
+        avg     = average * avg + (1 - average) * trained values (latent weights, scales, floats, embeddings)
+        every save_every steps: model, average + optimizer state to one safetensors file (resumable, no pickle)
+    trained values <- avg (the moving average is what is exported)
     convert -> Packed values -> work directory + GGUF + compressed-tensors (the PTQ exporters), held-out report
 
 The embeddings train too: tied to the output head, they are the largest lever on the logits, and they are
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gemmaquant.formats import FORMATS
 from gemmaquant.qat.prepare import QATError, convert, latent_weights, prepare_qat, scale_parameters
 
 BITS_FORMAT = {8: "int8", 4: "int4_g32_sym", 3: "int3_g32_sym", 2: "int2_g32_asym"}
@@ -43,8 +46,7 @@ BITS_FORMAT = {8: "int8", 4: "int4_g32_sym", 3: "int3_g32_sym", 2: "int2_g32_asy
 # A GGUF block format (weight_format="q4_0", "q4_k", ...) trains on llama.cpp's own grid: Q4_0 uses all 16 codes
 # and fp16 scales, where int4_g32_sym leaves the code -8 unused and keeps bf16 scales (vLLM's W4A16 layout).
 EXPORTS = {"int4_g32_sym": ("Q4_0", "W4A16"), "int8": ("Q8_0", "W8A16"),
-           **{t.lower(): (t, None) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                                             "Q6_K")}}
+           **{name: (fmt.type_name, None) for name, fmt in FORMATS.items() if hasattr(fmt, "type_name")}}
 CHECKPOINT = "qat-checkpoint.safetensors"
 
 
@@ -269,7 +271,8 @@ class WeightAverage:
     """Exponential moving average of the trained parameters (Polyak averaging), swapped in before `convert`.
     With a straight-through estimator, latent weights near a rounding threshold oscillate across it from step to
     step, and the last step's side is chance (Nagel et al. 2022, "Overcoming Oscillations in QAT"); the average
-    rounds to the side where the weight spent its time, and averages out the gradient noise of the rest."""
+    rounds to the side where the weight spent its time, and averages out the gradient noise of the rest.
+    Memory: one fp32 copy of every trained tensor (as much again as one of AdamW's two moment buffers)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
