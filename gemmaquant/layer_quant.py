@@ -42,8 +42,11 @@ def _param(layer: DecoderLayer, name: str) -> torch.nn.Parameter:
 
 
 def _quantize_matrix(w: Tensor, fmt, method: str, stats, recipe: Recipe, name: str = "",
-                     awq_scale: Tensor | None = None):
+                     awq_scale: Tensor | None = None, factors: dict | None = None):
+    """One matrix -> Packed. factors: {id(stats): HessianFactor}, so that the matrices reading the same inputs
+    (q/k/v, gate/up) share one factorization of their Hessian under GPTQ."""
     from gemmaquant.algorithms import awq_clip, gptq, rtn
+    from gemmaquant.algorithms.gptq import HessianFactor
 
     if stats is None or stats.n == 0 or method == "rtn":
         return rtn(w, fmt)
@@ -57,6 +60,10 @@ def _quantize_matrix(w: Tensor, fmt, method: str, stats, recipe: Recipe, name: s
     H = stats.hessian
     if method == "imatrix":
         return rtn(w, fmt, importance=torch.diagonal(H).clone())
+    if factors is not None:
+        if id(stats) not in factors:
+            factors[id(stats)] = HessianFactor(H.to(w.device), recipe.damp, recipe.act_order)
+        H = factors[id(stats)]
     return gptq(w, H, fmt, damp=recipe.damp, block_size=recipe.block_size, act_order=recipe.act_order)
 
 
@@ -127,6 +134,7 @@ def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, Tenso
     awq = apply_awq(layer, stats, plan, recipe) if recipe.method == "awq" else {}
     values, sqnr = {}, {}
     expert_sqnr: dict[str, list[float]] = {}
+    factors: dict[int, object] = {}  # GPTQ's Hessian factors of the shared (non-expert) inputs, for this layer
     for name, p in plan.items():
         t = _param(layer, name) if _exists(layer, name) else None
         if t is None:
@@ -143,7 +151,8 @@ def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, Tenso
             expert_sqnr[name] = [sqnr_db(t[e], w_hat[e]) for e in range(t.shape[0])]
         else:
             group = group_of(name)
-            pk = _quantize_matrix(t.float(), p.fmt, recipe.method, stats.inputs.get(group), recipe, name, awq.get(group))
+            pk = _quantize_matrix(t.float(), p.fmt, recipe.method, stats.inputs.get(group), recipe, name,
+                                  awq.get(group), factors)
             w_hat = pk.fmt.dequantize(pk)
             values[name] = pk
         sqnr[name] = sqnr_db(t, w_hat)

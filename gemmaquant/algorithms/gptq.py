@@ -144,13 +144,41 @@ class _Grid:
         return q, s * q + o
 
 
+class HessianFactor:
+    """What GPTQ needs of a Hessian, computed once for every matrix that reads the same inputs (q/k/v share one
+    H, gate/up another): the dead columns, the sweep order and the Cholesky factor U of the damped inverse in
+    that order. `gptq(w, HessianFactor(H, damp, act_order), fmt, ...)` uses it as it is."""
+
+    @torch.no_grad()
+    def __init__(self, H: Tensor, damp: float, act_order: bool):
+        check_finite(H, "H")
+        if damp < 0:
+            raise ValueError(f"damp must be non-negative, got {damp}")
+        H = H.detach().to(H.device, torch.float64, copy=True)  # [K, K]
+        K = H.shape[0]
+        self.K, self.damp_asked, self.act_order = K, float(damp), act_order
+        self.dead = H.diagonal() == 0  # [K]
+        H[self.dead, self.dead] = 1.0  # the diagonal entries of dead columns
+        self.diag = H.diagonal().float().clone()  # [K] for importance_params
+        if act_order:
+            self.perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # [K] position -> column
+            H = H[self.perm[:, None], self.perm[None, :]]
+        else:
+            self.perm = torch.arange(K, device=H.device)
+        U, self.damp = damped_inverse_cholesky(H, damp)
+        del H
+        self.U = U.float()  # [K, K] upper, fp32 for the sweep
+
+
 @torch.no_grad()
-def gptq(w: Tensor, H: Tensor, fmt, *, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
-         static_groups: bool = True, importance_params: bool = False):
+def gptq(w: Tensor, H: Tensor | HessianFactor, fmt, *, damp: float = 0.01, block_size: int = 128,
+         act_order: bool = True, static_groups: bool = True, importance_params: bool = False):
     """GPTQ-quantize `w` onto `fmt`'s grid, minimising ||(W - W_hat) X^T|| for the inputs X behind `H`.
 
     w: [N, K] weight (out_features x in_features), any float dtype, on any device.
-    H: [K, K] Hessian proxy X^T X (any positive scale: X^T X / n, 2 X^T X / n, ...), same device.
+    H: [K, K] Hessian proxy X^T X (any positive scale: X^T X / n, 2 X^T X / n, ...), same device; or its
+        `HessianFactor(H, damp, act_order)`, shared by the matrices that read the same inputs (then its damp
+        and act_order apply).
     fmt: a gemmaquant.formats QuantFormat (int4 g32/g128, IntGroup 2..8 bit, Q4_0 ... Q6_K).
     damp: relative dampening, damp * mean(diag H) is added to diag H (retried larger if H is not PD).
     block_size: columns per lazy batch update (speed only; results agree up to fp32 rounding).
@@ -163,14 +191,15 @@ def gptq(w: Tensor, H: Tensor, fmt, *, damp: float = 0.01, block_size: int = 128
     if w.ndim != 2:
         raise ValueError(f"w must be a 2-D [N, K] matrix, got shape {tuple(w.shape)}")
     N, K = w.shape
-    if tuple(H.shape) != (K, K):
-        raise ValueError(f"H must be [K, K] = [{K}, {K}] for w of shape {tuple(w.shape)}, got {tuple(H.shape)}")
+    shape = (H.K, H.K) if isinstance(H, HessianFactor) else tuple(H.shape)
+    if shape != (K, K):
+        raise ValueError(f"H must be [K, K] = [{K}, {K}] for w of shape {tuple(w.shape)}, got {shape}")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    if damp < 0:
-        raise ValueError(f"damp must be non-negative, got {damp}")
     check_finite(w, "w")
-    check_finite(H, "H")
+    if not isinstance(H, HessianFactor):
+        H = HessianFactor(H.to(w.device), damp, act_order)
+    act_order = H.act_order
     unit = _fit_unit(fmt, K)
     dynamic = not static_groups and unit < K
     if dynamic and act_order:
@@ -179,11 +208,8 @@ def gptq(w: Tensor, H: Tensor, fmt, *, damp: float = 0.01, block_size: int = 128
 
     dev = w.device
     W = w.detach().to(dev, torch.float32, copy=True)  # [N, K]
-    H = H.detach().to(dev, torch.float64, copy=True)  # [K, K]
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0  # the diagonal entries of dead columns
-    W[:, dead] = 0.0
-    importance = H.diagonal().float() if importance_params else None
+    W[:, H.dead] = 0.0
+    importance = H.diag if importance_params else None
 
     if dynamic:  # block boundaries on fit-unit boundaries, so a unit is fit from fully updated columns
         block_size = max(unit, block_size // unit * unit)
@@ -193,20 +219,14 @@ def gptq(w: Tensor, H: Tensor, fmt, *, damp: float = 0.01, block_size: int = 128
         params = fmt.fit(W, importance=importance)
         grid = _Grid(fmt, params, K)
 
-    if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # [K] position -> original column
-        H = H[perm[:, None], perm[None, :]]
-    else:
-        perm = torch.arange(K, device=dev)
+    perm = H.perm
     cols = perm.tolist()
     # The sweep works on W^T (sweep position, row): a column of W is a contiguous row, and the in-block
     # rank-1 updates touch contiguous memory.
     WT = W.T[perm].contiguous()  # [K, N] in sweep order
     del W
 
-    U, _ = damped_inverse_cholesky(H, damp)
-    del H
-    U = U.float()  # [K, K] upper, fp32 for the sweep
+    U = H.U  # [K, K] upper, fp32
 
     codesT = torch.empty(K, N, dtype=torch.float32, device=dev)  # [K, N] in original column order
     for i1 in range(0, K, block_size):

@@ -180,3 +180,21 @@ def test_damp_retry_then_failure(prob):
     assert torch.isfinite(f.dequantize(p)).all()
     with pytest.raises(ValueError, match="not positive definite"):
         gptq(w, -torch.eye(K), f)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_shared_hessian_factor_gives_the_same_codes(prob, act_order):
+    """q/k/v (and gate/up) read the same inputs: one HessianFactor serves them all, with the result of
+    factoring H for each matrix on its own."""
+    from gemmaquant.algorithms import HessianFactor
+
+    w, _, H = prob
+    H = H.clone()
+    H[:, 7] = H[7, :] = 0.0  # a dead input: the factor carries it
+    f = fmt("int4_g32_sym")
+    shared = HessianFactor(H, 0.01, act_order)
+    for rows in (w, w.flip(0) * 0.5):
+        a, b = gptq(rows, H, f, act_order=act_order), gptq(rows, shared, f)
+        assert all(torch.equal(a.data[k], b.data[k]) for k in a.data)
+    with pytest.raises(ValueError, match="H must be"):
+        gptq(w[:, :256], shared, f)
