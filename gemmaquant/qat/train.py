@@ -73,7 +73,7 @@ class QATRecipe:
     calib_seq_len: int = 256
     save_every: int = 50
     seed: int = 0
-    average: float = 0.99  # decay of the moving average of the trained values that is exported (0: the last step)
+    average: float = 0.99  # decay of the moving average that is exported (0: the last step); see average_decay
 
     def __post_init__(self):
         if self.weight_format is None and self.bits not in BITS_FORMAT:
@@ -267,6 +267,12 @@ def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerp
     return int(meta["step"]), json.loads(meta["log"])
 
 
+def average_decay(r: QATRecipe) -> float:
+    """The recipe's EMA decay, capped so that the average spans at most the last fifth of the run
+    (1 / (1 - decay) <= steps / 5): 0.99 from 500 steps on, as measured; a short run is not left at its start."""
+    return max(0.0, min(r.average, 1.0 - 5.0 / r.steps))
+
+
 class WeightAverage:
     """Exponential moving average of the trained parameters (Polyak averaging), swapped in before `convert`.
     With a straight-through estimator, latent weights near a rounding threshold oscillate across it from step to
@@ -369,7 +375,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     opt = torch.optim.AdamW(param_groups(student, r), betas=(0.9, 0.95), weight_decay=0.0)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
-    average = WeightAverage(student, r.average) if r.average > 0 else None
+    decay = average_decay(r)
+    average = WeightAverage(student, decay) if decay > 0 else None
     start, log = (load_state(ckpt, student, opt, fingerprint, average) if ckpt.is_file() else (0, []))
 
     # 3. distillation

@@ -58,10 +58,10 @@ def test_qat_train_writes_exports_and_report(tmp_path, data):
 
 @pytest.mark.parametrize("average", [0.0, 0.5])
 def test_resume_gives_the_uninterrupted_result(tmp_path, data, average):
-    kw = dict(bits=2, data=data, steps=4, progress=False, export=False, average=average, **SMALL)
+    kw = dict(bits=2, data=data, steps=12, progress=False, export=False, average=average, **SMALL)
     whole = qat_train("tiny-moe", out=tmp_path / "whole", **kw)
-    stopped = qat_train("tiny-moe", out=tmp_path / "cut", stop_after_step=2, **kw)  # saved after step 3 of 4
-    assert stopped["stopped_at_step"] == 3
+    stopped = qat_train("tiny-moe", out=tmp_path / "cut", stop_after_step=6, **kw)  # saved after step 7 of 12
+    assert stopped["stopped_at_step"] == 7
     resumed = qat_train("tiny-moe", out=tmp_path / "cut", **kw)
     assert [x["loss"] for x in resumed["log"]] == [x["loss"] for x in whole["log"]]
     a, b = packed_of(whole["files"]["quantized"]), packed_of(resumed["files"]["quantized"])
@@ -90,6 +90,14 @@ def test_weight_average_is_the_ema_of_the_trained_values():
     assert set(avg.avg) == {"weight"}  # only what trains
     avg.apply()
     assert torch.allclose(model.weight, want) and not torch.equal(model.weight, w0 + 6)
+
+
+def test_average_spans_at_most_the_last_fifth_of_the_run():
+    from gemmaquant.qat.train import QATRecipe, average_decay
+
+    assert average_decay(QATRecipe(steps=500)) == 0.99 and average_decay(QATRecipe(steps=5000)) == 0.99
+    assert average_decay(QATRecipe(steps=100)) == 0.95 and average_decay(QATRecipe(steps=3)) == 0.0
+    assert average_decay(QATRecipe(steps=100, average=0.0)) == 0.0
 
 
 def test_qat_on_a_gguf_grid_exports_that_gguf_type_exactly(tmp_path, data):
