@@ -5,13 +5,15 @@ For every fixture (tiny-dense, tiny-moe, tiny-edge) and bit width (4, 3, 2; form
     GPTQ   the PTQ pipeline (gemmaquant.quantize, method gptq, calibrated on train.txt): QAT's starting point
     QAT    gemmaquant.qat.qat_train: --steps steps of distillation from the float model, from the GPTQ result
 each measured against the float fixture on the first --eval-seqs x 128 tokens of heldout.txt (documents none of
-the fixtures was trained on). "gap recovered" = 1 - KL(QAT) / KL(GPTQ).
+the fixtures was trained on). "recovered vs RTN" = 1 - KL(QAT) / KL(RTN), "vs GPTQ" = 1 - KL(QAT) / KL(GPTQ) (the
+variants table's "gap recovered"). With --format (e.g. q4_0) every model is on that grid and RTN is its own fit.
 
     python benchmarks/bench_qat.py                          # everything, 1 thread (about an hour on one core)
     python benchmarks/bench_qat.py --fixtures tiny-moe --bits 4
     python benchmarks/bench_qat.py --table-only             # rebuild the table from the saved runs
+    python benchmarks/bench_qat.py --bits 4 --format q4_0   # QAT on llama.cpp's Q4_0 grid
     python benchmarks/bench_qat.py --fixtures tiny-edge --bits 4 --set lr=0 --set scale_lr=0.01 --tag scales-only
-Each run is saved as benchmarks/results/qat/<fixture>-int<bits>.json; the table goes to
+Each run is saved as benchmarks/results/qat/<fixture>-int<bits>.json (or <fixture>-<format>.json); the table goes to
 benchmarks/results/qat.json and qat.md, and into docs/qat.md between the qat-table markers. A run with recipe
 overrides (--set, named by --tag) is saved as results/qat/variants/<fixture>-int<bits>-<tag>.json and tabulated
 against the default recipe's run between the qat-variants markers.
@@ -161,7 +163,7 @@ def main():
                     (VARIANTS / f"{stem}-{a.tag}.json").write_text(json.dumps(res, indent=2))
                 else:
                     (RUNS / f"{stem}.json").write_text(json.dumps(res, indent=2))
-                print(f"{fx} int{bits}: KL GPTQ {res['gptq']['kl_mean']:.5f} -> QAT {res['qat']['kl_mean']:.5f} "
+                print(f"{stem}: KL GPTQ {res['gptq']['kl_mean']:.5f} -> QAT {res['qat']['kl_mean']:.5f} "
                       f"({time.time() - t:.0f} s)", flush=True)
     runs = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
     variants = [json.loads(p.read_text()) for p in sorted(VARIANTS.glob("*.json"))]

@@ -129,8 +129,8 @@ def qat(
     batch_size: Optional[int] = typer.Option(None, help="sequences per step (default 8)"),
     weight_format: Optional[str] = typer.Option(None, "--format", help="train on this format's grid instead of "
                                                 "--bits' default, e.g. q4_0 (llama.cpp's Q4_0; GGUF export only)"),
-    average: Optional[float] = typer.Option(None, help="export an exponential moving average of the trained "
-                                            "values with this decay, e.g. 0.99 (default: the last step's)"),
+    average: Optional[float] = typer.Option(None, help="decay of the moving average of the trained values "
+                                            "that is exported (default 0.99; 0 exports the last step)"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json"),
 ):

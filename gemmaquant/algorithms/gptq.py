@@ -156,7 +156,7 @@ class HessianFactor:
             raise ValueError(f"damp must be non-negative, got {damp}")
         H = H.detach().to(H.device, torch.float64, copy=True)  # [K, K]
         K = H.shape[0]
-        self.K, self.damp_asked, self.act_order = K, float(damp), act_order
+        self.K, self.act_order = K, act_order
         self.dead = H.diagonal() == 0  # [K]
         H[self.dead, self.dead] = 1.0  # the diagonal entries of dead columns
         self.diag = H.diagonal().float().clone()  # [K] for importance_params
@@ -165,7 +165,7 @@ class HessianFactor:
             H = H[self.perm[:, None], self.perm[None, :]]
         else:
             self.perm = torch.arange(K, device=H.device)
-        U, self.damp = damped_inverse_cholesky(H, damp)
+        U, self.damp = damped_inverse_cholesky(H, damp)  # the damp used (raised when H + damp I was not PD)
         del H
         self.U = U.float()  # [K, K] upper, fp32 for the sweep
 
