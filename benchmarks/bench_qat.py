@@ -38,7 +38,10 @@ VARIANTS = RUNS / "variants"
 START, END = "<!-- qat-table:start -->", "<!-- qat-table:end -->"
 VSTART, VEND = "<!-- qat-variants:start -->", "<!-- qat-variants:end -->"
 FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
-LATER_FIELDS = {"average": 0.0}  # QATRecipe fields added after some saved runs: their value before
+# What a saved run that does not record a field ran with: runs without a "recipe" ran on the defaults before
+# session 5 (PAST_DEFAULTS) plus their overrides; "average" did not exist before session 4 (0.0 = off).
+PAST_DEFAULTS = {"lr": 0.01, "scale_lr": 0.003, "router_weight": 10.0, "average": 0.0}
+NOT_RECIPE = ("bits", "weight_format", "save_every", "seed")  # shown in other columns, or no effect on results
 
 
 def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict | None = None,
@@ -68,40 +71,65 @@ def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict
             "recipe": rep["recipe"]}
 
 
+def recipe_changes(run: dict) -> dict:
+    """The QATRecipe fields (steps included) in which a saved run differs from today's default recipe."""
+    import dataclasses
+
+    from gemmaquant.qat.train import QATRecipe
+
+    default = dataclasses.asdict(QATRecipe())
+    ran = dict(default)
+    if "recipe" in run:
+        ran.update(run["recipe"])
+        ran["average"] = run["recipe"].get("average", PAST_DEFAULTS["average"])
+    else:
+        ran.update(PAST_DEFAULTS)
+    ran.update(run.get("overrides") or {})
+    ran["steps"] = run["steps"]
+    overrides = run.get("overrides") or {}
+    changes = {k: v for k, v in ran.items()  # (fields since removed count only where a run set them)
+               if k not in NOT_RECIPE and (k in default or k in overrides) and v != default.get(k, object())}
+    if "moe" not in run["fixture"]:  # no router: the routing term does nothing
+        changes.pop("router_weight", None)
+    return changes
+
+
+def _changes_text(changes: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(changes.items())) or "default"
+
+
 def table(runs: list[dict]) -> str:
-    head = ("| fixture | bits (format) | float PPL | RTN KL | GPTQ KL | QAT KL | recovered vs RTN | vs GPTQ "
-            "| top-1 GPTQ → QAT | PPL GPTQ → QAT | QAT s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| fixture | bits (format) | recipe | float PPL | RTN KL | GPTQ KL | QAT KL | recovered vs RTN | vs GPTQ "
+            "| top-1 GPTQ → QAT | PPL GPTQ → QAT | QAT s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in runs:
         g, q, rtn = r["gptq"], r["qat"], r["rtn"]["kl_mean"]
-        rows.append(f"| {r['fixture']} | {r['bits']} ({r['format']}) | {q['ppl_ref']:.2f} | {rtn:.4f} "
+        rows.append(f"| {r['fixture']} | {r['bits']} ({r['format']}) | {_changes_text(recipe_changes(r))} "
+                    f"| {q['ppl_ref']:.2f} | {rtn:.4f} "
                     f"| {g['kl_mean']:.4f} | **{q['kl_mean']:.4f}** | {100 * (1 - q['kl_mean'] / rtn):.0f}% "
                     f"| {100 * (1 - q['kl_mean'] / g['kl_mean']):.0f}% "
                     f"| {100 * g['top1']:.1f}% → {100 * q['top1']:.1f}% | {g['ppl_test']:.2f} → {q['ppl_test']:.2f} "
                     f"| {r['seconds']:.0f} |")
     steps = sorted({r["steps"] for r in runs})
     toks = sorted({r["eval_tokens"] for r in runs})
-    note = (f"\n\n{', '.join(map(str, steps))} QAT steps of 8 x 128 tokens; KL(float ‖ quantized) per token, mean over "
+    note = (f"\n\n\"recipe\": how the run differs from today's default recipe (1000 steps, lr 0.0025, scale_lr "
+            f"0.00075, router_weight 160, average 0.99). {', '.join(map(str, steps))} QAT steps of 8 x 128 tokens; KL(float ‖ quantized) per token, mean over "
             f"{', '.join(map(str, toks))} held-out predictions; one CPU thread ({platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}). Regenerate: `python benchmarks/bench_qat.py`.")
     return head + "\n" + "\n".join(rows) + note
 
 
 def variants_table(variants: list[dict], runs: list[dict]) -> str:
-    from gemmaquant.qat.train import QATRecipe
-
     base = {(r["fixture"], r["format"]): r for r in runs}
-    head = ("| fixture | format | recipe change | steps | GPTQ KL | QAT KL | gap recovered | default recipe's |\n"
+    head = ("| fixture | format | recipe change | steps | GPTQ KL | QAT KL | gap recovered | table's run |\n"
             "|---|---|---|---|---|---|---|---|")
     rows = []
     for v in variants:
         g, q, b = v["gptq"]["kl_mean"], v["qat"]["kl_mean"], base.get((v["fixture"], v["format"]))
         ref = f"{100 * (1 - b['qat']['kl_mean'] / b['gptq']['kl_mean']):.0f}%" if b else "-"
-        changes = dict(v["overrides"])
-        for k, before in LATER_FIELDS.items():  # a run from before the field existed had its old behaviour
-            if k not in changes and v.get("recipe", {}).get(k, before) != getattr(QATRecipe(), k):
-                changes[k] = v.get("recipe", {}).get(k, before)
-        change = ", ".join(f"{k}={val}" for k, val in sorted(changes.items())) or "(steps only)"
+        changes = recipe_changes(v)
+        changes.pop("steps", None)  # its own column
+        change = _changes_text(changes)
         rows.append(f"| {v['fixture']} | {v['format']} | {change} | {v['steps']} | {g:.4f} | **{q:.4f}** "
                     f"| {100 * (1 - q / g):.0f}% | {ref} |")
     return head + "\n" + "\n".join(rows)
@@ -120,8 +148,8 @@ def write_table(runs: list[dict], variants: list[dict] = ()) -> str:
     md = table(runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "qat.json").write_text(json.dumps(runs, indent=2))
-    variants = sorted(variants, key=lambda v: (order.get(v["fixture"], 9), -v["bits"], v["format"],
-                                               sorted(map(str, v["overrides"].items()))))
+    variants = sorted(variants, key=lambda v: (order.get(v["fixture"], 9), -v["bits"], v["format"], v["steps"],
+                                               _changes_text(recipe_changes(v))))
     vmd = variants_table(variants, runs) if variants else ""
     (RESULTS / "qat.md").write_text("# QAT vs PTQ on the trained fixtures\n\n" + md + "\n"
                                     + (f"\n## Recipe variations\n\n{vmd}\n" if vmd else ""))
@@ -135,7 +163,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fixtures", nargs="+", default=list(FIXTURES))
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--eval-seqs", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table-only", action="store_true")

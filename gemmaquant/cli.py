@@ -122,10 +122,10 @@ def variants(as_json: bool = typer.Option(False, "--json")):
 def qat(
     model: str = typer.Argument(...),
     bits: int = typer.Option(4), data: Path = typer.Option(..., help="training text"),
-    steps: int = typer.Option(200), out: Path = typer.Option(...),
-    lr: Optional[float] = typer.Option(None, help="latent-weight rate in grid steps per step (default 0.01); 0 "
+    steps: int = typer.Option(1000), out: Path = typer.Option(...),
+    lr: Optional[float] = typer.Option(None, help="latent-weight rate in grid steps per step (default 0.0025); 0 "
                                                   "keeps GPTQ's weights and trains the scales (docs/qat.md)"),
-    scale_lr: Optional[float] = typer.Option(None, help="block-scale rate in grid steps per step (default 0.003)"),
+    scale_lr: Optional[float] = typer.Option(None, help="block-scale rate in grid steps per step (default 0.00075)"),
     batch_size: Optional[int] = typer.Option(None, help="sequences per step (default 8)"),
     weight_format: Optional[str] = typer.Option(None, "--format", help="train on this format's grid instead of "
                                                 "--bits' default, e.g. q4_0 (llama.cpp's Q4_0; GGUF export only)"),

@@ -1,0 +1,40 @@
+"""benchmarks/bench_qat.py labels every saved run with how its recipe differs from today's default: a row that
+ran an older default must not be shown as the default (the table mixes runs from several recipe versions)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+from gemmaquant.qat.train import QATRecipe
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_qat", Path(__file__).resolve().parents[2] / "benchmarks" / "bench_qat.py")
+bench_qat = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_qat)
+
+
+def test_a_run_of_todays_default_is_labelled_default():
+    run = {"fixture": "tiny-moe", "steps": QATRecipe().steps, "recipe": dataclasses.asdict(QATRecipe())}
+    assert bench_qat.recipe_changes(run) == {}
+    assert bench_qat._changes_text(bench_qat.recipe_changes(run)) == "default"
+
+
+def test_a_run_without_a_recorded_recipe_ran_the_past_defaults_and_its_overrides():
+    run = {"fixture": "tiny-moe", "steps": 500, "overrides": {"lr": 0.0, "batch_size": 16}}
+    assert bench_qat.recipe_changes(run) == {"lr": 0.0, "batch_size": 16, "scale_lr": 0.003, "router_weight": 10.0,
+                                             "average": 0.0, "steps": 500}
+
+
+def test_router_weight_is_not_a_difference_without_a_router_and_removed_fields_only_when_set():
+    recipe = dataclasses.asdict(QATRecipe()) | {"router_weight": 10.0, "block_steps": 0}  # recorded by an old run
+    assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": recipe}) == {}
+    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": recipe}) == {"router_weight": 10.0}
+    run = {"fixture": "tiny-moe", "steps": 1, "recipe": recipe | {"block_steps": 100}, "overrides": {"block_steps": 100}}
+    assert bench_qat.recipe_changes(run) == {"router_weight": 10.0, "block_steps": 100, "steps": 1}
+
+
+def test_a_recorded_recipe_from_before_the_average_existed_ran_without_it():
+    recipe = {k: v for k, v in dataclasses.asdict(QATRecipe()).items() if k != "average"}
+    assert bench_qat.recipe_changes({"fixture": "tiny-edge", "steps": 1000, "recipe": recipe}) == {"average": 0.0}
