@@ -8,7 +8,7 @@ each measured against the float fixture on the first --eval-seqs x 128 tokens of
 the fixtures was trained on). "recovered vs RTN" = 1 - KL(QAT) / KL(RTN), "vs GPTQ" = 1 - KL(QAT) / KL(GPTQ) (the
 variants table's "gap recovered"). With --format (e.g. q4_0) every model is on that grid and RTN is its own fit.
 
-    python benchmarks/bench_qat.py                          # everything, 1 thread (about an hour on one core)
+    python benchmarks/bench_qat.py                          # everything, 1 thread (about 3 hours on one core)
     python benchmarks/bench_qat.py --fixtures tiny-moe --bits 4
     python benchmarks/bench_qat.py --table-only             # rebuild the table from the saved runs
     python benchmarks/bench_qat.py --bits 4 --format q4_0   # QAT on llama.cpp's Q4_0 grid
