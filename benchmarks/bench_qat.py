@@ -84,14 +84,31 @@ def recipe_changes(run: dict) -> dict:
         ran["average"] = run["recipe"].get("average", PAST_DEFAULTS["average"])
     else:
         ran.update(PAST_DEFAULTS)
-    ran.update(run.get("overrides") or {})
-    ran["steps"] = run["steps"]
     overrides = run.get("overrides") or {}
+    ran.update(overrides)
+    ran["steps"] = run["steps"]
     changes = {k: v for k, v in ran.items()  # (fields since removed count only where a run set them)
                if k not in NOT_RECIPE and (k in default or k in overrides) and v != default.get(k, object())}
-    if "moe" not in run["fixture"]:  # no router: the routing term does nothing
+    if not _has_router(run["fixture"]):  # the routing term does nothing there
         changes.pop("router_weight", None)
     return changes
+
+
+def _has_router(fixture: str) -> bool:
+    from gemmaquant.config import Gemma4Config
+    from gemmaquant.fixtures import fixture_path
+
+    raw = json.loads((Path(str(fixture_path(fixture))) / "config.json").read_text())
+    return Gemma4Config.from_hf_dict(raw).enable_moe_block
+
+
+def _default_text() -> str:
+    import dataclasses
+
+    from gemmaquant.qat.train import QATRecipe
+
+    d = dataclasses.asdict(QATRecipe())
+    return ", ".join(f"{k} {d[k]}" for k in ("steps", "lr", "scale_lr", "router_weight", "average"))
 
 
 def _changes_text(changes: dict) -> str:
@@ -112,8 +129,8 @@ def table(runs: list[dict]) -> str:
                     f"| {r['seconds']:.0f} |")
     steps = sorted({r["steps"] for r in runs})
     toks = sorted({r["eval_tokens"] for r in runs})
-    note = (f"\n\n\"recipe\": how the run differs from today's default recipe (1000 steps, lr 0.0025, scale_lr "
-            f"0.00075, router_weight 160, average 0.99). {', '.join(map(str, steps))} QAT steps of 8 x 128 tokens; KL(float ‖ quantized) per token, mean over "
+    note = (f"\n\n\"recipe\": how the run differs from today's default recipe ({_default_text()}). "
+            f"{', '.join(map(str, steps))} QAT steps of 8 x 128 tokens; KL(float ‖ quantized) per token, mean over "
             f"{', '.join(map(str, toks))} held-out predictions; one CPU thread ({platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}). Regenerate: `python benchmarks/bench_qat.py`.")
     return head + "\n" + "\n".join(rows) + note
