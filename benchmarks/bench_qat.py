@@ -12,6 +12,7 @@ variants table's "gap recovered"). With --format (e.g. q4_0) every model is on t
     python benchmarks/bench_qat.py --fixtures tiny-moe --bits 4
     python benchmarks/bench_qat.py --table-only             # rebuild the table from the saved runs
     python benchmarks/bench_qat.py --bits 4 --format q4_0   # QAT on llama.cpp's Q4_0 grid
+    python benchmarks/bench_qat.py --format Q4_K_M          # on llama.cpp's Q4_K_M mix (each tensor its block type)
     python benchmarks/bench_qat.py --fixtures tiny-edge --bits 4 --set lr=0 --set scale_lr=0.01 --tag scales-only
 Each run is saved as benchmarks/results/qat/<fixture>-int<bits>.json (or <fixture>-<format>.json); the table goes to
 benchmarks/results/qat.json and qat.md, and into docs/qat.md between the qat-table markers. A run with recipe
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import tempfile
 import time
@@ -41,7 +43,7 @@ FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
 # What a saved run that does not record a field ran with: runs without a "recipe" ran on the defaults before
 # session 5 (PAST_DEFAULTS) plus their overrides; "average" did not exist before session 4 (0.0 = off).
 PAST_DEFAULTS = {"lr": 0.01, "scale_lr": 0.003, "router_weight": 10.0, "average": 0.0}
-NOT_RECIPE = ("bits", "weight_format", "save_every", "seed")  # shown in other columns, or no effect on results
+NOT_RECIPE = ("bits", "weight_format", "gguf_type", "save_every", "seed")  # shown in other columns, or no effect on results
 
 
 def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict | None = None,
@@ -49,26 +51,52 @@ def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict
     import gemmaquant
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.fixtures import fixture_path
-    from gemmaquant.qat import BITS_FORMAT, convert, prepare_qat, qat_train
+    from gemmaquant.qat import convert, prepare_qat, qat_train
     from gemmaquant.qat.train import default_heldout
+    from gemmaquant.recipe import Recipe
 
     data = Path(str(fixture_path(fixture))).parent.parent / "calibration" / "data" / "train.txt"
+    grid = {"weight_format": weight_format}
+    if weight_format is not None and is_mix(weight_format):  # a llama.cpp mix: every tensor on its own type
+        grid = {"gguf_type": weight_format.upper()}
+        bits = round(mix_bits(fixture, weight_format), 2)
     with tempfile.TemporaryDirectory() as tmp:
-        rep = qat_train(fixture, bits=bits, data=data, steps=steps, out=tmp, eval_seqs=eval_seqs,
-                        export=False, progress=False, weight_format=weight_format, **(overrides or {}))
+        rep = qat_train(fixture, bits=bits if "weight_format" in grid else 4, data=data, steps=steps, out=tmp,
+                        eval_seqs=eval_seqs, export=False, progress=False, **grid, **(overrides or {}))
     if overrides is not None:  # a variant: QAT against GPTQ only
-        return {"fixture": fixture, "bits": bits, "format": weight_format or BITS_FORMAT[bits], "steps": steps,
+        return {"fixture": fixture, "bits": bits, "format": rep["format"], "steps": steps,
                 "overrides": overrides, "gptq": rep["ptq"], "qat": rep["qat"], "kl_train_first": rep["kl_first"],
                 "kl_train_last": rep["kl_last"], "seconds": rep["seconds"], "recipe": rep["recipe"]}
-    fmt = weight_format or BITS_FORMAT[bits]
+    fmt = rep["format"]
     ref = gemmaquant.load(fixture)
-    rtn = prepare_qat(copy.deepcopy(ref), fmt)
+    rtn = prepare_qat(copy.deepcopy(ref), Recipe(**grid) if "gguf_type" in grid else fmt)
     convert(rtn)
     ids = heldout_ids(fixture_path(fixture), default_heldout(), eval_seqs, 128)
     return {"fixture": fixture, "bits": bits, "format": fmt, "steps": steps, "eval_tokens": eval_seqs * 127,
             "rtn": compare_logits(ref, rtn, ids), "gptq": rep["ptq"], "qat": rep["qat"],
             "kl_train_first": rep["kl_first"], "kl_train_last": rep["kl_last"], "seconds": rep["seconds"],
             "recipe": rep["recipe"]}
+
+
+def is_mix(name: str) -> bool:
+    """A llama.cpp file type / mix (Q4_K_M, Q5_K_S, ...) rather than one gemmaquant format (q4_0, int4_g32_sym)."""
+    from gemmaquant.formats import FORMATS
+
+    return name.lower() not in FORMATS
+
+
+def mix_bits(fixture: str, gguf_type: str) -> float:
+    """Bits per weight of the quantized matrices under a llama.cpp mix on this fixture (its GGUF block sizes)."""
+    from gemmaquant.config import Gemma4Config
+    from gemmaquant.export.gguf_pack import tensor_nbytes
+    from gemmaquant.fixtures import fixture_path
+    from gemmaquant.plan import make_plan
+    from gemmaquant.recipe import Recipe
+
+    raw = json.loads((Path(str(fixture_path(fixture))) / "config.json").read_text())
+    plan = make_plan(Gemma4Config.from_hf_dict(raw), Recipe(gguf_type=gguf_type.upper()))
+    sized = [(tensor_nbytes(p.fmt.type_name, tuple(p.shape)), math.prod(p.shape)) for p in plan.values() if p.fmt]
+    return 8 * sum(b for b, _ in sized) / sum(n for _, n in sized)
 
 
 def recipe_changes(run: dict) -> dict:
@@ -111,6 +139,10 @@ def _default_text() -> str:
     return ", ".join(f"{k} {d[k]}" for k in ("steps", "lr", "scale_lr", "router_weight", "average"))
 
 
+def _bits_text(run: dict) -> str:
+    return f"{run['bits']:.2f} bpw" if is_mix(run["format"]) else str(run["bits"])
+
+
 def _changes_text(changes: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(changes.items())) or "default"
 
@@ -121,7 +153,7 @@ def table(runs: list[dict]) -> str:
     rows = []
     for r in runs:
         g, q, rtn = r["gptq"], r["qat"], r["rtn"]["kl_mean"]
-        rows.append(f"| {r['fixture']} | {r['bits']} ({r['format']}) | {_changes_text(recipe_changes(r))} "
+        rows.append(f"| {r['fixture']} | {_bits_text(r)} ({r['format']}) | {_changes_text(recipe_changes(r))} "
                     f"| {q['ppl_ref']:.2f} | {rtn:.4f} "
                     f"| {g['kl_mean']:.4f} | **{q['kl_mean']:.4f}** | {100 * (1 - q['kl_mean'] / rtn):.0f}% "
                     f"| {100 * (1 - q['kl_mean'] / g['kl_mean']):.0f}% "

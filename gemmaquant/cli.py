@@ -129,6 +129,9 @@ def qat(
     batch_size: Optional[int] = typer.Option(None, help="sequences per step (default 8)"),
     weight_format: Optional[str] = typer.Option(None, "--format", help="train on this format's grid instead of "
                                                 "--bits' default, e.g. q4_0 (llama.cpp's Q4_0; GGUF export only)"),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="train every weight on the block type this "
+                                            "llama.cpp mix gives it (Q4_K_M, Q5_K_M, ...); exports that GGUF "
+                                            "exactly (instead of --bits / --format)"),
     average: Optional[float] = typer.Option(None, help="decay of the moving average of the trained values "
                                             "that is exported (default 0.99; 0 exports the last step)"),
     overwrite: bool = typer.Option(False, "--overwrite"),
@@ -138,7 +141,8 @@ def qat(
     from gemmaquant.workflow import run_qat
 
     res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, lr=lr,
-               scale_lr=scale_lr, batch_size=batch_size, weight_format=weight_format, average=average)
+               scale_lr=scale_lr, batch_size=batch_size, weight_format=weight_format, gguf_type=gguf_type,
+               average=average)
     _emit(res, as_json, res["text"])
 
 

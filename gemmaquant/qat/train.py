@@ -57,6 +57,7 @@ CHECKPOINT = "qat-checkpoint.safetensors"
 class QATRecipe:
     bits: int = 4
     weight_format: str | None = None  # default: BITS_FORMAT[bits]
+    gguf_type: str | None = None  # instead: each weight on the block type this llama.cpp mix gives it (Q4_K_M, ...)
     steps: int = 1000
     batch_size: int = 8
     seq_len: int = 128
@@ -79,7 +80,11 @@ class QATRecipe:
     average: float = 0.99  # decay of the moving average that is exported (0: the last step); see average_decay
 
     def __post_init__(self):
-        if self.weight_format is None and self.bits not in BITS_FORMAT:
+        if self.gguf_type is not None:
+            object.__setattr__(self, "gguf_type", self.gguf_type.upper())
+        if self.gguf_type is not None and self.weight_format is not None:
+            raise QATError(f"name a weight_format ({self.weight_format}) or a gguf_type ({self.gguf_type}), not both")
+        if self.weight_format is None and self.gguf_type is None and self.bits not in BITS_FORMAT:
             raise QATError(f"bits={self.bits}: choose one of {sorted(BITS_FORMAT)} (or name a weight_format)")
         for k in ("steps", "batch_size", "seq_len", "calib_samples", "calib_seq_len", "save_every"):
             if getattr(self, k) <= 0:
@@ -91,7 +96,13 @@ class QATRecipe:
 
     @property
     def format_name(self) -> str:
-        return self.weight_format or BITS_FORMAT[self.bits]
+        return self.gguf_type or self.weight_format or BITS_FORMAT[self.bits]
+
+    def exports(self) -> tuple[str, str | None] | None:
+        """(GGUF type, compressed-tensors scheme) that hold the trained grid exactly; None: no such export."""
+        if self.gguf_type is not None:  # a mix: the GGUF of that type, whose block types are the trained ones
+            return self.gguf_type, None
+        return EXPORTS.get(self.format_name)
 
 
 def default_heldout() -> Path:
@@ -358,7 +369,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
 
     # 1. GPTQ, calibrated on the training text (resumable, in out/.gemmaquant-work)
     n_cal = min(r.calib_samples, stream.numel() // r.calib_seq_len)
-    ptq_recipe = Recipe(name=f"qat-{r.format_name}-gptq", method="gptq", weight_format=r.format_name,
+    ptq_recipe = Recipe(name=f"qat-{r.format_name}-gptq", method="gptq",
+                        **({"gguf_type": r.gguf_type} if r.gguf_type else {"weight_format": r.format_name}),
                         calibration=str(Path(data).resolve()), n_samples=max(n_cal, 1),
                         seq_len=min(r.calib_seq_len, stream.numel()))
     from gemmaquant.qat.prepare import qat_plan
@@ -427,10 +439,10 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     meta = {**ptq_src.metadata, "qat": json.dumps({**dataclasses.asdict(r), "data": str(data)}, sort_keys=True)}
     src = ModelSource(student, packed, tok_dir, meta)
     files = {"quantized": str(write_work_dir(src, out / "quantized"))}
-    if export and r.format_name in EXPORTS:
+    if export and r.exports() is not None:
         from gemmaquant.export import export_compressed_tensors, export_gguf
 
-        gguf_type, scheme = EXPORTS[r.format_name]
+        gguf_type, scheme = r.exports()
         files["gguf"] = str(export_gguf(src, out / f"{name}-{gguf_type}.gguf", type=gguf_type, overwrite=True))
         if scheme is not None:
             files["safetensors"] = str(export_compressed_tensors(src, out / "safetensors", scheme=scheme,

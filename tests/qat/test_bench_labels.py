@@ -38,3 +38,13 @@ def test_router_weight_is_not_a_difference_without_a_router_and_removed_fields_o
 def test_a_recorded_recipe_from_before_the_average_existed_ran_without_it():
     recipe = {k: v for k, v in dataclasses.asdict(QATRecipe()).items() if k != "average"}
     assert bench_qat.recipe_changes({"fixture": "tiny-edge", "steps": 1000, "recipe": recipe}) == {"average": 0.0}
+
+
+def test_a_run_on_a_gguf_mix_is_labelled_by_its_bits_per_weight_and_its_grid_is_not_a_recipe_change():
+    recipe = dataclasses.asdict(QATRecipe(gguf_type="Q4_K_M"))
+    run = {"fixture": "tiny-moe", "steps": 1000, "recipe": recipe, "format": "Q4_K_M", "bits": 5.95}
+    assert bench_qat.recipe_changes(run) == {}
+    assert bench_qat._bits_text(run) == "5.95 bpw" and bench_qat._bits_text({"format": "q4_0", "bits": 4}) == "4"
+    # llama.cpp's mix on tiny-moe's 160- and 128-wide rows: mostly 32-block fallbacks (Q5_0, Q8_0), so ~6 bits
+    assert 5.5 < bench_qat.mix_bits("tiny-moe", "Q4_K_M") < 6.5
+    assert bench_qat.is_mix("Q4_K_M") and not bench_qat.is_mix("q4_0") and not bench_qat.is_mix("int4_g32_sym")

@@ -113,6 +113,29 @@ def test_qat_on_a_gguf_grid_exports_that_gguf_type_exactly(tmp_path, data):
     assert torch.equal(m.layers[2].experts.gate_up_proj[3], e[3].fmt.dequantize(e[3]))
 
 
+def test_qat_on_a_gguf_mix_trains_each_tensor_on_its_block_type_and_exports_it_exactly(tmp_path, data):
+    """--gguf-type Q4_K_M: every weight on the type llama-quantize's mix gives it (on tiny-moe's 160/128-wide rows
+    mostly the 32-block fallbacks, K-quants where a row is a multiple of 256), and the GGUF holds exactly that."""
+    rep = qat_train("tiny-moe", data=data, steps=2, out=tmp_path, progress=False, gguf_type="q4_k_m", **SMALL)
+    assert rep["format"] == "Q4_K_M" and rep["files"]["gguf"].endswith("-Q4_K_M.gguf")
+    assert "safetensors" not in rep["files"]
+    values = packed_of(rep["files"]["quantized"])
+    types = {(v[0] if isinstance(v, list) else v).fmt.name for v in values.values() if isinstance(v, list) or
+             hasattr(v, "fmt")}
+    assert {"q4_k", "q5_0", "q8_0"} <= types  # a mix, not one format
+    m = dict(gemmaquant.load(rep["files"]["gguf"]).named_parameters())
+    for name, v in values.items():
+        if isinstance(v, list):
+            want = torch.stack([p.fmt.dequantize(p) for p in v])
+        elif hasattr(v, "fmt"):
+            want = v.fmt.dequantize(v)
+        else:
+            continue
+        assert torch.equal(m[name], want.reshape(m[name].shape)), name
+    with pytest.raises(QATError, match="not both"):
+        qat_train("tiny-moe", data=data, steps=2, out=tmp_path / "x", weight_format="q4_0", gguf_type="Q4_K_M")
+
+
 def test_bad_input(tmp_path, data):
     short = tmp_path / "short.txt"
     short.write_text("Just a few words of training text.\n")
@@ -156,10 +179,10 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     monkeypatch.setattr(gemmaquant.qat, "qat_train", fake_train)
     args = ["qat", "tiny-edge", "--data", str(tmp_path / "d.txt"), "--steps", "3", "--out", str(tmp_path / "o")]
     res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4", "--format", "q4_0",
-                                          "--average", "0.99"])
+                                          "--average", "0.99", "--gguf-type", "Q4_K_M"])
     assert res.exit_code == 0, res.output
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
-    assert seen["weight_format"] == "q4_0" and seen["average"] == 0.99
+    assert seen["weight_format"] == "q4_0" and seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
     seen.clear()
     res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
