@@ -132,6 +132,9 @@ def qat(
     gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="train every weight on the block type this "
                                             "llama.cpp mix gives it (Q4_K_M, Q5_K_M, ...); exports that GGUF "
                                             "exactly (instead of --bits / --format)"),
+    embedding_type: Optional[str] = typer.Option(None, "--embedding-type", help="train the embedding tables on "
+                                                 "this GGUF type and store them so in the GGUF (llama-quantize's "
+                                                 "--token-embedding-type; llama.cpp's default is Q6_K)"),
     average: Optional[float] = typer.Option(None, help="decay of the moving average of the trained values "
                                             "that is exported (default 0.99; 0 exports the last step)"),
     overwrite: bool = typer.Option(False, "--overwrite"),
@@ -142,7 +145,7 @@ def qat(
 
     res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, lr=lr,
                scale_lr=scale_lr, batch_size=batch_size, weight_format=weight_format, gguf_type=gguf_type,
-               average=average)
+               embedding_type=embedding_type, average=average)
     _emit(res, as_json, res["text"])
 
 

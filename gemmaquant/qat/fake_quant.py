@@ -164,3 +164,23 @@ class FakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.fmt.name}, {'learnable' if self.learnable else 'fit'} block parameters"
+
+
+class FloatOnGrid(nn.Module):
+    """A parametrization keeping a tensor that is exported as a float *on* a format's grid (round-to-nearest fit,
+    straight-through gradient): the embedding tables, which llama.cpp's GGUF stores as Q6_K (or Q8_0) however
+    they were trained. Not a FakeQuant: `convert` leaves it alone (remove it with leave_parametrized=True), and the
+    exporter's own round-to-nearest reproduces the value, since rounding a value already on the grid is exact."""
+
+    def __init__(self, fmt, name: str):
+        super().__init__()
+        self.fmt, self.name = fmt, name
+
+    def forward(self, w: Tensor) -> Tensor:
+        return fake_quantize(w, self.fmt)
+
+    def right_inverse(self, w: Tensor) -> Tensor:
+        return w
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: on {self.fmt.name}'s grid (round-to-nearest)"

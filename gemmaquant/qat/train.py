@@ -23,6 +23,9 @@ weight learning rates flip codes on gradient noise and undo GPTQ's work. Hence t
 quarter of a grid step per 100 steps) over 1000 steps, which beat 4x the rates over 500 or 1000 steps on every
 fixture. On an MoE model most of the remaining error sits on tokens whose top-k expert choice differs from the
 float model's; the router term (weight 160) is what keeps those choices aligned.
+The grid is one format (`bits`, `weight_format`) or a llama.cpp mix (`gguf_type="Q4_K_M"`: every weight on the
+block type llama-quantize gives it); `embedding_type` puts the embedding tables on the GGUF's token_embd grid
+too (`FloatOnGrid`), so that the GGUF holds exactly the trained model.
 `qat_train` is what `gemmaquant qat MODEL --bits 4 --data FILE --steps N --out DIR` runs.
 """
 
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from gemmaquant.formats import FORMATS
 from gemmaquant.qat.prepare import QATError, convert, latent_weights, prepare_qat, scale_parameters
@@ -58,6 +62,7 @@ class QATRecipe:
     bits: int = 4
     weight_format: str | None = None  # default: BITS_FORMAT[bits]
     gguf_type: str | None = None  # instead: each weight on the block type this llama.cpp mix gives it (Q4_K_M, ...)
+    embedding_type: str | None = None  # train the embedding tables on this GGUF type, the GGUF's token_embd type
     steps: int = 1000
     batch_size: int = 8
     seq_len: int = 128
@@ -80,8 +85,9 @@ class QATRecipe:
     average: float = 0.99  # decay of the moving average that is exported (0: the last step); see average_decay
 
     def __post_init__(self):
-        if self.gguf_type is not None:
-            object.__setattr__(self, "gguf_type", self.gguf_type.upper())
+        for k in ("gguf_type", "embedding_type"):
+            if getattr(self, k) is not None:
+                object.__setattr__(self, k, getattr(self, k).upper())
         if self.gguf_type is not None and self.weight_format is not None:
             raise QATError(f"name a weight_format ({self.weight_format}) or a gguf_type ({self.gguf_type}), not both")
         if self.weight_format is None and self.gguf_type is None and self.bits not in BITS_FORMAT:
@@ -241,6 +247,36 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
     return groups
 
 
+def embedding_formats(config, type_name: str) -> dict[str, object]:
+    """{module name: format} of the embedding tables (token, and per-layer where the model has them) under GGUF
+    type `type_name`, as llama-quantize --token-embedding-type stores them; {} for a float type. QATError when
+    the type does not fit the rows."""
+    from gemmaquant.export.gguf_mix import FLOAT_TYPES, MixError, gguf_mix_plan
+    from gemmaquant.formats import get_format
+
+    try:
+        plan = gguf_mix_plan(config, "Q8_0", token_embd_type=type_name)
+    except MixError as e:
+        raise QATError(f"embedding_type: {e}") from None
+    if type_name in FLOAT_TYPES:  # stored as floats: no grid to train on
+        return {}
+    return {name: get_format(plan[f"{name}.weight"].lower()) for name in ("embed_tokens", "embed_tokens_per_layer")
+            if f"{name}.weight" in plan}
+
+
+def embeddings_on_grid(model: nn.Module, type_name: str) -> list[nn.Module]:
+    """Put the embedding tables on GGUF type `type_name`'s grid for training (`FloatOnGrid`); returns their
+    modules. The tied token table is also the output head, so the head trains on the grid the GGUF file holds."""
+    from gemmaquant.qat.fake_quant import FloatOnGrid
+
+    owners = []
+    for name, fmt in embedding_formats(model.config, type_name).items():
+        owner = getattr(model, name)
+        parametrize.register_parametrization(owner, "weight", FloatOnGrid(fmt, f"{name}.weight"), unsafe=True)
+        owners.append(owner)
+    return owners
+
+
 # ---- resumable state (safetensors, never pickle) ------------------------------------------------------------
 def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, fingerprint: str,
                log: list[dict], average: "WeightAverage | None" = None) -> None:
@@ -376,6 +412,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     from gemmaquant.qat.prepare import qat_plan
 
     qat_plan(teacher, ptq_recipe)  # a recipe that does not fit the model fails here, before any work
+    if r.embedding_type:
+        embedding_formats(teacher.config, r.embedding_type)  # so does an embedding type that does not fit
     # (a copy: quantize() on a model object writes the dequantized weights into that object's tensors)
     ptq = quantize(copy.deepcopy(teacher), ptq_recipe, out=out, tokenizer_dir=tok_dir, progress=False)
     ptq_src = QuantizedSource(ptq.work_dir)
@@ -383,6 +421,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     # 2. the student: GPTQ's weights and block parameters under fake quantization
     student = copy.deepcopy(teacher)
     prepare_qat(student, ptq_recipe, learnable_scales=r.learnable_scales, init=ptq_src, scale_grad=r.scale_grad)
+    embeddings = embeddings_on_grid(student, r.embedding_type) if r.embedding_type else []
     student.train()
     fingerprint = json.dumps({"recipe": dataclasses.asdict(r), "ptq": ptq.calibration_sha256,
                               "data_tokens": int(stream.numel()), "model": name}, sort_keys=True)
@@ -433,6 +472,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     if average is not None:
         average.apply()
     student.eval()
+    for owner in embeddings:  # the tables become their values on the grid, which the GGUF stores exactly
+        parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
     packed = convert(student)
     from gemmaquant.qat.source import ModelSource, dequantized_model, write_work_dir
 
@@ -443,7 +484,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         from gemmaquant.export import export_compressed_tensors, export_gguf
 
         gguf_type, scheme = r.exports()
-        files["gguf"] = str(export_gguf(src, out / f"{name}-{gguf_type}.gguf", type=gguf_type, overwrite=True))
+        files["gguf"] = str(export_gguf(src, out / f"{name}-{gguf_type}.gguf", type=gguf_type, overwrite=True,
+                                        token_embd_type=r.embedding_type))
         if scheme is not None:
             files["safetensors"] = str(export_compressed_tensors(src, out / "safetensors", scheme=scheme,
                                                                  group_size=32, overwrite=True))
@@ -454,7 +496,12 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
               "log": log, "files": files, "work_dir": str(Path(ptq.work_dir))}
     if eval_seqs > 0:
         ids = heldout_ids(tok_dir, heldout or default_heldout(), eval_seqs, eval_seq_len, teacher.config.bos_token_id)
-        report["ptq"] = compare_logits(teacher, dequantized_model(ptq_src), ids)
+        ptq_model = dequantized_model(ptq_src)
+        if r.embedding_type:  # the same embedding rounding as QAT's: what GPTQ's GGUF of that type would hold
+            with torch.no_grad():
+                for owner in embeddings_on_grid(ptq_model, r.embedding_type):
+                    parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
+        report["ptq"] = compare_logits(teacher, ptq_model, ids)
         report["qat"] = compare_logits(teacher, as_exported(src), ids)
     report["seconds"] = round(time.time() - t0, 2)
     report["text"] = _summary(report, out)

@@ -136,6 +136,26 @@ def test_qat_on_a_gguf_mix_trains_each_tensor_on_its_block_type_and_exports_it_e
         qat_train("tiny-moe", data=data, steps=2, out=tmp_path / "x", weight_format="q4_0", gguf_type="Q4_K_M")
 
 
+def test_embeddings_trained_on_the_gguf_token_embd_grid_are_stored_exactly(tmp_path, data):
+    """embedding_type="Q5_0": both embedding tables of tiny-edge train on Q5_0's grid, the GGUF stores them as
+    Q5_0, and what it stores is the trained value (a fixed point of Q5_0's rounding, equal to the bf16 export)."""
+    import gguf
+
+    rep = qat_train("tiny-edge", data=data, steps=2, out=tmp_path, progress=False, embedding_type="q5_0", **SMALL)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(rep["files"]["gguf"]).tensors}
+    assert types["token_embd.weight"] == types["per_layer_token_embd.weight"] == "Q5_0"
+    fmt = get_format("q5_0")
+    model = gemmaquant.load(rep["files"]["gguf"])
+    stored = gemmaquant.load(rep["files"]["safetensors"])
+    for name in ("embed_tokens", "embed_tokens_per_layer"):
+        e = getattr(model, name).weight.detach().float()
+        assert torch.equal(fmt.dequantize(fmt.quantize(e)).float(), e), name
+        assert torch.equal(getattr(stored, name).weight.detach().float(), e.bfloat16().float()), name
+    with pytest.raises(QATError, match="multiple of 256"):  # Q4_K's 256-blocks on 160-wide rows
+        qat_train("tiny-edge", data=data, steps=2, out=tmp_path / "x", progress=False, embedding_type="Q4_K",
+                  **SMALL)
+
+
 def test_bad_input(tmp_path, data):
     short = tmp_path / "short.txt"
     short.write_text("Just a few words of training text.\n")
@@ -179,10 +199,12 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     monkeypatch.setattr(gemmaquant.qat, "qat_train", fake_train)
     args = ["qat", "tiny-edge", "--data", str(tmp_path / "d.txt"), "--steps", "3", "--out", str(tmp_path / "o")]
     res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4", "--format", "q4_0",
-                                          "--average", "0.99", "--gguf-type", "Q4_K_M"])
+                                          "--average", "0.99", "--gguf-type", "Q4_K_M",
+                                          "--embedding-type", "Q6_K"])
     assert res.exit_code == 0, res.output
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
     assert seen["weight_format"] == "q4_0" and seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
+    assert seen["embedding_type"] == "Q6_K"
     seen.clear()
     res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
