@@ -43,7 +43,7 @@ FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
 # What a saved run that does not record a field ran with: runs without a "recipe" ran on the defaults before
 # session 5 (PAST_DEFAULTS) plus their overrides; "average" did not exist before session 4 (0.0 = off).
 PAST_DEFAULTS = {"lr": 0.01, "scale_lr": 0.003, "router_weight": 10.0, "average": 0.0}
-NOT_RECIPE = ("bits", "weight_format", "gguf_type", "save_every", "seed")  # shown in other columns, or no effect on results
+NOT_RECIPE = ("bits", "weight_format", "gguf_type", "save_every")  # shown in other columns, or no effect on results
 
 
 def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict | None = None,

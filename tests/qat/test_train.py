@@ -134,6 +134,9 @@ def test_qat_on_a_gguf_mix_trains_each_tensor_on_its_block_type_and_exports_it_e
         assert torch.equal(m[name], want.reshape(m[name].shape)), name
     with pytest.raises(QATError, match="not both"):
         qat_train("tiny-moe", data=data, steps=2, out=tmp_path / "x", weight_format="q4_0", gguf_type="Q4_K_M")
+    with pytest.raises(QATError, match="unknown GGUF type or mix 'Q9_X'"):
+        qat_train("tiny-moe", data=data, steps=2, out=tmp_path / "y", gguf_type="q9_x")
+    assert not (tmp_path / "y").exists()  # refused before any work
 
 
 def test_embeddings_trained_on_the_gguf_token_embd_grid_are_stored_exactly(tmp_path, data):
