@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import platform
@@ -87,16 +88,20 @@ def is_mix(name: str) -> bool:
 
 def mix_bits(fixture: str, gguf_type: str) -> float:
     """Bits per weight of the quantized matrices under a llama.cpp mix on this fixture (its GGUF block sizes)."""
-    from gemmaquant.config import Gemma4Config
     from gemmaquant.export.gguf_pack import tensor_nbytes
-    from gemmaquant.fixtures import fixture_path
     from gemmaquant.plan import make_plan
     from gemmaquant.recipe import Recipe
 
-    raw = json.loads((Path(str(fixture_path(fixture))) / "config.json").read_text())
-    plan = make_plan(Gemma4Config.from_hf_dict(raw), Recipe(gguf_type=gguf_type.upper()))
+    plan = make_plan(_config(fixture), Recipe(gguf_type=gguf_type.upper()))
     sized = [(tensor_nbytes(p.fmt.type_name, tuple(p.shape)), math.prod(p.shape)) for p in plan.values() if p.fmt]
     return 8 * sum(b for b, _ in sized) / sum(n for _, n in sized)
+
+
+@functools.cache
+def _config(fixture: str):
+    from gemmaquant.workflow import model_config
+
+    return model_config(fixture)
 
 
 def recipe_changes(run: dict) -> dict:
@@ -123,11 +128,7 @@ def recipe_changes(run: dict) -> dict:
 
 
 def _has_router(fixture: str) -> bool:
-    from gemmaquant.config import Gemma4Config
-    from gemmaquant.fixtures import fixture_path
-
-    raw = json.loads((Path(str(fixture_path(fixture))) / "config.json").read_text())
-    return Gemma4Config.from_hf_dict(raw).enable_moe_block
+    return _config(fixture).enable_moe_block
 
 
 def _default_text() -> str:

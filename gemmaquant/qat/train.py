@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from gemmaquant.formats import FORMATS
+from gemmaquant.qat.fake_quant import quantize_rows
 from gemmaquant.qat.prepare import QATError, convert, latent_weights, prepare_qat, scale_parameters
 
 BITS_FORMAT = {8: "int8", 4: "int4_g32_sym", 3: "int3_g32_sym", 2: "int2_g32_asym"}
@@ -225,8 +226,6 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
         latent = mod.parametrizations[pname].original
         step = grid_step(fq)
         if step == 0.0:  # fit mode: the grid of the current weights
-            from gemmaquant.qat.fake_quant import quantize_rows
-
             p = quantize_rows(latent.detach().reshape(-1, latent.shape[-1]), fq.fmt)
             step = float(fq.fmt.grid(fq.fmt.params(p))[0].float().abs().mean())
         latent.requires_grad_(True)
@@ -499,8 +498,9 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         ptq_model = dequantized_model(ptq_src)
         if r.embedding_type:  # the same embedding rounding as QAT's: what GPTQ's GGUF of that type would hold
             with torch.no_grad():
-                for owner in embeddings_on_grid(ptq_model, r.embedding_type):
-                    parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
+                for name, fmt in embedding_formats(ptq_model.config, r.embedding_type).items():
+                    w = getattr(ptq_model, name).weight
+                    w.copy_(fmt.dequantize(quantize_rows(w, fmt)).to(w.dtype))
         report["ptq"] = compare_logits(teacher, ptq_model, ids)
         report["qat"] = compare_logits(teacher, as_exported(src), ids)
     report["seconds"] = round(time.time() - t0, 2)
