@@ -121,7 +121,9 @@ def variants(as_json: bool = typer.Option(False, "--json")):
 @app.command()
 def qat(
     model: str = typer.Argument(...),
-    bits: int = typer.Option(4), data: Path = typer.Option(..., help="training text"),
+    bits: Optional[int] = typer.Option(None, help="4 (default), 3, 2 or 8; --format / --gguf-type name the grid "
+                                                 "instead"),
+    data: Path = typer.Option(..., help="training text"),
     steps: int = typer.Option(1000), out: Path = typer.Option(...),
     lr: Optional[float] = typer.Option(None, help="latent-weight rate in grid steps per step (default 0.0025); 0 "
                                                   "keeps GPTQ's weights and trains the scales (docs/qat.md)"),

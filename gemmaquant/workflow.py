@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -238,15 +239,21 @@ def list_variants() -> dict:
     return {"variants": rows, "fixtures": fixtures, "text": text}
 
 
-def run_qat(model: str, *, bits: int, data: Path, steps: int, out: Path, overwrite: bool = False,
+def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, overwrite: bool = False,
             **recipe_overrides) -> dict:
     try:
         from gemmaquant.qat import qat_train
     except ImportError:
         raise UsageError("quantization-aware training is not available in this version of gemmaquant") from None
 
-    prepare_out(Path(out), overwrite)
     overrides = {k: v for k, v in recipe_overrides.items() if v is not None}
+    for flag, key in (("--gguf-type", "gguf_type"), ("--format", "weight_format")):
+        grid = overrides.get(key)
+        nominal = re.search(r"\d", grid or "")
+        if bits is not None and nominal and int(nominal.group()) != bits:  # Q4_K_M, q5_0, int3_g32_sym: 4, 5, 3
+            raise UsageError(f"--bits {bits} conflicts with {flag} {grid}, a {nominal.group()}-bit grid")
+    prepare_out(Path(out), overwrite)
+    bits = 4 if bits is None else bits
     res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
     res = dict(res) if isinstance(res, dict) else {"result": str(res)}
     res.setdefault("text", f"QAT finished: {out}")

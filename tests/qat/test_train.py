@@ -198,6 +198,19 @@ def test_cli_reports_bad_data_in_one_line(tmp_path):
     assert "too short" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.parametrize("args, grid", [(["--bits", "8", "--gguf-type", "Q4_K_M"], "--gguf-type Q4_K_M"),
+                                        (["--bits", "3", "--format", "q4_0"], "--format q4_0")])
+def test_cli_refuses_bits_that_contradict_the_grid(tmp_path, args, grid):
+    from typer.testing import CliRunner
+
+    from gemmaquant.cli import app
+
+    res = CliRunner().invoke(app, ["qat", "tiny-moe", "--data", str(tmp_path / "d.txt"), "--out", str(tmp_path / "o"),
+                                   *args])
+    assert res.exit_code == 2 and f"conflicts with {grid}" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
 def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -222,3 +235,8 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     seen.clear()
     res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
+    assert seen["bits"] == 4
+    seen.clear()
+    res = CliRunner().invoke(app, args + ["--overwrite", "--bits", "4", "--gguf-type", "Q4_K_M"])  # consistent
+    assert res.exit_code == 0 and seen["gguf_type"] == "Q4_K_M"
+
