@@ -84,19 +84,23 @@ def rst_to_text(src: str) -> str:
     return text
 
 
+def pack(parts: list[str], sep: str, limit: int) -> list[str]:
+    """Join consecutive parts with sep, starting a new piece before one would pass ~limit characters."""
+    pieces, cur, size = [], [], 0
+    for part in parts:
+        if cur and size + len(part) > limit:
+            pieces.append(sep.join(cur))
+            cur, size = [], 0
+        cur.append(part)
+        size += len(part) + len(sep)
+    if cur:
+        pieces.append(sep.join(cur))
+    return pieces
+
+
 def chunk_paragraphs(text: str, limit: int) -> list[str]:
     """Split at blank lines into pieces of at most ~limit characters (a longer paragraph stays whole)."""
-    pieces, cur = [], []
-    size = 0
-    for para in text.split("\n\n"):
-        if cur and size + len(para) > limit:
-            pieces.append("\n\n".join(cur))
-            cur, size = [], 0
-        cur.append(para)
-        size += len(para) + 2
-    if cur:
-        pieces.append("\n\n".join(cur))
-    return [p.strip("\n") for p in pieces if len(p.strip()) > 200]
+    return [p.strip("\n") for p in pack(text.split("\n\n"), "\n\n", limit) if len(p.strip()) > 200]
 
 
 def chunk_code(src: str, limit: int) -> list[str]:
@@ -105,16 +109,7 @@ def chunk_code(src: str, limit: int) -> list[str]:
     starts = [0] + [i for i, l in enumerate(lines) if i and l[:1] not in ("", " ", "\t", "#", ")", "]", "}")
                     and lines[i - 1].strip() == ""]
     blocks = ["\n".join(lines[a:b]).strip("\n") for a, b in zip(starts, starts[1:] + [len(lines)])]
-    pieces, cur, size = [], [], 0
-    for b in blocks:
-        if cur and size + len(b) > limit:
-            pieces.append("\n\n\n".join(cur))
-            cur, size = [], 0
-        cur.append(b)
-        size += len(b) + 3
-    if cur:
-        pieces.append("\n\n\n".join(cur))
-    return [p for p in pieces if len(p) > 200 and len(p) < 3 * limit]
+    return [p for p in pack(blocks, "\n\n\n", limit) if 200 < len(p) < 3 * limit]
 
 
 def web_docs() -> list[dict]:
@@ -255,16 +250,7 @@ def multilingual_docs(pairs: dict, libdir: Path) -> list[dict]:
 
 
 def chunk_lines(text: str, limit: int) -> list[str]:
-    pieces, cur, size = [], [], 0
-    for line in text.split("\n"):
-        if cur and size + len(line) > limit:
-            pieces.append("\n".join(cur))
-            cur, size = [], 0
-        cur.append(line)
-        size += len(line) + 1
-    if cur:
-        pieces.append("\n".join(cur))
-    return [p for p in pieces if len(p) > 150]
+    return [p for p in pack(text.split("\n"), "\n", limit) if len(p) > 150]
 
 
 # ---- chat (Gemma 4 chat format; see gemmaquant/fixtures/tokenizer/chat_template.jinja) ----
