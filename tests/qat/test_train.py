@@ -156,10 +156,9 @@ def test_embeddings_trained_on_the_gguf_token_embd_grid_are_stored_exactly(tmp_p
         assert torch.equal(getattr(stored, name).weight.detach().float(), e.bfloat16().float()), name
     # the GPTQ baseline of the report has its tables rounded the same way (Q5_0 costs it some KL)
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
+    from gemmaquant.fixtures import fixture_path
     from gemmaquant.qat.source import dequantized_model
     from gemmaquant.qat.train import default_heldout
-
-    from gemmaquant.fixtures import fixture_path
 
     ids = heldout_ids(fixture_path("tiny-edge"), default_heldout(), SMALL["eval_seqs"], SMALL["eval_seq_len"])
     unrounded = compare_logits(gemmaquant.load("tiny-edge", dtype=torch.float32),
@@ -239,4 +238,3 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     seen.clear()
     res = CliRunner().invoke(app, args + ["--overwrite", "--bits", "4", "--gguf-type", "Q4_K_M"])  # consistent
     assert res.exit_code == 0 and seen["gguf_type"] == "Q4_K_M"
-
