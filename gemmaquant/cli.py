@@ -129,6 +129,8 @@ def qat(
                                                   "keeps GPTQ's weights and trains the scales (docs/qat.md)"),
     scale_lr: Optional[float] = typer.Option(None, help="block-scale rate in grid steps per step (default 0.00075)"),
     batch_size: Optional[int] = typer.Option(None, help="sequences per step (default 8)"),
+    micro_batch: Optional[int] = typer.Option(None, help="sequences per forward/backward: gradient accumulation "
+                                              "over the step's batch_size, for less activation memory"),
     weight_format: Optional[str] = typer.Option(None, "--format", help="train on this format's grid instead of "
                                                 "--bits' default, e.g. q4_0 (llama.cpp's Q4_0; GGUF export only)"),
     gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="train every weight on the block type this "
@@ -146,7 +148,7 @@ def qat(
     from gemmaquant.workflow import run_qat
 
     res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, lr=lr,
-               scale_lr=scale_lr, batch_size=batch_size, weight_format=weight_format, gguf_type=gguf_type,
+               scale_lr=scale_lr, batch_size=batch_size, micro_batch=micro_batch, weight_format=weight_format, gguf_type=gguf_type,
                embedding_type=embedding_type, average=average)
     _emit(res, as_json, res["text"])
 

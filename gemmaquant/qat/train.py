@@ -66,6 +66,7 @@ class QATRecipe:
     embedding_type: str | None = None  # train the embedding tables on this GGUF type, the GGUF's token_embd type
     steps: int = 1000
     batch_size: int = 8
+    micro_batch: int | None = None  # windows per forward/backward (gradient accumulation); None: the whole batch
     seq_len: int = 128
     lr: float = 0.0025  # latent weights, in grid steps per step (see param_groups)
     scale_lr: float = 7.5e-4  # learnable block scales / mins, relative to the grid step
@@ -96,6 +97,8 @@ class QATRecipe:
         for k in ("steps", "batch_size", "seq_len", "calib_samples", "calib_seq_len", "save_every"):
             if getattr(self, k) <= 0:
                 raise QATError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.micro_batch is not None and not 0 < self.micro_batch <= self.batch_size:
+            raise QATError(f"micro_batch must be in 1..batch_size ({self.batch_size}), got {self.micro_batch}")
         if not 0 <= self.average < 1:
             raise QATError(f"average is an EMA decay in [0, 1), got {self.average}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.temperature <= 0:
@@ -203,6 +206,27 @@ def qat_loss(s_logits: Tensor, t_logits: Tensor, s_taps: Taps, t_taps: Taps, r: 
         rt = sum(distill_loss(s, t) for s, t in zip(s_taps.router, t_taps.router)) / len(s_taps.router)
         loss, parts["router"] = loss + r.router_weight * rt, rt.item()
     return loss, parts
+
+
+def accumulate_gradients(student: nn.Module, teacher: nn.Module, ids: Tensor, s_taps: Taps, t_taps: Taps,
+                         r: "QATRecipe") -> tuple[float, dict]:
+    """Backward of one step's loss on `ids` [batch_size, seq_len], in micro-batches of r.micro_batch windows
+    (gradient accumulation: activations for micro_batch windows at a time). Each micro-batch's loss is weighted
+    by its share of the windows, so the logits and router terms, means over tokens, sum to the whole batch's;
+    the hidden-state term's normaliser |h_teacher|^2 is then the micro-batch's own. -> (loss, parts), the same
+    weighted sums."""
+    loss_sum, parts_sum = 0.0, {}
+    for chunk in ids.split(r.micro_batch or ids.shape[0]):
+        share = chunk.shape[0] / ids.shape[0]
+        t_taps.clear(), s_taps.clear()
+        with torch.no_grad():
+            t_logits = teacher(chunk)
+        loss, parts = qat_loss(student(chunk), t_logits, s_taps, t_taps, r)
+        (loss * share if share != 1 else loss).backward()
+        loss_sum += share * loss.item()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + share * v
+    return loss_sum, parts_sum
 
 
 def grid_step(fq) -> float:
@@ -441,13 +465,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     s_taps = Taps(student, r.hidden_weight > 0, r.router_weight > 0)
     try:
         for step in bar:
-            ids = batch_at(stream, step, r)
-            t_taps.clear(), s_taps.clear()
-            with torch.no_grad():
-                t_logits = teacher(ids)
-            loss, parts = qat_loss(student(ids), t_logits, s_taps, t_taps, r)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, parts = accumulate_gradients(student, teacher, batch_at(stream, step, r), s_taps, t_taps, r)
             gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], r.grad_clip)
             f = lr_factor(step, r)
             for g in opt.param_groups:
@@ -455,7 +474,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
             opt.step()
             if average is not None:
                 average.update()
-            log.append({"step": step, "loss": round(loss.item(), 6), **{k: round(v, 6) for k, v in parts.items()},
+            log.append({"step": step, "loss": round(loss, 6), **{k: round(v, 6) for k, v in parts.items()},
                         "grad_norm": round(float(gnorm), 4), "lr_factor": round(f, 5)})
             bar.set_postfix(kl=f"{parts['kl']:.4f}")
             done = step + 1

@@ -74,6 +74,35 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, data, average):
             assert all(torch.equal(pa.data[k], pb.data[k]) for k in pa.data), name
 
 
+def test_micro_batches_accumulate_the_whole_batch_gradient():
+    """Gradient accumulation: the same step in micro-batches of 1 and 3 windows gives the whole batch's loss and
+    gradients (the logits and router terms are means over tokens; the hidden-state term, whose normaliser is per
+    micro-batch, is off here). The KL is computed in fp32 (distill_loss), hence fp32 tolerances on a float64 model."""
+    from gemmaquant.qat.train import QATRecipe, Taps, accumulate_gradients
+
+    teacher = gemmaquant.load("tiny-moe", dtype=torch.float64).eval()
+    student = gemmaquant.load("tiny-moe", dtype=torch.float64)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    ids = torch.randint(3, teacher.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
+    s_taps, t_taps = Taps(student, False, True), Taps(teacher, False, True)
+    results = []
+    for micro in (None, 1, 3):
+        r = QATRecipe(batch_size=4, micro_batch=micro, hidden_weight=0.0)
+        student.zero_grad(set_to_none=True)
+        loss, parts = accumulate_gradients(student, teacher, ids, s_taps, t_taps, r)
+        results.append((loss, parts, {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (loss, parts, grads), rest = results[0], results[1:]
+    assert parts["router"] > 0 and parts["kl"] > 0
+    for loss_m, parts_m, grads_m in rest:
+        assert loss_m == pytest.approx(loss, rel=1e-6) and parts_m["kl"] == pytest.approx(parts["kl"], rel=1e-6)
+        for n, g in grads.items():
+            torch.testing.assert_close(grads_m[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=n)
+    with pytest.raises(QATError, match="micro_batch"):
+        QATRecipe(batch_size=4, micro_batch=5)
+
+
 def test_weight_average_is_the_ema_of_the_trained_values():
     from gemmaquant.qat.train import WeightAverage
 
@@ -224,13 +253,14 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gemmaquant.qat, "qat_train", fake_train)
     args = ["qat", "tiny-edge", "--data", str(tmp_path / "d.txt"), "--steps", "3", "--out", str(tmp_path / "o")]
-    res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4", "--format", "q4_0",
+    res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4", "--micro-batch", "2",
+                                          "--format", "q4_0",
                                           "--average", "0.99", "--gguf-type", "Q4_K_M",
                                           "--embedding-type", "Q6_K"])
     assert res.exit_code == 0, res.output
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
     assert seen["weight_format"] == "q4_0" and seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
-    assert seen["embedding_type"] == "Q6_K"
+    assert seen["embedding_type"] == "Q6_K" and seen["micro_batch"] == 2
     seen.clear()
     res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
