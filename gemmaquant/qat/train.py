@@ -511,6 +511,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     # 5. held-out quality of GPTQ and QAT against the float model
     report = {"model": name, "recipe": dataclasses.asdict(r), "format": r.format_name, "steps": r.steps,
               "kl_first": log[0]["kl"] if log else None, "kl_last": log[-1]["kl"] if log else None,
+              "kl_head": window_mean(log[:TRAIN_WINDOW]), "kl_tail": window_mean(log[-TRAIN_WINDOW:]),
               "log": log, "files": files, "work_dir": str(Path(ptq.work_dir))}
     if eval_seqs > 0:
         ids = heldout_ids(tok_dir, heldout or default_heldout(), eval_seqs, eval_seq_len, teacher.config.bos_token_id)
@@ -542,9 +543,18 @@ def as_exported(src, float_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     return model
 
 
+TRAIN_WINDOW = 20  # steps averaged for the report's training KL: one batch's KL is noisy (about +-25% on tiny-moe)
+
+
+def window_mean(entries: list[dict]) -> float | None:
+    """Mean training KL over some log entries (None for none)."""
+    return round(sum(e["kl"] for e in entries) / len(entries), 6) if entries else None
+
+
 def _summary(rep: dict, out: Path) -> str:
     lines = [f"QAT of {rep['model']} onto {rep['format']}: {rep['steps']} steps, training KL "
-             f"{rep['kl_first']} -> {rep['kl_last']}, {rep['seconds']:.0f} s"]
+             f"{rep['kl_head']} -> {rep['kl_tail']} (mean of the first and last {TRAIN_WINDOW} steps), "
+             f"{rep['seconds']:.0f} s"]
     if "qat" in rep:
         p, q = rep["ptq"], rep["qat"]
         lines.append(f"  held-out KL to the float model: GPTQ {p['kl_mean']:.5f} -> QAT {q['kl_mean']:.5f}; top-1 "

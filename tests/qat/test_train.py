@@ -30,6 +30,8 @@ def packed_of(work):
 def test_qat_train_writes_exports_and_report(tmp_path, data):
     rep = qat_train("tiny-moe", bits=4, data=data, steps=3, out=tmp_path, progress=False, **SMALL)
     assert rep["steps"] == 3 and len(rep["log"]) == 3 and rep["ptq"]["kl_mean"] > 0
+    kls = [x["kl"] for x in rep["log"]]  # fewer steps than the window: both means are over the whole log
+    assert rep["kl_head"] == rep["kl_tail"] == pytest.approx(sum(kls) / 3, abs=1e-6) and "(mean of" in rep["text"]
     assert json.loads((tmp_path / "qat-report.json").read_text())["qat"]["top1"] == rep["qat"]["top1"]
     values = packed_of(rep["files"]["quantized"])
     fmt = get_format("int4_g32_sym")
