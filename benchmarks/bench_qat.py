@@ -64,19 +64,17 @@ def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict
     with tempfile.TemporaryDirectory() as tmp:
         rep = qat_train(fixture, bits=bits if "weight_format" in grid else 4, data=data, steps=steps, out=tmp,
                         eval_seqs=eval_seqs, export=False, progress=False, **grid, **(overrides or {}))
+    run = {"fixture": fixture, "bits": bits, "format": rep["format"], "steps": steps, "gptq": rep["ptq"],
+           "qat": rep["qat"], "kl_train_first": rep["kl_first"], "kl_train_last": rep["kl_last"],
+           "kl_train_tail": rep["kl_tail"], "seconds": rep["seconds"], "recipe": rep["recipe"]}
     if overrides is not None:  # a variant: QAT against GPTQ only
-        return {"fixture": fixture, "bits": bits, "format": rep["format"], "steps": steps,
-                "overrides": overrides, "gptq": rep["ptq"], "qat": rep["qat"], "kl_train_first": rep["kl_first"],
-                "kl_train_last": rep["kl_last"], "kl_train_tail": rep["kl_tail"], "seconds": rep["seconds"], "recipe": rep["recipe"]}
+        return {**run, "overrides": overrides}
     fmt = rep["format"]
     ref = gemmaquant.load(fixture)
     rtn = prepare_qat(copy.deepcopy(ref), Recipe(**grid) if "gguf_type" in grid else fmt)
     convert(rtn)
     ids = heldout_ids(fixture_path(fixture), default_heldout(), eval_seqs, 128)
-    return {"fixture": fixture, "bits": bits, "format": fmt, "steps": steps, "eval_tokens": eval_seqs * 127,
-            "rtn": compare_logits(ref, rtn, ids), "gptq": rep["ptq"], "qat": rep["qat"],
-            "kl_train_first": rep["kl_first"], "kl_train_last": rep["kl_last"], "kl_train_tail": rep["kl_tail"], "seconds": rep["seconds"],
-            "recipe": rep["recipe"]}
+    return {**run, "eval_tokens": eval_seqs * 127, "rtn": compare_logits(ref, rtn, ids)}
 
 
 def is_mix(name: str) -> bool:

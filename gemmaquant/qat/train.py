@@ -543,7 +543,7 @@ def as_exported(src, float_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     return model
 
 
-TRAIN_WINDOW = 20  # steps averaged for the report's training KL: one batch's KL is noisy (about +-25% on tiny-moe)
+TRAIN_WINDOW = 20  # steps averaged for the report's training KL (one batch's varies by ~18% on tiny-moe)
 
 
 def window_mean(entries: list[dict]) -> float | None:
