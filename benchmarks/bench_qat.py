@@ -42,8 +42,11 @@ START, END = "<!-- qat-table:start -->", "<!-- qat-table:end -->"
 VSTART, VEND = "<!-- qat-variants:start -->", "<!-- qat-variants:end -->"
 FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
 # What a saved run that does not record a field ran with: runs without a "recipe" ran on the defaults before
-# session 5 (PAST_DEFAULTS) plus their overrides; "average" did not exist before session 4 (0.0 = off).
-PAST_DEFAULTS = {"lr": 0.01, "scale_lr": 0.003, "router_weight": 10.0, "average": 0.0}
+# session 5 (PAST_DEFAULTS) plus their overrides; "average" did not exist before session 4 (0.0 = off), nor
+# "expert_lr_scale" before session 10 (1.0: the experts on the common rates).
+PAST_DEFAULTS = {"lr": 0.01, "scale_lr": 0.003, "router_weight": 10.0, "average": 0.0, "expert_lr_scale": 1.0}
+ADDED_FIELDS = ("average", "expert_lr_scale")  # what a recorded recipe without them ran: PAST_DEFAULTS
+MOE_ONLY = ("router_weight", "expert_lr_scale")  # no effect on a model without experts
 NOT_RECIPE = ("bits", "weight_format", "gguf_type", "save_every")  # shown in other columns, or no effect on results
 
 
@@ -112,7 +115,7 @@ def recipe_changes(run: dict) -> dict:
     ran = dict(default)
     if "recipe" in run:
         ran.update(run["recipe"])
-        ran["average"] = run["recipe"].get("average", PAST_DEFAULTS["average"])
+        ran.update({k: run["recipe"].get(k, PAST_DEFAULTS[k]) for k in ADDED_FIELDS})
     else:
         ran.update(PAST_DEFAULTS)
     overrides = run.get("overrides") or {}
@@ -120,8 +123,9 @@ def recipe_changes(run: dict) -> dict:
     ran["steps"] = run["steps"]
     changes = {k: v for k, v in ran.items()  # (fields since removed count only where a run set them)
                if k not in NOT_RECIPE and (k in default or k in overrides) and v != default.get(k, object())}
-    if not _has_router(run["fixture"]):  # the routing term does nothing there
-        changes.pop("router_weight", None)
+    if not _has_router(run["fixture"]):  # the routing term and the expert rates do nothing there
+        for k in MOE_ONLY:
+            changes.pop(k, None)
     return changes
 
 
@@ -135,7 +139,7 @@ def _default_text() -> str:
     from gemmaquant.qat.train import QATRecipe
 
     d = dataclasses.asdict(QATRecipe())
-    return ", ".join(f"{k} {d[k]}" for k in ("steps", "lr", "scale_lr", "router_weight", "average"))
+    return ", ".join(f"{k} {d[k]}" for k in ("steps", "lr", "scale_lr", "router_weight", "expert_lr_scale", "average"))
 
 
 def _bits_text(run: dict) -> str:

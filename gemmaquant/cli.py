@@ -128,6 +128,8 @@ def qat(
     lr: Optional[float] = typer.Option(None, help="latent-weight rate in grid steps per step (default 0.0025); 0 "
                                                   "keeps GPTQ's weights and trains the scales (docs/qat.md)"),
     scale_lr: Optional[float] = typer.Option(None, help="block-scale rate in grid steps per step (default 0.00075)"),
+    expert_lr_scale: Optional[float] = typer.Option(None, help="MoE: the experts' rates relative to --lr and "
+                                                    "--scale-lr (default 4)"),
     batch_size: Optional[int] = typer.Option(None, help="sequences per step (default 8)"),
     micro_batch: Optional[int] = typer.Option(None, help="sequences per forward/backward: gradient accumulation "
                                               "over the step's batch_size, for less activation memory"),
@@ -148,8 +150,8 @@ def qat(
     from gemmaquant.workflow import run_qat
 
     res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, lr=lr,
-               scale_lr=scale_lr, batch_size=batch_size, micro_batch=micro_batch, weight_format=weight_format, gguf_type=gguf_type,
-               embedding_type=embedding_type, average=average)
+               scale_lr=scale_lr, expert_lr_scale=expert_lr_scale, batch_size=batch_size, micro_batch=micro_batch,
+               weight_format=weight_format, gguf_type=gguf_type, embedding_type=embedding_type, average=average)
     _emit(res, as_json, res["text"])
 
 

@@ -22,7 +22,9 @@ norms; the latent weights move slowly (a code flips only after a weight travels 
 weight learning rates flip codes on gradient noise and undo GPTQ's work. Hence the defaults: low rates (a
 quarter of a grid step per 100 steps) over 1000 steps, which beat 4x the rates over 500 or 1000 steps on every
 fixture. On an MoE model most of the remaining error sits on tokens whose top-k expert choice differs from the
-float model's; the router term (weight 160) is what keeps those choices aligned.
+float model's; the router term (weight 160) is what keeps those choices aligned. The fused experts train at 4x
+the latent-weight and scale rates of the other matrices (`expert_lr_scale`): on tiny-moe int4 that removes 47%
+of GPTQ's KL against 43% at 1x (2x: 46%, 8x: 47%, 16x: 43%), while all weights at 2x give 41%.
 The grid is one format (`bits`, `weight_format`) or a llama.cpp mix (`gguf_type="Q4_K_M"`: every weight on the
 block type llama-quantize gives it); `embedding_type` puts the embedding tables on the GGUF's token_embd grid
 too (`FloatOnGrid`), so that the GGUF holds exactly the trained model.
@@ -77,6 +79,7 @@ class QATRecipe:
     temperature: float = 1.0
     hidden_weight: float = 1.0  # relative squared error of every layer's output (0: logits KL only)
     router_weight: float = 160.0  # KL of the router distributions (MoE models only)
+    expert_lr_scale: float = 4.0  # the fused experts' latent-weight and scale rates, relative to lr / scale_lr
     grad_clip: float = 1.0
     learnable_scales: bool = True
     scale_grad: str = "codes"  # or "lsq" (see gemmaquant.qat.fake_quant)
@@ -252,6 +255,7 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
         if step == 0.0:  # fit mode: the grid of the current weights
             p = quantize_rows(latent.detach().reshape(-1, latent.shape[-1]), fq.fmt)
             step = float(fq.fmt.grid(fq.fmt.params(p))[0].float().abs().mean())
+        step *= r.expert_lr_scale if ".experts." in fq.name else 1.0
         latent.requires_grad_(True)
         groups.append({"params": [latent], "lr": r.lr * step, "name": f"{fq.name}"})
         scales = list(fq.parameters(recurse=False))

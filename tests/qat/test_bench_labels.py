@@ -24,7 +24,7 @@ def test_a_run_of_todays_default_is_labelled_default():
 def test_a_run_without_a_recorded_recipe_ran_the_past_defaults_and_its_overrides():
     run = {"fixture": "tiny-moe", "steps": 500, "overrides": {"lr": 0.0, "batch_size": 16}}
     assert bench_qat.recipe_changes(run) == {"lr": 0.0, "batch_size": 16, "scale_lr": 0.003, "router_weight": 10.0,
-                                             "average": 0.0, "steps": 500}
+                                             "average": 0.0, "expert_lr_scale": 1.0, "steps": 500}
 
 
 def test_router_weight_is_not_a_difference_without_a_router_and_removed_fields_only_when_set():
@@ -38,6 +38,12 @@ def test_router_weight_is_not_a_difference_without_a_router_and_removed_fields_o
 def test_a_recorded_recipe_from_before_the_average_existed_ran_without_it():
     recipe = {k: v for k, v in dataclasses.asdict(QATRecipe()).items() if k != "average"}
     assert bench_qat.recipe_changes({"fixture": "tiny-edge", "steps": 1000, "recipe": recipe}) == {"average": 0.0}
+
+
+def test_a_recorded_recipe_from_before_the_expert_rates_ran_them_at_one_which_matters_only_with_experts():
+    recipe = {k: v for k, v in dataclasses.asdict(QATRecipe()).items() if k != "expert_lr_scale"}
+    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": recipe}) == {"expert_lr_scale": 1.0}
+    assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": recipe}) == {}
 
 
 def test_a_run_on_a_gguf_mix_is_labelled_by_its_bits_per_weight_and_its_grid_is_not_a_recipe_change():

@@ -105,6 +105,21 @@ def test_micro_batches_accumulate_the_whole_batch_gradient():
         QATRecipe(batch_size=4, micro_batch=5)
 
 
+def test_expert_lr_scale_sets_the_expert_rates_only():
+    """param_groups: expert_lr_scale multiplies the fused experts' latent-weight and scale rates, nothing else."""
+    from gemmaquant.qat import prepare_qat
+    from gemmaquant.qat.train import QATRecipe, param_groups
+
+    model = gemmaquant.load("tiny-moe", dtype=torch.float32)
+    prepare_qat(model, "int4_g32_sym", learnable_scales=True)
+    base, scaled = (param_groups(model, QATRecipe(expert_lr_scale=k)) for k in (1.0, 3.0))
+    assert [g["name"] for g in base] == [g["name"] for g in scaled]
+    experts = [g["name"] for g in base if ".experts." in g["name"]]
+    assert len(experts) == 2 * 2 * model.config.num_hidden_layers  # gate_up and down, latent and scales, per layer
+    for b, s in zip(base, scaled):
+        assert s["lr"] == pytest.approx(b["lr"] * (3.0 if b["name"] in experts else 1.0), rel=1e-12), b["name"]
+
+
 def test_weight_average_is_the_ema_of_the_trained_values():
     from gemmaquant.qat.train import WeightAverage
 
@@ -256,13 +271,13 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     monkeypatch.setattr(gemmaquant.qat, "qat_train", fake_train)
     args = ["qat", "tiny-edge", "--data", str(tmp_path / "d.txt"), "--steps", "3", "--out", str(tmp_path / "o")]
     res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4", "--micro-batch", "2",
-                                          "--format", "q4_0",
+                                          "--format", "q4_0", "--expert-lr-scale", "2",
                                           "--average", "0.99", "--gguf-type", "Q4_K_M",
                                           "--embedding-type", "Q6_K"])
     assert res.exit_code == 0, res.output
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
     assert seen["weight_format"] == "q4_0" and seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
-    assert seen["embedding_type"] == "Q6_K" and seen["micro_batch"] == 2
+    assert seen["embedding_type"] == "Q6_K" and seen["micro_batch"] == 2 and seen["expert_lr_scale"] == 2.0
     seen.clear()
     res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
