@@ -139,7 +139,8 @@ def _default_text() -> str:
     from gemmaquant.qat.train import QATRecipe
 
     d = dataclasses.asdict(QATRecipe())
-    return ", ".join(f"{k} {d[k]}" for k in ("steps", "lr", "scale_lr", "router_weight", "expert_lr_scale", "average"))
+    shown = ("steps", "lr", "scale_lr", "router_weight", "expert_lr_scale", "average")
+    return ", ".join(f"{k} {d[k]}" for k in shown)
 
 
 def _bits_text(run: dict) -> str:

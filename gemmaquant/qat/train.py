@@ -102,6 +102,8 @@ class QATRecipe:
                 raise QATError(f"{k} must be positive, got {getattr(self, k)}")
         if self.micro_batch is not None and not 0 < self.micro_batch <= self.batch_size:
             raise QATError(f"micro_batch must be in 1..batch_size ({self.batch_size}), got {self.micro_batch}")
+        if self.expert_lr_scale < 0:
+            raise QATError(f"expert_lr_scale multiplies the experts' rates: >= 0, got {self.expert_lr_scale}")
         if not 0 <= self.average < 1:
             raise QATError(f"average is an EMA decay in [0, 1), got {self.average}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.temperature <= 0:

@@ -118,6 +118,8 @@ def test_expert_lr_scale_sets_the_expert_rates_only():
     assert len(experts) == 2 * 2 * model.config.num_hidden_layers  # gate_up and down, latent and scales, per layer
     for b, s in zip(base, scaled):
         assert s["lr"] == pytest.approx(b["lr"] * (3.0 if b["name"] in experts else 1.0), rel=1e-12), b["name"]
+    with pytest.raises(QATError, match="expert_lr_scale"):
+        QATRecipe(expert_lr_scale=-1.0)
 
 
 def test_weight_average_is_the_ema_of_the_trained_values():
