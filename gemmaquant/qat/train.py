@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from gemmaquant.export.gguf_names import is_expert
 from gemmaquant.formats import FORMATS
 from gemmaquant.qat.fake_quant import quantize_rows
 from gemmaquant.qat.prepare import QATError, convert, latent_weights, prepare_qat, scale_parameters
@@ -257,7 +258,7 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
         if step == 0.0:  # fit mode: the grid of the current weights
             p = quantize_rows(latent.detach().reshape(-1, latent.shape[-1]), fq.fmt)
             step = float(fq.fmt.grid(fq.fmt.params(p))[0].float().abs().mean())
-        step *= r.expert_lr_scale if ".experts." in fq.name else 1.0
+        step *= r.expert_lr_scale if is_expert(fq.name) else 1.0
         latent.requires_grad_(True)
         groups.append({"params": [latent], "lr": r.lr * step, "name": f"{fq.name}"})
         scales = list(fq.parameters(recurse=False))
