@@ -69,7 +69,8 @@ def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict
                         eval_seqs=eval_seqs, export=False, progress=False, **grid, **(overrides or {}))
     run = {"fixture": fixture, "bits": bits, "format": rep["format"], "steps": steps, "gptq": rep["ptq"],
            "qat": rep["qat"], "kl_train_first": rep["kl_first"], "kl_train_last": rep["kl_last"],
-           "kl_train_tail": rep["kl_tail"], "seconds": rep["seconds"], "recipe": rep["recipe"]}
+           "kl_train_tail": rep["kl_tail"], "seconds": rep["seconds"], "recipe": rep["recipe"],
+           "gap_removed": rep.get("gap_removed")}
     if overrides is not None:  # a variant: QAT against GPTQ only
         return {**run, "overrides": overrides}
     fmt = rep["format"]
@@ -151,6 +152,15 @@ def _changes_text(changes: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(changes.items())) or "default"
 
 
+def _removed_text(run: dict) -> str:
+    """The share of GPTQ's KL that QAT removed, with its 95% interval over the held-out windows where the run
+    recorded one (runs since session 11)."""
+    g, q = run["gptq"]["kl_mean"], run["qat"]["kl_mean"]
+    text = f"{100 * (1 - q / g):.0f}%"
+    ci = (run.get("gap_removed") or {}).get("ci95")
+    return text + (f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f})" if ci else "")
+
+
 def table(runs: list[dict]) -> str:
     head = ("| fixture | bits (format) | recipe | float PPL | RTN KL | GPTQ KL | QAT KL | recovered vs RTN | vs GPTQ "
             "| top-1 GPTQ → QAT | PPL GPTQ → QAT | QAT s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -160,14 +170,15 @@ def table(runs: list[dict]) -> str:
         rows.append(f"| {r['fixture']} | {_bits_text(r)} ({r['format']}) | {_changes_text(recipe_changes(r))} "
                     f"| {q['ppl_ref']:.2f} | {rtn:.4f} "
                     f"| {g['kl_mean']:.4f} | **{q['kl_mean']:.4f}** | {100 * (1 - q['kl_mean'] / rtn):.0f}% "
-                    f"| {100 * (1 - q['kl_mean'] / g['kl_mean']):.0f}% "
+                    f"| {_removed_text(r)} "
                     f"| {100 * g['top1']:.1f}% → {100 * q['top1']:.1f}% | {g['ppl_test']:.2f} → {q['ppl_test']:.2f} "
                     f"| {r['seconds']:.0f} |")
     steps = sorted({r["steps"] for r in runs})
     toks = sorted({r["eval_tokens"] for r in runs})
     note = (f"\n\n\"recipe\": how the run differs from today's default recipe ({_default_text()}). "
             f"{', '.join(map(str, steps))} QAT steps of 8 x 128 tokens; KL(float ‖ quantized) per token, mean over "
-            f"{', '.join(map(str, toks))} held-out predictions; one CPU thread ({platform.processor() or platform.machine()}, "
+            f"{', '.join(map(str, toks))} held-out predictions (\"vs GPTQ\" (a-b): the 95% confidence interval over "
+            f"the held-out windows, a paired bootstrap, where the run recorded it); one CPU thread ({platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}). Regenerate: `python benchmarks/bench_qat.py`.")
     return head + "\n" + "\n".join(rows) + note
 
@@ -184,7 +195,7 @@ def variants_table(variants: list[dict], runs: list[dict]) -> str:
         changes.pop("steps", None)  # its own column
         change = _changes_text(changes)
         rows.append(f"| {v['fixture']} | {v['format']} | {change} | {v['steps']} | {g:.4f} | **{q:.4f}** "
-                    f"| {100 * (1 - q / g):.0f}% | {ref} |")
+                    f"| {_removed_text(v)} | {ref} |")
     return head + "\n" + "\n".join(rows)
 
 

@@ -414,10 +414,11 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         .gemmaquant-work/                GPTQ's resumable work directory, and qat-checkpoint.safetensors
         quantized/                       the QAT result in the work-directory layout (QuantizedSource), any format
         <name>-Q4_0.gguf, safetensors/   GGUF and compressed-tensors exports (4 and 8 bits)
-        qat-report.json                  loss curve, held-out KL / top-1 / perplexity of GPTQ and QAT vs float
+        qat-report.json                  loss curve, held-out KL / top-1 / perplexity of GPTQ and QAT vs float,
+                                         the share of GPTQ's KL removed with its 95% interval (gap_removed)
     Running the same call again after an interruption resumes from the last saved step (same result).
     """
-    from gemmaquant.eval.metrics import compare_logits, heldout_ids
+    from gemmaquant.eval.metrics import compare_logits, heldout_ids, share_removed
     from gemmaquant.quantize import quantize
     from gemmaquant.quantized import QuantizedSource
     from gemmaquant.recipe import Recipe
@@ -528,8 +529,10 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
                 for name, fmt in embedding_formats(ptq_model.config, r.embedding_type).items():
                     w = getattr(ptq_model, name).weight
                     w.copy_(fmt.dequantize(quantize_rows(w, fmt)).to(w.dtype))
-        report["ptq"] = compare_logits(teacher, ptq_model, ids)
-        report["qat"] = compare_logits(teacher, as_exported(src), ids)
+        report["ptq"] = compare_logits(teacher, ptq_model, ids, windows=True)
+        report["qat"] = compare_logits(teacher, as_exported(src), ids, windows=True)
+        if eval_seqs >= 2 and report["ptq"]["kl_mean"] > 0:  # the share of GPTQ's KL QAT removes, with its 95% CI
+            report["gap_removed"] = share_removed(report["ptq"]["kl_windows"], report["qat"]["kl_windows"])
     report["seconds"] = round(time.time() - t0, 2)
     report["text"] = _summary(report, out)
     (out / "qat-report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -567,6 +570,10 @@ def _summary(rep: dict, out: Path) -> str:
         lines.append(f"  held-out KL to the float model: GPTQ {p['kl_mean']:.5f} -> QAT {q['kl_mean']:.5f}; top-1 "
                      f"{100 * p['top1']:.1f}% -> {100 * q['top1']:.1f}%; perplexity {p['ppl_test']:.2f} -> "
                      f"{q['ppl_test']:.2f} (float {q['ppl_ref']:.2f})")
+    if "gap_removed" in rep:
+        g = rep["gap_removed"]
+        lines.append(f"  QAT removes {100 * g['share']:.1f}% of GPTQ's KL (95% CI {100 * g['ci95'][0]:.1f}-"
+                     f"{100 * g['ci95'][1]:.1f}% over {g['windows']} held-out windows)")
     for kind, path in rep["files"].items():
         lines.append(f"  {kind:12s} {path}")
     lines.append(f"  report       {out / 'qat-report.json'}")

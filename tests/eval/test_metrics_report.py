@@ -9,7 +9,7 @@ import torch
 
 from gemmaquant.calibration import CalibrationError
 from gemmaquant.config import TINY_VARIANTS
-from gemmaquant.eval.metrics import compare_logits, heldout_ids, perplexity
+from gemmaquant.eval.metrics import compare_logits, heldout_ids, perplexity, share_removed
 from gemmaquant.eval.report import Report
 from gemmaquant.fixtures import TOKENIZER_DIR
 from gemmaquant.model.testing import random_model
@@ -34,15 +34,41 @@ def test_kl_and_perplexity_match_direct_computation():
         p.norm.weight.mul_(3.0)
         p.layers[0].mlp.up_proj.weight.add_(0.1 * torch.randn_like(p.layers[0].mlp.up_proj.weight))
     x = ids()
-    r = compare_logits(m, p, x, batch_size=3)
+    r = compare_logits(m, p, x, batch_size=3, windows=True)
     with torch.no_grad():
         lr, lt = torch.log_softmax(m(x).double(), -1)[:, :-1], torch.log_softmax(p(x).double(), -1)[:, :-1]
     kl = (lr.exp() * (lr - lt)).sum(-1)
+    assert torch.allclose(torch.tensor(r["kl_windows"], dtype=torch.float64), kl.mean(-1), rtol=1e-9, atol=0)
+    assert "kl_windows" not in compare_logits(m, p, x)
+    # in batches of 2 the windows keep their order (fp32 logits of another batch shape differ by ~1e-7)
+    split = compare_logits(m, p, x, batch_size=2, windows=True)["kl_windows"]
+    assert torch.allclose(torch.tensor(split, dtype=torch.float64), kl.mean(-1), rtol=1e-5, atol=0)
     assert r["kl_mean"] > 1e-3
     assert abs(r["kl_mean"] - kl.mean().item()) < 1e-9 * kl.mean().item()
     assert abs(r["kl_max"] - kl.max().item()) < 1e-9 * kl.max().item()
     nll = -lr.gather(-1, x[:, 1:, None]).mean().item()
     assert abs(perplexity(m, x) - torch.exp(torch.tensor(nll)).item()) < 1e-6 * perplexity(m, x)
+
+
+def test_share_removed_and_its_paired_bootstrap_interval():
+    g = torch.Generator().manual_seed(1)
+    base = (0.01 + 0.02 * torch.rand(200, generator=g, dtype=torch.float64))
+    new = base * (0.5 + 0.1 * torch.randn(200, generator=g, dtype=torch.float64))  # about half removed, noisily
+    r = share_removed(base.tolist(), new.tolist())
+    assert r["share"] == pytest.approx(1 - (new.mean() / base.mean()).item(), abs=1e-12) and r["windows"] == 200
+    lo, hi = r["ci95"]
+    assert lo < r["share"] < hi and 0.4 < lo and hi < 0.6
+    # the interval narrows as windows are added (about as 1/sqrt(n)); the same seed gives the same interval
+    few = share_removed(base[:50].tolist(), new[:50].tolist())
+    assert few["ci95"][1] - few["ci95"][0] > 1.5 * (hi - lo)
+    assert share_removed(base.tolist(), new.tolist()) == r
+    # a model that removes the same share from every window: a point, not an interval
+    same = share_removed(base.tolist(), (0.3 * base).tolist())
+    assert same["share"] == pytest.approx(0.7) and same["ci95"] == pytest.approx([0.7, 0.7])
+    with pytest.raises(ValueError, match="same"):
+        share_removed([0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="nothing to remove"):
+        share_removed([0.0, 0.0], [0.1, 0.1])
 
 
 def test_short_heldout_text_raises(tmp_path):

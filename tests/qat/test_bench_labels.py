@@ -54,3 +54,10 @@ def test_a_run_on_a_gguf_mix_is_labelled_by_its_bits_per_weight_and_its_grid_is_
     # llama.cpp's mix on tiny-moe's 160- and 128-wide rows: mostly 32-block fallbacks (Q5_0, Q8_0), so ~6 bits
     assert 5.5 < bench_qat.mix_bits("tiny-moe", "Q4_K_M") < 6.5
     assert bench_qat.is_mix("Q4_K_M") and not bench_qat.is_mix("q4_0") and not bench_qat.is_mix("int4_g32_sym")
+
+
+def test_the_share_removed_shows_its_interval_where_the_run_recorded_one():
+    run = {"gptq": {"kl_mean": 0.02}, "qat": {"kl_mean": 0.009}}
+    assert bench_qat._removed_text(run) == "55%"
+    assert bench_qat._removed_text({**run, "gap_removed": None}) == "55%"  # a run with no held-out windows
+    assert bench_qat._removed_text({**run, "gap_removed": {"share": 0.55, "ci95": [0.521, 0.584]}}) == "55% (52-58)"
