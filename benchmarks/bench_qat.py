@@ -178,8 +178,9 @@ def table(runs: list[dict]) -> str:
     note = (f"\n\n\"recipe\": how the run differs from today's default recipe ({_default_text()}). "
             f"{', '.join(map(str, steps))} QAT steps of 8 x 128 tokens; KL(float ‖ quantized) per token, mean over "
             f"{', '.join(map(str, toks))} held-out predictions (\"vs GPTQ\" (a-b): the 95% confidence interval over "
-            f"the held-out windows, a paired bootstrap, where the run recorded it); one CPU thread ({platform.processor() or platform.machine()}, "
-            f"torch {torch.__version__}). Regenerate: `python benchmarks/bench_qat.py`.")
+            f"the held-out windows, a paired bootstrap, where the run recorded it); one CPU thread "
+            f"({platform.processor() or platform.machine()}, torch {torch.__version__}). "
+            f"Regenerate: `python benchmarks/bench_qat.py`.")
     return head + "\n" + "\n".join(rows) + note
 
 
