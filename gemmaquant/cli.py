@@ -143,6 +143,9 @@ def qat(
                                                  "--token-embedding-type; llama.cpp's default is Q6_K)"),
     average: Optional[float] = typer.Option(None, help="decay of the moving average of the trained values "
                                             "that is exported (default 0.99; 0 exports the last step)"),
+    learnable_ints: Optional[bool] = typer.Option(None, "--learnable-ints/--fixed-ints", help="train the "
+                                                  "K-quants' 6-bit sub-block scales and mins too (default) or "
+                                                  "keep GPTQ's"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -151,7 +154,8 @@ def qat(
 
     res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, lr=lr,
                scale_lr=scale_lr, expert_lr_scale=expert_lr_scale, batch_size=batch_size, micro_batch=micro_batch,
-               weight_format=weight_format, gguf_type=gguf_type, embedding_type=embedding_type, average=average)
+               weight_format=weight_format, gguf_type=gguf_type, embedding_type=embedding_type, average=average,
+               learnable_ints=learnable_ints)
     _emit(res, as_json, res["text"])
 
 

@@ -65,6 +65,10 @@ class QuantFormat:
     bits: float = 0.0  # bits per weight, block parameters included
     block: int = 1  # elements along K sharing one (scale, offset) pair
     zero_code: int = 0  # the code stored for a block whose scale is 0
+    # integer block parameters that QAT may train (key -> inclusive stored range): only those of which one unit
+    # is a small step of the block's grid (the K-quants' sub-block scales and mins). A zero point is not one:
+    # one unit of it moves every weight of the block by a whole grid step.
+    trainable_ints: dict = {}
 
     @property
     def row_block(self) -> int:

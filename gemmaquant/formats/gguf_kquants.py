@@ -77,6 +77,10 @@ class KQuant(ReferenceQuantizer):
     bits = property(lambda self: LAYOUT[self.type_name][2] * 8 / QK)
     qmax = property(lambda self: LAYOUT[self.type_name][1])
     row_block = property(lambda self: QK)
+    # sub-block scales / mins QAT may train: one unit is about 1/50 of the sub-block's step (6-bit values
+    # near the top of [0, 63]); Q6_K's 8-bit scales are signed (ggml's quantizer makes them negative, d too)
+    trainable_ints = property(lambda self: {"sc": (-128, 127)} if self.type_name == "Q6_K"
+                              else {"sc": (0, 63), "mn": (0, 63)})
 
     def _reference(self, w: Tensor, importance: Tensor | None) -> tuple[Tensor, dict]:
         """llama.cpp quantize_row_*_K_ref (importance None) or quantize_row_*_K_impl -> (codes [N, K], params)."""

@@ -20,8 +20,15 @@ would get no gradient for its scales. The default, "codes", holds x fixed as the
 detached scale and offset): dg/dscale = q, dg/doffset = 1, the step-size gradient of PEQA (Kim et al.,
 arXiv:2305.14152) and EfficientQAT's end-to-end phase (Chen et al., arXiv:2407.11062).
 Learned parameters are rounded to their stored precision (bf16, fp16, ...) in the forward pass, again with a
-straight-through gradient, so the grid trained on is one the format can store. Integer block parameters (zero
-points, K-quant 6-bit sub-scales) stay fixed.
+straight-through gradient, so the grid trained on is one the format can store. Integer block parameters stay
+fixed, except, with `learn_ints`, those the format lists in `trainable_ints` (the K-quants' 6-bit sub-block
+scales and mins, of which one unit is a small step of the grid): they train as floats, rounded to the nearest
+integer and clamped to their stored range in the forward pass (straight-through). Zero points stay fixed: one
+unit of a zero point moves the whole block by a grid step.
+
+How far one unit of each block parameter moves the grid (`grid_sensitivity`) sets its learning rate in QAT, so
+that every format's grid moves at the same rate in grid steps: a Q4_K super-block scale `d` multiplies 6-bit
+sub-scales of about 50, so one unit of `d` moves the grid 50 times as far as one unit of an int4 group scale.
 """
 
 from __future__ import annotations
@@ -51,25 +58,54 @@ def quantize_rows(w: Tensor, fmt, params: dict | None = None) -> Packed:
     return fmt.quantize(w, params=params)
 
 
-def stored(params: dict[str, Tensor], storage: dict[str, torch.dtype]) -> dict[str, Tensor]:
-    """Learnable block parameters -> their stored values in their stored dtypes (detached)."""
+def stored(params: dict[str, Tensor], storage: dict[str, torch.dtype],
+           ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, Tensor]:
+    """Learnable block parameters -> their stored values in their stored dtypes (detached). A float standing for
+    an integer parameter is rounded half away from zero and clamped to ranges[k] (default: its dtype's range)."""
     out = {}
     for k, v in params.items():
         dt = storage.get(k, v.dtype)
         v = v.detach()
         if not dt.is_floating_point and v.is_floating_point():
-            v = torch.sign(v) * torch.floor(v.abs() + 0.5)
+            lo, hi = (ranges or {}).get(k, (torch.iinfo(dt).min, torch.iinfo(dt).max))
+            v = (torch.sign(v) * torch.floor(v.abs() + 0.5)).clamp(lo, hi)
         out[k] = v.to(dt)
     return out
 
 
+def grid_sensitivity(fmt, params: dict[str, Tensor]) -> dict[str, float]:
+    """{key: how far one unit of block parameter `key` moves the grid}: the mean |d scale / d p| over the grid's
+    scales, or of its offsets for a parameter that moves no scale (a min), at the current parameters. 1 for a
+    scale or offset stored as itself (int4 groups, Q4_0, Q4_1's d and m); about 50 for a Q4_K super-block scale
+    d (it multiplies the 6-bit sub-scales); the super-block scale for a Q4_K sub-scale."""
+    leaves = {k: v.detach().float().requires_grad_(True) for k, v in params.items()}
+    scale, offset, _, _ = fmt.grid(leaves)
+    out = {}
+    for k, v in leaves.items():
+        for t in (scale, offset):
+            if not t.requires_grad:
+                continue
+            # |t| summed (a zero entry counted +): each grid entry depends on one element of v, linearly, so this
+            # is the sum of |d t / d v| over the entries
+            sign = torch.where(t.detach() < 0, -1.0, 1.0)
+            (g,) = torch.autograd.grad((t * sign).sum(), v, retain_graph=True, allow_unused=True)
+            if g is not None and bool((g != 0).any()):
+                out[k] = float(g.abs().sum()) / t.numel()
+                break
+        else:
+            out[k] = 0.0
+    return out
+
+
 def fake_quantize(w: Tensor, fmt, params: dict[str, Tensor] | None = None,
-                  storage: dict[str, torch.dtype] | None = None, scale_grad: str = "codes") -> Tensor:
+                  storage: dict[str, torch.dtype] | None = None, scale_grad: str = "codes",
+                  ranges: dict[str, tuple[int, int]] | None = None) -> Tensor:
     """w [N, K] -> its value on `fmt`'s grid, differentiable (see the module docstring). Returns w's dtype.
 
     params: None (the format fits the block parameters on w, as round-to-nearest does; no gradient to them),
         or the block parameters (fmt.params layout, rows = N): tensors of their stored dtypes, or float tensors
-        that may require grad, rounded to `storage[k]` (default: their own dtype) in the forward pass.
+        that may require grad, rounded to `storage[k]` (default: their own dtype) in the forward pass (an
+        integer one also clamped to `ranges[k]`, see `stored`).
     scale_grad: the gradient given to learnable parameters. "codes": d w_hat / d scale = q, the codes held fixed
         (PEQA, EfficientQAT's end-to-end step): right for a PTQ start, whose weights sit on grid points.
         "lsq": d w_hat / d scale = q - x (LSQ), which vanishes on weights that sit on grid points.
@@ -82,7 +118,7 @@ def fake_quantize(w: Tensor, fmt, params: dict[str, Tensor] | None = None,
     storage = storage or {}
     wf = w.float()
     with torch.no_grad():
-        p = quantize_rows(wf, fmt, None if params is None else stored(params, storage))
+        p = quantize_rows(wf, fmt, None if params is None else stored(params, storage, ranges))
         w_hat = fmt.dequantize(p).to(wf.device)
         q = fmt.codes(p).to(wf.device).float()
     if params is None:
@@ -90,7 +126,7 @@ def fake_quantize(w: Tensor, fmt, params: dict[str, Tensor] | None = None,
     else:
         grid_params = {}
         for k, v in params.items():
-            exact = stored({k: v}, storage)[k].float()
+            exact = stored({k: v}, storage, ranges)[k].float()
             grid_params[k] = straight_through(exact, v.float()) if v.requires_grad else exact
     scale, offset, qmin, qmax = fmt.grid(grid_params)
     K = wf.shape[1]
@@ -106,24 +142,31 @@ def fake_quantize(w: Tensor, fmt, params: dict[str, Tensor] | None = None,
     return straight_through(w_hat, g).to(w.dtype)
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 class FakeQuant(nn.Module):
     """The parametrization `prepare_qat` puts on one weight: latent weight [..., N, K] -> its fake-quantized value.
 
     A 3-D weight (the fused experts [E, N, K]) is quantized as E*N rows, which is per expert: every format's blocks
     run along K within a row. `learnable=True` holds the block parameters as trainable tensors (float ones as fp32
-    `nn.Parameter`s, integer ones as buffers), initialised from `params` (a fit, or the PTQ result).
+    `nn.Parameter`s, integer ones as buffers), initialised from `params` (a fit, or the PTQ result);
+    `learn_ints=True` also makes the format's `trainable_ints` (K-quant sub-scales and mins) fp32 parameters,
+    rounded and clamped to their stored range in the forward pass.
     """
 
     def __init__(self, fmt, name: str, shape: tuple[int, ...], params: dict[str, Tensor] | None, learnable: bool,
-                 scale_grad: str = "codes"):
+                 scale_grad: str = "codes", learn_ints: bool = False):
         super().__init__()
         self.fmt, self.name, self.shape, self.learnable = fmt, name, tuple(shape), learnable
         self.scale_grad = scale_grad
         self.storage: dict[str, torch.dtype] = {}
+        self.ranges: dict[str, tuple[int, int]] = dict(fmt.trainable_ints) if learnable and learn_ints else {}
         if learnable:
             for k, v in params.items():
                 self.storage[k] = v.dtype
-                if v.is_floating_point():
+                if v.is_floating_point() or k in self.ranges:
                     self.register_parameter(k, nn.Parameter(v.detach().float().clone()))
                 else:
                     self.register_buffer(k, v.detach().clone())
@@ -134,13 +177,19 @@ class FakeQuant(nn.Module):
     def block_params(self) -> dict[str, Tensor] | None:
         return {k: getattr(self, k) for k in self.storage} if self.learnable else None
 
+    def stored_params(self) -> dict[str, Tensor] | None:
+        """The block parameters as the format stores them (rounded, clamped, in their dtypes); None in fit mode."""
+        return stored(self.block_params(), self.storage, self.ranges) if self.learnable else None
+
     def forward(self, w: Tensor) -> Tensor:
         if self.caching and self._cache is not None:
             return self._cache
+        if _is_dtensor(w):  # sharded by FSDP2 and read outside its forward (e.g. by get_model_state_dict)
+            return self._sharded(w)
         delta = self.lora() if self.lora is not None else None
         x = w if delta is None else w + delta.to(w.dtype)
         out = fake_quantize(x.reshape(-1, self.shape[-1]), self.fmt, self.block_params(), self.storage,
-                            self.scale_grad)
+                            self.scale_grad, self.ranges)
         out = out.reshape(w.shape)
         if delta is not None:  # the adapter adds x @ delta^T itself: the sum is the quantized merged weight
             out = out - delta.to(out.dtype)
@@ -152,9 +201,27 @@ class FakeQuant(nn.Module):
         return w
 
     @torch.no_grad()
+    def _sharded(self, w: Tensor) -> Tensor:
+        """The fake-quantized value of an FSDP2-sharded latent weight, sharded alike. Inside FSDP's forward the
+        parameters are whole; outside it they are DTensor shards, whose rows need not line up with the shards of
+        the block parameters: gather both (every rank reads them together, as distributed state-dict calls do),
+        quantize the whole tensor and hand each rank its shard."""
+        from torch.distributed.tensor import distribute_tensor
+
+        full = lambda t: t.full_tensor() if _is_dtensor(t) else t  # noqa: E731
+        params = None if not self.learnable else {k: full(v) for k, v in self.block_params().items()}
+        delta = full(self.lora()) if self.lora is not None else None
+        x = full(w) if delta is None else full(w) + delta.to(w.dtype)
+        out = fake_quantize(x.reshape(-1, self.shape[-1]), self.fmt, params, self.storage, self.scale_grad,
+                            self.ranges).reshape(self.shape)
+        if delta is not None:
+            out = out - delta.to(out.dtype)
+        return distribute_tensor(out, w.device_mesh, w.placements, src_data_rank=None)
+
+    @torch.no_grad()
     def pack(self, w: Tensor) -> Packed | list[Packed]:
         """The format's Packed value of latent weight `w` on the current grid: one Packed, or one per expert."""
-        params = None if not self.learnable else stored(self.block_params(), self.storage)
+        params = self.stored_params()
         if w.ndim == 2:
             return quantize_rows(w, self.fmt, params)
         E, N = w.shape[0], w.shape[-2]
@@ -163,7 +230,8 @@ class FakeQuant(nn.Module):
                 for e in range(E)]
 
     def extra_repr(self) -> str:
-        return f"{self.name}: {self.fmt.name}, {'learnable' if self.learnable else 'fit'} block parameters"
+        ints = f" (integers: {', '.join(self.ranges)})" if self.ranges else ""
+        return f"{self.name}: {self.fmt.name}, {'learnable' if self.learnable else 'fit'} block parameters{ints}"
 
 
 class FloatOnGrid(nn.Module):

@@ -154,7 +154,8 @@ def fake_quantizers(model: nn.Module) -> list[tuple[nn.Module, str, FakeQuant]]:
 
 
 def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The learnable block parameters (LSQ scales / mins) of a model prepared with learnable_scales=True."""
+    """The learnable block parameters (LSQ scales / mins; K-quant sub-scales with learnable_ints) of a model
+    prepared with learnable_scales=True."""
     return [p for _, _, fq in fake_quantizers(model) for p in fq.parameters(recurse=False)]
 
 
@@ -211,6 +212,16 @@ def _state_dict_hooks(owner: nn.Module, pname: str, fq: FakeQuant) -> list:
     return [owner.register_state_dict_post_hook(save), owner.register_load_state_dict_pre_hook(load)]
 
 
+def _expose_block_params(owner: nn.Module, pname: str, fq: FakeQuant) -> None:
+    """`owner.<pname>_qat_<key>`: the learnable block parameter under its state-dict name, as an attribute, so
+    that code walking the state dict's names through the modules (torch.distributed.checkpoint's
+    get_model_state_dict, for FSDP) finds it. A property of the class `parametrize` made for this module alone
+    (convert removes that class, and the attribute with it)."""
+    cls = type(owner)
+    for k in fq.storage:
+        setattr(cls, f"{pname}_qat_{k}", property(lambda m, k=k: getattr(m.parametrizations[pname][0], k)))
+
+
 def _cache_hooks(owner: nn.Module, fq: FakeQuant) -> list:
     """A fused expert tensor is indexed once per expert: fake-quantize it once per forward of its module."""
 
@@ -237,7 +248,7 @@ def _packed_params(value) -> tuple[Tensor, dict[str, Tensor], object]:
 
 @torch.no_grad()
 def prepare_qat(model: nn.Module, recipe="int4_g32_sym", *, learnable_scales: bool = False, init=None,
-                scale_grad: str = "codes") -> nn.Module:
+                scale_grad: str = "codes", learnable_ints: bool = False) -> nn.Module:
     """Put fake quantization on every weight the recipe quantizes, in place; returns `model`.
 
     recipe: a gemmaquant `Recipe` (its plan: weight_format or GGUF mix), a format name (`"int4_g32_sym"`,
@@ -246,6 +257,8 @@ def prepare_qat(model: nn.Module, recipe="int4_g32_sym", *, learnable_scales: bo
         round-to-nearest fit, no gradient to them). True: LSQ: the float block parameters (scales, mins) are
         trainable parameters initialised from the fit (or from `init`), rounded to their stored precision.
     scale_grad: "codes" (default) or "lsq": the gradient of the learnable block parameters (fake_quant.py).
+    learnable_ints: with learnable_scales, also train the integer sub-block scales and mins of the K-quants
+        (`fmt.trainable_ints`), rounded and clamped to their 6-bit (Q6_K: 8-bit) range. Other formats: no effect.
     init: start from PTQ results: {checkpoint name: Packed | [Packed per expert]} or a tensor source (e.g.
         `gemmaquant.quantized.QuantizedSource`). Each weight is set to its dequantized PTQ value and the learnable
         block parameters to the PTQ ones, so the prepared model computes exactly the PTQ model at step 0.
@@ -281,7 +294,8 @@ def prepare_qat(model: nn.Module, recipe="int4_g32_sym", *, learnable_scales: bo
             w.copy_(w_hat.to(w.dtype))
         elif learnable_scales:
             params = fmt.params(quantize_rows(w.reshape(-1, w.shape[-1]), fmt))
-        fq = FakeQuant(fmt, name, tuple(w.shape), params if learnable_scales else None, learnable_scales, scale_grad)
+        fq = FakeQuant(fmt, name, tuple(w.shape), params if learnable_scales else None, learnable_scales, scale_grad,
+                       learnable_ints)
         fq.to(w.device)
         lora = _lora_layer(parents.get(id(owner)), owner)
         if lora is not None:
@@ -289,6 +303,7 @@ def prepare_qat(model: nn.Module, recipe="int4_g32_sym", *, learnable_scales: bo
             fq.lora = lambda ref=ref: _lora_delta(ref())
         parametrize.register_parametrization(owner, pname, fq, unsafe=True)
         handles = _state_dict_hooks(owner, pname, fq)
+        _expose_block_params(owner, pname, fq)
         if w.ndim == 3:
             handles += _cache_hooks(owner, fq)
         fq.__dict__["_handles"] = handles  # plain attribute: not a submodule, not in the state dict

@@ -8,8 +8,9 @@
         loss    = KL(softmax(teacher(ids) / T) || softmax(student(ids) / T)) * T^2, mean over tokens
                   + hidden_weight * mean over layers |h_student - h_teacher|^2 / |h_teacher|^2
                   + router_weight * KL of the router distributions (MoE)
-        AdamW on the latent weights (lr), the block scales (scale_lr), the float norms / router (float_lr) and
-        the embeddings (embed_lr), linear warm-up then cosine decay to min_lr_ratio, gradient clipping
+        AdamW on the latent weights (lr), the block parameters (scale_lr: scales, mins, the K-quants' 6-bit
+        sub-scales), the float norms / router (float_lr) and the embeddings (embed_lr), the first two in grid
+        steps per step (param_groups), linear warm-up then cosine decay to min_lr_ratio, gradient clipping
         avg     = average * avg + (1 - average) * trained values (latent weights, scales, floats, embeddings)
         every save_every steps: model, average + optimizer state to one safetensors file (resumable, no pickle)
     trained values <- avg (the moving average is what is exported)
@@ -49,7 +50,7 @@ from torch.nn.utils import parametrize
 
 from gemmaquant.export.gguf_names import is_expert
 from gemmaquant.formats import FORMATS
-from gemmaquant.qat.fake_quant import quantize_rows
+from gemmaquant.qat.fake_quant import grid_sensitivity, quantize_rows
 from gemmaquant.qat.prepare import QATError, convert, latent_weights, prepare_qat, scale_parameters
 
 BITS_FORMAT = {8: "int8", 4: "int4_g32_sym", 3: "int3_g32_sym", 2: "int2_g32_asym"}
@@ -83,6 +84,7 @@ class QATRecipe:
     expert_lr_scale: float = 4.0  # the fused experts' latent-weight and scale rates, relative to lr / scale_lr
     grad_clip: float = 1.0
     learnable_scales: bool = True
+    learnable_ints: bool = True  # also train the K-quants' 6-bit sub-block scales and mins (gguf_type, q4_k, ...)
     scale_grad: str = "codes"  # or "lsq" (see gemmaquant.qat.fake_quant)
     calib_samples: int = 32  # GPTQ calibration windows from the training text
     calib_seq_len: int = 256
@@ -245,10 +247,13 @@ def grid_step(fq) -> float:
 
 
 def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
-    """AdamW groups, one pair per quantized weight: its latent weight with lr = r.lr * grid step and its block
-    scales with lr = r.scale_lr * grid step (Adam moves every element by about lr per step, so both rates are in
-    grid steps per step, whatever the format or bit width); then the small float tensors (norms, router) at
-    r.float_lr, and the embedding tables at r.embed_lr (0 freezes them)."""
+    """AdamW groups: for each quantized weight, its latent weight with lr = r.lr * grid step, and each of its
+    learnable block parameters with lr = r.scale_lr * grid step / (how far one unit of it moves the grid,
+    `grid_sensitivity`). Adam moves every element by about lr per step, so all these rates are in grid steps per
+    step, whatever the format or bit width: an int4 group scale or a Q4_0 scale moves at r.scale_lr * its own
+    size, a Q4_K super-block scale (which multiplies 6-bit sub-scales of about 50) 50 times slower in its own
+    units, its sub-scales (with learnable_ints) at about 50 * r.scale_lr units per step. Then the small float
+    tensors (norms, router) at r.float_lr, and the embedding tables at r.embed_lr (0 freezes them)."""
     from gemmaquant.qat.prepare import fake_quantizers
 
     groups, taken = [], set()
@@ -261,10 +266,11 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
         step *= r.expert_lr_scale if is_expert(fq.name) else 1.0
         latent.requires_grad_(True)
         groups.append({"params": [latent], "lr": r.lr * step, "name": f"{fq.name}"})
-        scales = list(fq.parameters(recurse=False))
-        if scales:
-            groups.append({"params": scales, "lr": r.scale_lr * step, "name": f"{fq.name}:scales"})
-        taken |= {id(latent), *map(id, scales)}
+        block = dict(fq.named_parameters(recurse=False))
+        moves = grid_sensitivity(fq.fmt, fq.block_params()) if block else {}
+        for k, p in block.items():  # one unit of k moves the grid moves[k]: lr in grid steps per step for all
+            groups.append({"params": [p], "lr": r.scale_lr * step / (moves[k] or 1.0), "name": f"{fq.name}:{k}"})
+        taken |= {id(latent), *map(id, block.values())}
     floats, embeds = [], []
     for n, p in model.named_parameters():
         if id(p) not in taken:
@@ -451,7 +457,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
 
     # 2. the student: GPTQ's weights and block parameters under fake quantization
     student = copy.deepcopy(teacher)
-    prepare_qat(student, ptq_recipe, learnable_scales=r.learnable_scales, init=ptq_src, scale_grad=r.scale_grad)
+    prepare_qat(student, ptq_recipe, learnable_scales=r.learnable_scales, init=ptq_src, scale_grad=r.scale_grad,
+                learnable_ints=r.learnable_ints)
     embeddings = embeddings_on_grid(student, r.embedding_type) if r.embedding_type else []
     student.train()
     fingerprint = json.dumps({"recipe": dataclasses.asdict(r), "ptq": ptq.calibration_sha256,

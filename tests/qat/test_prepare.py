@@ -18,6 +18,10 @@ from gemmaquant.recipe import Recipe
 
 MOE = TINY_VARIANTS["tiny-26b-a4b"]
 EDGE = dataclasses.replace(TINY_VARIANTS["tiny-e2b"], hidden_size_per_layer_input=32)
+# every row a multiple of 256, so that the K-quants (256-weight super-blocks) fit every matrix
+KQUANT_MOE = dataclasses.replace(MOE, hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
+                                 num_attention_heads=8, num_hidden_layers=2, num_experts=4,
+                                 layer_types=("sliding_attention", "full_attention"))
 
 
 def logits(model, ids):
@@ -41,13 +45,10 @@ def train_steps(model, ids, n=2, lr=1e-3):
 
 def latent_state(model) -> dict:
     """{checkpoint name: (latent weight, stored block params or None)} before convert."""
-    from gemmaquant.qat.fake_quant import stored
-
     out = {}
     for mod, pname, fq in fake_quantizers(model):
         w = mod.parametrizations[pname].original.detach().clone()
-        bp = fq.block_params()
-        out[fq.name] = (fq.fmt, w, None if bp is None else stored(bp, fq.storage))
+        out[fq.name] = (fq.fmt, w, fq.stored_params())
     return out
 
 
@@ -177,6 +178,47 @@ def test_other_grids_and_formats():
     convert(model)
     with torch.no_grad():
         assert torch.equal(logits(model, ids), fake)
+
+
+@pytest.mark.parametrize("fmt_name", ["q4_k", "q6_k"])
+def test_learnable_kquant_subscales_train_and_convert_exactly(fmt_name, tmp_path):
+    """learnable_ints: the K-quants' integer sub-block scales (and mins) are trainable, fused experts included;
+    moved past a rounding point they change the forward pass, convert packs exactly the rounded, clamped values,
+    and a mid-training state dict round-trips through safetensors."""
+    model = random_model(KQUANT_MOE)
+    ids = ids_for(KQUANT_MOE)
+    prepare_qat(model, fmt_name, learnable_scales=True, learnable_ints=True)
+    found = fake_quantizers(model)
+    assert {fq.name for _, _, fq in found} >= {"layers.0.experts.gate_up_proj", "layers.0.self_attn.q_proj.weight"}
+    ints = [fq.sc for _, _, fq in found]
+    assert all(isinstance(p, torch.nn.Parameter) for p in ints)
+    with torch.no_grad():
+        start = logits(model, ids)
+        gen = torch.Generator().manual_seed(0)
+        for p in ints:  # about a third of the sub-scales move by one unit, a few past the stored range
+            p.add_(torch.randint(-1, 2, p.shape, generator=gen).float() * 0.6)
+            p.view(-1)[:3] = torch.tensor([-500.0, 500.0, 0.4])
+        moved = logits(model, ids)
+    assert not torch.equal(moved, start)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert [k for k in sd if k.endswith("_qat_sc")]
+    save_file(sd, str(tmp_path / "mid.safetensors"))
+    again = random_model(KQUANT_MOE)
+    prepare_qat(again, fmt_name, learnable_scales=True, learnable_ints=True)
+    again.load_state_dict(load_file(str(tmp_path / "mid.safetensors")), strict=True)
+    with torch.no_grad():
+        assert torch.equal(logits(again, ids), moved)
+    before = latent_state(model)
+    packed = convert(model)
+    with torch.no_grad():
+        assert torch.equal(logits(model, ids), moved), "the converted model computes what the fake-quantized one did"
+    lo, hi = get_format(fmt_name).trainable_ints["sc"]
+    for name, (fmt, w, params) in before.items():
+        assert int(params["sc"].min()) >= lo and int(params["sc"].max()) <= hi, name
+        got = packed[name] if isinstance(packed[name], list) else [packed[name]]
+        for a, b in zip(got, expected_packs(fmt, w, params)):
+            for k in a.data:
+                assert a.data[k].dtype == b.data[k].dtype and torch.equal(a.data[k], b.data[k]), f"{name}::{k}"
 
 
 def test_bad_input():

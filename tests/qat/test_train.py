@@ -125,6 +125,33 @@ def test_expert_lr_scale_sets_the_expert_rates_only():
         QATRecipe(expert_lr_scale=-1.0)
 
 
+@pytest.mark.parametrize("fmt_name", ["int4_g32_sym", "int2_g32_asym", "q4_1", "q4_k", "q6_k"])
+def test_every_block_parameter_moves_the_grid_at_the_scale_rate(fmt_name):
+    """param_groups: one step of lr on any block parameter (a scale, a min, a K-quant super-block scale d or,
+    with learnable_ints, a 6-bit sub-scale) moves its weight's grid by scale_lr grid steps on average, whatever
+    the format: a Q4_K d, which multiplies sub-scales of about 50, gets a rate 50 times smaller in its units."""
+    from gemmaquant.model.testing import random_model
+    from gemmaquant.qat import fake_quantizers, prepare_qat
+    from gemmaquant.qat.train import QATRecipe, param_groups
+    from tests.qat.test_prepare import KQUANT_MOE
+
+    model = random_model(KQUANT_MOE)
+    prepare_qat(model, fmt_name, learnable_scales=True, learnable_ints=True)
+    r = QATRecipe(scale_lr=1e-3, expert_lr_scale=1.0)
+    lr = {g["name"]: g["lr"] for g in param_groups(model, r)}
+    checked = 0
+    for _, _, fq in fake_quantizers(model):
+        params = {k: v.detach().float() for k, v in fq.block_params().items()}
+        scale, offset, _, _ = fq.fmt.grid(params)
+        step = float(scale.abs().mean())
+        for k, p in fq.named_parameters(recurse=False):
+            s2, o2, _, _ = fq.fmt.grid({**params, k: params[k] + lr[f"{fq.name}:{k}"]})
+            moved = (s2 - scale).abs().mean() if not torch.equal(s2, scale) else (o2 - offset).abs().mean()
+            assert float(moved) / step == pytest.approx(r.scale_lr, rel=1e-3), (fq.name, k)
+            checked += 1
+    assert checked >= len(fake_quantizers(model)) * (3 if fmt_name == "q4_k" else 1)
+
+
 def test_weight_average_is_the_ema_of_the_trained_values():
     from gemmaquant.qat.train import WeightAverage
 
@@ -278,14 +305,16 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4", "--micro-batch", "2",
                                           "--format", "q4_0", "--expert-lr-scale", "2",
                                           "--average", "0.99", "--gguf-type", "Q4_K_M",
-                                          "--embedding-type", "Q6_K"])
+                                          "--embedding-type", "Q6_K", "--fixed-ints"])
     assert res.exit_code == 0, res.output
+    assert seen["learnable_ints"] is False
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
     assert seen["weight_format"] == "q4_0" and seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
     assert seen["embedding_type"] == "Q6_K" and seen["micro_batch"] == 2 and seen["expert_lr_scale"] == 2.0
     seen.clear()
     res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
+    assert "learnable_ints" not in seen
     assert seen["bits"] == 4
     seen.clear()
     res = CliRunner().invoke(app, args + ["--overwrite", "--bits", "4", "--gguf-type", "Q4_K_M"])  # consistent
