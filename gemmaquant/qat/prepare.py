@@ -207,9 +207,19 @@ def _state_dict_hooks(owner: nn.Module, pname: str, fq: FakeQuant) -> list:
     def load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         for a, b in names.items():
             if prefix + b in state_dict:
-                state_dict[prefix + a] = state_dict.pop(prefix + b)
+                state_dict[prefix + a] = _shard_like(state_dict.pop(prefix + b), module.get_parameter(a))
 
     return [owner.register_state_dict_post_hook(save), owner.register_load_state_dict_pre_hook(load)]
+
+
+def _shard_like(value: Tensor, param: Tensor) -> Tensor:
+    """A whole tensor loaded into an FSDP2-sharded parameter: this rank's shard of it (every rank holds the whole
+    value, as set_model_state_dict(full_state_dict=True) gives it). Other values pass unchanged."""
+    if type(param).__name__ != "DTensor" or type(value).__name__ == "DTensor":
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 def _expose_block_params(owner: nn.Module, pname: str, fq: FakeQuant) -> None:

@@ -2,7 +2,8 @@
 two CPU processes (gloo) each hold half of every weight and its learnable scales, train on half of each batch, and
 end where one process training on the whole batch ends; the distributed state-dict call (`get_model_state_dict`,
 which reads every parametrized weight outside the forward pass) gathers a checkpoint that resumes sharded training
-exactly and loads into an unsharded prepared model, which converts to the same quantized model."""
+exactly (loaded before sharding, or with `set_model_state_dict` into the sharded model) and loads into an
+unsharded prepared model, which converts to the same quantized model."""
 
 import datetime
 
@@ -43,7 +44,7 @@ def prepared():
 
 def sharded_worker(rank: int, init_file: str, out: str):
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -67,13 +68,17 @@ def sharded_worker(rank: int, init_file: str, out: str):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # on every rank
         if rank == 0:
             save_file({k: v.contiguous().clone() for k, v in state.items()}, out)
-        resumed = sharded(state)  # resume mid-training: the gathered checkpoint loaded, then sharded again
+        # resume mid-training: the gathered checkpoint loaded before sharding, or into the sharded model
+        resumed, into_sharded = sharded(state), sharded()
+        set_model_state_dict(into_sharded, state, options=StateDictOptions(full_state_dict=True))
+        for other in (resumed, into_sharded):
+            with torch.no_grad():
+                assert torch.equal(other(ids), model(ids))
+        for m in (model, resumed, into_sharded):
+            train(m, ids, 1)
         with torch.no_grad():
-            assert torch.equal(resumed(ids), model(ids))
-        train(model, ids, 1)
-        train(resumed, ids, 1)
-        with torch.no_grad():
-            assert torch.equal(resumed(ids), model(ids)), "training continues identically"
+            want = model(ids)
+            assert torch.equal(resumed(ids), want) and torch.equal(into_sharded(ids), want), "training continues alike"
     finally:
         dist.destroy_process_group()
 
