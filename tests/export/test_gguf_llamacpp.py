@@ -76,8 +76,31 @@ def _measure(llama_cpp, path, ids, work, eps):
 @pytest.mark.parametrize("fixture", list(FIXTURES))
 @pytest.mark.parametrize("type_", FLOAT_TYPES + QUANT_TYPES)
 def test_llamacpp_logits(fixture, type_, llama_cpp, token_ids, fp32_eps, tmp_path):
-    long, short = token_ids
     path = export_gguf(FloatSource(FIXTURES[fixture]), tmp_path / f"{type_}.gguf", type=type_)
+    check_against_llamacpp(llama_cpp, path, fixture, type_, token_ids, fp32_eps, tmp_path)
+
+
+def test_qat_gguf_with_trained_subscales(llama_cpp, token_ids, fp32_eps, tmp_path):
+    """A QAT model trained on llama.cpp's Q4_K_M mix, its K-quants' 6-bit sub-scales moved off GPTQ's: llama.cpp
+    computes from the GGUF what our model computes from it, by the same rules as the exported fixtures."""
+    from gemmaquant.fixtures import documents
+    from gemmaquant.qat import qat_train
+    from gemmaquant.quantized import QuantizedSource
+
+    data = tmp_path / "train.txt"
+    data.write_text("\n<eos>\n".join(documents("train")[:40]) + "\n")
+    rep = qat_train("tiny-moe", gguf_type="Q4_K_M", data=data, steps=3, out=tmp_path / "qat", progress=False,
+                    scale_lr=0.05, batch_size=2, seq_len=64, calib_samples=4, calib_seq_len=64, eval_seqs=2,
+                    eval_seq_len=64)
+    gptq, qat = QuantizedSource(rep["work_dir"]), QuantizedSource(rep["files"]["quantized"])
+    kquants = [n for n in qat.names() if getattr(qat.get(n), "fmt", None) is not None and "sc" in qat.get(n).data]
+    assert kquants and any(not torch.equal(qat.get(n).data["sc"], gptq.get(n).data["sc"]) for n in kquants)
+    check_against_llamacpp(llama_cpp, Path(rep["files"]["gguf"]), "tiny-moe", "Q4_K_M", token_ids, fp32_eps,
+                           tmp_path)
+
+
+def check_against_llamacpp(llama_cpp, path, fixture, type_, token_ids, fp32_eps, tmp_path):
+    long, short = token_ids
     got, plain, emu, spread = _measure(llama_cpp, path, long, tmp_path, fp32_eps[fixture])
     err = (got - emu).abs().amax((-1, -2))
     report = (f"{fixture} {type_}: max|Δ| vs llama.cpp-rounded model {err.max():.2e}, vs plain dequantized model "
