@@ -207,7 +207,9 @@ def _state_dict_hooks(owner: nn.Module, pname: str, fq: FakeQuant) -> list:
     def load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         for a, b in names.items():
             if prefix + b in state_dict:
-                state_dict[prefix + a] = _shard_like(state_dict.pop(prefix + b), module.get_parameter(a))
+                path, _, leaf = a.rpartition(".")  # a parameter or a buffer (an integer zero point)
+                target = getattr(module.get_submodule(path), leaf)
+                state_dict[prefix + a] = _shard_like(state_dict.pop(prefix + b), target)
 
     return [owner.register_state_dict_post_hook(save), owner.register_load_state_dict_pre_hook(load)]
 
