@@ -143,6 +143,7 @@ def fake_quantize(w: Tensor, fmt, params: dict[str, Tensor] | None = None,
 
 
 def _is_dtensor(t: Tensor) -> bool:
+    """An FSDP2 shard (torch.distributed.tensor.DTensor), told by name: no torch.distributed import needed."""
     return type(t).__name__ == "DTensor"
 
 

@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from gemmaquant.config import Gemma4Config
 from gemmaquant.formats.base import Packed
-from gemmaquant.qat.fake_quant import FakeQuant, quantize_rows
+from gemmaquant.qat.fake_quant import FakeQuant, _is_dtensor, quantize_rows
 from gemmaquant.quantize import QuantizeError
 from gemmaquant.recipe import Recipe, RecipeError
 
@@ -217,7 +217,7 @@ def _state_dict_hooks(owner: nn.Module, pname: str, fq: FakeQuant) -> list:
 def _shard_like(value: Tensor, param: Tensor) -> Tensor:
     """A whole tensor loaded into an FSDP2-sharded parameter: this rank's shard of it (every rank holds the whole
     value, as set_model_state_dict(full_state_dict=True) gives it). Other values pass unchanged."""
-    if type(param).__name__ != "DTensor" or type(value).__name__ == "DTensor":
+    if not _is_dtensor(param) or _is_dtensor(value):
         return value
     from torch.distributed.tensor import distribute_tensor
 
