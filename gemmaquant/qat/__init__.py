@@ -10,7 +10,8 @@
 
 fake_quant.py: the fake quantizer (forward = the format's own quantize/dequantize, STE / LSQ backward);
 prepare.py: prepare_qat / convert on gemmaquant's Gemma4, transformers' Gemma 4 classes and PEFT wrappers;
-source.py: a converted model as a tensor source for the exporters; train.py: the distillation recipe.
+source.py: a converted model as a tensor source for the exporters; train.py: the distillation recipe, with its
+loss in distill.py and its moving average and resumable checkpoint in state.py.
 See docs/qat.md.
 """
 
@@ -18,7 +19,9 @@ from gemmaquant.qat.fake_quant import FakeQuant, fake_quantize
 from gemmaquant.qat.prepare import (QATError, checkpoint_name, convert, fake_quantizers, latent_weights, prepare_qat,
                                     qat_plan, scale_parameters)
 from gemmaquant.qat.source import ModelSource, dequantized_model, export_source, write_work_dir
-from gemmaquant.qat.train import BITS_FORMAT, QATRecipe, WeightAverage, distill_loss, qat_train
+from gemmaquant.qat.distill import distill_loss
+from gemmaquant.qat.state import WeightAverage
+from gemmaquant.qat.train import BITS_FORMAT, QATRecipe, qat_train
 
 __all__ = ["prepare_qat", "convert", "export_source", "qat_train", "QATRecipe", "QATError", "fake_quantize",
            "FakeQuant", "fake_quantizers", "scale_parameters", "latent_weights", "qat_plan", "checkpoint_name",

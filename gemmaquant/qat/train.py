@@ -30,6 +30,7 @@ The grid is one format (`bits`, `weight_format`) or a llama.cpp mix (`gguf_type=
 block type llama-quantize gives it); `embedding_type` puts the embedding tables on the GGUF's token_embd grid
 too (`FloatOnGrid`), so that the GGUF holds exactly the trained model.
 `qat_train` is what `gemmaquant qat MODEL --bits 4 --data FILE --steps N --out DIR` runs.
+The loss and its hooks are in distill.py; the moving average and the resumable checkpoint in state.py.
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from gemmaquant.export.gguf_names import is_expert
 from gemmaquant.formats import FORMATS
 from gemmaquant.qat.fake_quant import grid_sensitivity, quantize_rows
+from gemmaquant.qat.distill import Taps, accumulate_gradients
 from gemmaquant.qat.prepare import QATError, convert, latent_weights, prepare_qat, scale_parameters
+from gemmaquant.qat.state import WeightAverage, load_state, save_state
 
 BITS_FORMAT = {8: "int8", 4: "int4_g32_sym", 3: "int3_g32_sym", 2: "int2_g32_asym"}
 # QAT format -> (GGUF type, compressed-tensors scheme) that hold its trained grid exactly (None: no such export).
@@ -169,74 +171,6 @@ def lr_factor(step: int, r: QATRecipe) -> float:
     return r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """KL(teacher || student) per token, averaged: [B, T, V] logits -> scalar."""
-    t = F.log_softmax(teacher_logits.float() / temperature, -1)
-    s = F.log_softmax(student_logits.float() / temperature, -1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
-
-
-class Taps:
-    """Forward hooks on the reference Gemma4 collecting every decoder layer's output [B, T, H] and every router's
-    logits [B*T, E] of the current forward (for the hidden-state and routing terms of the loss)."""
-
-    def __init__(self, model: nn.Module, hidden: bool, router: bool):
-        self.hidden: list[Tensor] = []
-        self.router: list[Tensor] = []
-        self.handles = []
-        for layer in getattr(model, "layers", []):
-            if hidden:
-                self.handles.append(layer.register_forward_hook(lambda m, a, o: self.hidden.append(o)))
-            if router and hasattr(layer, "router"):
-                self.handles.append(layer.router.proj.register_forward_hook(lambda m, a, o: self.router.append(o)))
-
-    def clear(self) -> None:
-        self.hidden.clear()
-        self.router.clear()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.clear()
-
-
-def qat_loss(s_logits: Tensor, t_logits: Tensor, s_taps: Taps, t_taps: Taps, r: "QATRecipe") -> tuple[Tensor, dict]:
-    """KL on the logits, + hidden_weight * the relative squared error of every layer's output (averaged over
-    layers), + router_weight * KL between teacher and student router distributions (MoE: routing decisions
-    are discrete, and a flipped top-k choice carries most of an MoE model's quantization error)."""
-    kl = distill_loss(s_logits, t_logits, r.temperature)
-    loss, parts = kl, {"kl": kl.item()}
-    if r.hidden_weight > 0 and s_taps.hidden:
-        h = sum(((s - t) ** 2).mean() / (t ** 2).mean().clamp(min=1e-12)
-                for s, t in zip(s_taps.hidden, t_taps.hidden)) / len(s_taps.hidden)
-        loss, parts["hidden"] = loss + r.hidden_weight * h, h.item()
-    if r.router_weight > 0 and s_taps.router:
-        rt = sum(distill_loss(s, t) for s, t in zip(s_taps.router, t_taps.router)) / len(s_taps.router)
-        loss, parts["router"] = loss + r.router_weight * rt, rt.item()
-    return loss, parts
-
-
-def accumulate_gradients(student: nn.Module, teacher: nn.Module, ids: Tensor, s_taps: Taps, t_taps: Taps,
-                         r: "QATRecipe") -> tuple[float, dict]:
-    """Backward of one step's loss on `ids` [batch_size, seq_len], in micro-batches of r.micro_batch windows
-    (gradient accumulation: activations for micro_batch windows at a time). Each micro-batch's loss is weighted
-    by its share of the windows, so the logits and router terms, means over tokens, sum to the whole batch's;
-    the hidden-state term's normaliser |h_teacher|^2 is then the micro-batch's own. -> (loss, parts), the same
-    weighted sums."""
-    loss_sum, parts_sum = 0.0, {}
-    for chunk in ids.split(r.micro_batch or ids.shape[0]):
-        share = chunk.shape[0] / ids.shape[0]
-        t_taps.clear(), s_taps.clear()
-        with torch.no_grad():
-            t_logits = teacher(chunk)
-        loss, parts = qat_loss(student(chunk), t_logits, s_taps, t_taps, r)
-        (loss * share if share != 1 else loss).backward()
-        loss_sum += share * loss.item()
-        for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + share * v
-    return loss_sum, parts_sum
-
-
 def grid_step(fq) -> float:
     """Mean |scale| of a fake quantizer's current grid: the distance between neighbouring grid points."""
     params = fq.block_params()
@@ -313,73 +247,10 @@ def embeddings_on_grid(model: nn.Module, type_name: str) -> list[nn.Module]:
     return owners
 
 
-# ---- resumable state (safetensors, never pickle) ------------------------------------------------------------
-def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, fingerprint: str,
-               log: list[dict], average: "WeightAverage | None" = None) -> None:
-    from gemmaquant.quantized import save_atomic
-
-    tensors = {f"model::{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    if average is not None:
-        tensors |= {f"avg::{k}": v.contiguous() for k, v in average.avg.items()}
-    sd = opt.state_dict()
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt::{i}::{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
-    meta = {"step": str(step), "fingerprint": fingerprint, "log": json.dumps(log),
-            "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-                                        for g in sd["param_groups"]])}
-    save_atomic(tensors, path, meta)
-
-
-def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: str,
-               average: "WeightAverage | None" = None) -> tuple[int, list]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        if meta.get("fingerprint") != fingerprint:
-            raise QATError(f"{path}: a QAT checkpoint of another run (model, recipe or data differ); remove it "
-                           f"or choose another output directory")
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict({k[len("model::"):]: v for k, v in t.items() if k.startswith("model::")}, strict=True)
-    state: dict[int, dict] = {}
-    for k, v in t.items():
-        if k.startswith("opt::"):
-            _, i, name = k.split("::")
-            state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    if average is not None:
-        average.avg = {k: t[f"avg::{k}"] for k in average.avg}
-    return int(meta["step"]), json.loads(meta["log"])
-
-
 def average_decay(r: QATRecipe) -> float:
     """The recipe's EMA decay, capped so that the average spans at most the last fifth of the run
     (1 / (1 - decay) <= steps / 5): 0.99 from 500 steps on, as measured; a short run is not left at its start."""
     return max(0.0, min(r.average, 1.0 - 5.0 / r.steps))
-
-
-class WeightAverage:
-    """Exponential moving average of the trained parameters (Polyak averaging), swapped in before `convert`.
-    With a straight-through estimator, latent weights near a rounding threshold oscillate across it from step to
-    step, and the last step's side is chance (Nagel et al. 2022, "Overcoming Oscillations in QAT"); the average
-    rounds to the side where the weight spent its time, and averages out the gradient noise of the rest.
-    Memory: one fp32 copy of every trained tensor (as much again as one of AdamW's two moment buffers)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.avg = {n: p.detach().float().clone() for n, p in self.params.items()}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for n, p in self.params.items():
-            self.avg[n].lerp_(p.detach().float(), 1 - self.decay)
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        for n, p in self.params.items():
-            p.copy_(self.avg[n].to(p.dtype))
 
 
 # ---- the recipe ---------------------------------------------------------------------------------------------

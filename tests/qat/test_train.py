@@ -83,7 +83,8 @@ def test_micro_batches_accumulate_the_whole_batch_gradient():
     """Gradient accumulation: the same step in micro-batches of 1 and 3 windows gives the whole batch's loss and
     gradients (the logits and router terms are means over tokens; the hidden-state term, whose normaliser is per
     micro-batch, is off here). The KL is computed in fp32 (distill_loss), hence fp32 tolerances on a float64 model."""
-    from gemmaquant.qat.train import QATRecipe, Taps, accumulate_gradients
+    from gemmaquant.qat.distill import Taps, accumulate_gradients
+    from gemmaquant.qat.train import QATRecipe
 
     teacher = gemmaquant.load("tiny-moe", dtype=torch.float64).eval()
     student = gemmaquant.load("tiny-moe", dtype=torch.float64)
@@ -153,7 +154,7 @@ def test_every_block_parameter_moves_the_grid_at_the_scale_rate(fmt_name):
 
 
 def test_weight_average_is_the_ema_of_the_trained_values():
-    from gemmaquant.qat.train import WeightAverage
+    from gemmaquant.qat.state import WeightAverage
 
     model = torch.nn.Linear(3, 2)
     model.bias.requires_grad_(False)
