@@ -154,9 +154,9 @@ def _changes_text(changes: dict) -> str:
 
 def _removed_text(run: dict) -> str:
     """The share of GPTQ's KL that QAT removed, with its 95% interval over the held-out windows where the run
-    recorded one (runs since session 11)."""
+    recorded one (runs since session 11). One decimal: the goal is half, and runs land within a point of it."""
     g, q = run["gptq"]["kl_mean"], run["qat"]["kl_mean"]
-    text = f"{100 * (1 - q / g):.0f}%"
+    text = f"{100 * (1 - q / g):.1f}%"
     ci = (run.get("gap_removed") or {}).get("ci95")
     return text + (f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f})" if ci else "")
 
@@ -191,7 +191,7 @@ def variants_table(variants: list[dict], runs: list[dict]) -> str:
     rows = []
     for v in variants:
         g, q, b = v["gptq"]["kl_mean"], v["qat"]["kl_mean"], base.get((v["fixture"], v["format"]))
-        ref = f"{100 * (1 - b['qat']['kl_mean'] / b['gptq']['kl_mean']):.0f}%" if b else "-"
+        ref = f"{100 * (1 - b['qat']['kl_mean'] / b['gptq']['kl_mean']):.1f}%" if b else "-"
         changes = recipe_changes(v)
         changes.pop("steps", None)  # its own column
         change = _changes_text(changes)

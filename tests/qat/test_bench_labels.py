@@ -58,6 +58,8 @@ def test_a_run_on_a_gguf_mix_is_labelled_by_its_bits_per_weight_and_its_grid_is_
 
 def test_the_share_removed_shows_its_interval_where_the_run_recorded_one():
     run = {"gptq": {"kl_mean": 0.02}, "qat": {"kl_mean": 0.009}}
-    assert bench_qat._removed_text(run) == "55%"
-    assert bench_qat._removed_text({**run, "gap_removed": None}) == "55%"  # a run with no held-out windows
-    assert bench_qat._removed_text({**run, "gap_removed": {"share": 0.55, "ci95": [0.521, 0.584]}}) == "55% (52-58)"
+    assert bench_qat._removed_text(run) == "55.0%"
+    assert bench_qat._removed_text({**run, "gap_removed": None}) == "55.0%"  # a run with no held-out windows
+    assert bench_qat._removed_text({**run, "gap_removed": {"share": 0.55, "ci95": [0.521, 0.584]}}) == "55.0% (52-58)"
+    # one decimal: a run at 49.8% must not read as the goal's 50%
+    assert bench_qat._removed_text({"gptq": {"kl_mean": 0.0173}, "qat": {"kl_mean": 0.008693}}) == "49.8%"
