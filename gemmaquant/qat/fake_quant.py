@@ -117,17 +117,16 @@ def fake_quantize(w: Tensor, fmt, params: dict[str, Tensor] | None = None,
         raise ValueError(f"fake_quantize: expected a 2-D [N, K] weight, got shape {list(w.shape)}")
     storage = storage or {}
     wf = w.float()
+    exact = None if params is None else stored(params, storage, ranges)  # what the format stores (detached)
     with torch.no_grad():
-        p = quantize_rows(wf, fmt, None if params is None else stored(params, storage, ranges))
+        p = quantize_rows(wf, fmt, exact)
         w_hat = fmt.dequantize(p).to(wf.device)
         q = fmt.codes(p).to(wf.device).float()
     if params is None:
         grid_params = {k: v.float() for k, v in fmt.params(p).items()}
     else:
-        grid_params = {}
-        for k, v in params.items():
-            exact = stored({k: v}, storage, ranges)[k].float()
-            grid_params[k] = straight_through(exact, v.float()) if v.requires_grad else exact
+        grid_params = {k: straight_through(exact[k].float(), v.float()) if v.requires_grad else exact[k].float()
+                       for k, v in params.items()}
     scale, offset, qmin, qmax = fmt.grid(grid_params)
     K = wf.shape[1]
     s, o = fmt.expand(scale, K).to(wf.device), fmt.expand(offset, K).to(wf.device)
@@ -187,13 +186,7 @@ class FakeQuant(nn.Module):
             return self._cache
         if _is_dtensor(w):  # sharded by FSDP2 and read outside its forward (e.g. by get_model_state_dict)
             return self._sharded(w)
-        delta = self.lora() if self.lora is not None else None
-        x = w if delta is None else w + delta.to(w.dtype)
-        out = fake_quantize(x.reshape(-1, self.shape[-1]), self.fmt, self.block_params(), self.storage,
-                            self.scale_grad, self.ranges)
-        out = out.reshape(w.shape)
-        if delta is not None:  # the adapter adds x @ delta^T itself: the sum is the quantized merged weight
-            out = out - delta.to(out.dtype)
+        out = self._quantized(w, self.block_params(), self.lora() if self.lora is not None else None)
         if self.caching:
             self._cache = out
         return out
@@ -211,13 +204,17 @@ class FakeQuant(nn.Module):
 
         full = lambda t: t.full_tensor() if _is_dtensor(t) else t  # noqa: E731
         params = None if not self.learnable else {k: full(v) for k, v in self.block_params().items()}
-        delta = full(self.lora()) if self.lora is not None else None
-        x = full(w) if delta is None else full(w) + delta.to(w.dtype)
-        out = fake_quantize(x.reshape(-1, self.shape[-1]), self.fmt, params, self.storage, self.scale_grad,
-                            self.ranges).reshape(self.shape)
-        if delta is not None:
-            out = out - delta.to(out.dtype)
+        out = self._quantized(full(w), params, full(self.lora()) if self.lora is not None else None)
         return distribute_tensor(out, w.device_mesh, w.placements, src_data_rank=None)
+
+    def _quantized(self, w: Tensor, params: dict[str, Tensor] | None, delta: Tensor | None) -> Tensor:
+        """fake_quantize of latent weight w (+ the LoRA delta, if any) on the block parameters `params`, as rows."""
+        x = w if delta is None else w + delta.to(w.dtype)
+        out = fake_quantize(x.reshape(-1, self.shape[-1]), self.fmt, params, self.storage, self.scale_grad,
+                            self.ranges).reshape(w.shape)
+        if delta is not None:  # the adapter adds x @ delta^T itself: the sum is the quantized merged weight
+            out = out - delta.to(out.dtype)
+        return out
 
     @torch.no_grad()
     def pack(self, w: Tensor) -> Packed | list[Packed]:
