@@ -64,7 +64,8 @@ def _quantize_matrix(w: Tensor, fmt, method: str, stats, recipe: Recipe, name: s
         if id(stats) not in factors:
             factors[id(stats)] = HessianFactor(H.to(w.device), recipe.damp, recipe.act_order)
         H = factors[id(stats)]
-    return gptq(w, H, fmt, damp=recipe.damp, block_size=recipe.block_size, act_order=recipe.act_order)
+    return gptq(w, H, fmt, damp=recipe.damp, block_size=recipe.block_size, act_order=recipe.act_order,
+                importance_params=recipe.importance_params)
 
 
 @torch.no_grad()

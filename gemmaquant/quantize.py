@@ -188,8 +188,9 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
     state_file = work / "state.json"
     if state_file.is_file():
         old = json.loads(state_file.read_text())
-        if {k: old.get(k) for k in ("recipe", "config", "calibration_sha256")} != \
-                {k: state[k] for k in ("recipe", "config", "calibration_sha256")}:
+        if not recipe.same_as(old.get("recipe")) or \
+                {k: old.get(k) for k in ("config", "calibration_sha256")} != \
+                {k: state[k] for k in ("config", "calibration_sha256")}:
             raise QuantizeError(f"{work}: holds an unfinished run with another recipe, model or calibration set; "
                                 f"remove it or choose another --out")
     else:

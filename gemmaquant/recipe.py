@@ -10,8 +10,6 @@ block type the way llama-quantize does, and the algorithm quantizes onto those g
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -38,6 +36,7 @@ class Recipe:
     damp: float = 0.01  # GPTQ
     block_size: int = 128
     act_order: bool = True
+    importance_params: bool = False  # GPTQ: fit each block's scale imatrix-style, weighted by diag(H), not by absmax
     awq_grid: int = 20  # AWQ
     moe_min_tokens: int = 32  # experts routed fewer calibration tokens get forced-routing statistics
 
@@ -79,8 +78,13 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    def same_as(self, saved: dict | None) -> bool:
+        """Whether a recipe saved by `to_dict` (a work directory's state.json) is this one. A key added to Recipe
+        after the file was written reads as its default, so such work directories still resume."""
+        try:
+            return saved is not None and Recipe.from_dict(saved).to_dict() == self.to_dict()
+        except (RecipeError, TypeError):
+            return False
 
 
 def bundled_recipes() -> list[str]:
