@@ -1,6 +1,7 @@
 """Quality of the PTQ algorithms on the trained fixtures: held-out KL divergence to the float model, top-1
-agreement and perplexity, for RTN, importance-weighted RTN (imatrix), GPTQ and AWQ at int4 and int3 (group 32,
-symmetric), plus int8 RTN. Regenerates docs/quality.md and benchmarks/results/quality.{json,md}.
+agreement and perplexity, for RTN, importance-weighted RTN (imatrix), GPTQ, GPTQ with imatrix-style block
+parameters (the recipe key `importance_params`) and AWQ at int4 and int3 (group 32, symmetric), plus int8 RTN.
+Regenerates docs/quality.md and benchmarks/results/quality.{json,md}.
 
     python benchmarks/bench_quality.py [--fixtures tiny-dense,tiny-moe,tiny-edge] [--n-samples 32 --seq-len 256]
 """
@@ -24,7 +25,9 @@ from gemmaquant.workflow import default_heldout
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
-GRID = [("int8", "rtn"), *[(f, m) for f in ("int4_g32_sym", "int3_g32_sym") for m in ("rtn", "imatrix", "gptq", "awq")]]
+METHODS = {"rtn": {"method": "rtn"}, "imatrix": {"method": "imatrix"}, "gptq": {"method": "gptq"},
+           "gptq+imatrix": {"method": "gptq", "importance_params": True}, "awq": {"method": "awq"}}
+GRID = [("int8", "rtn"), *[(f, m) for f in ("int4_g32_sym", "int3_g32_sym") for m in METHODS]]
 
 
 def dequantized_model(work: Path, like):
@@ -47,7 +50,7 @@ def main():
         ref = gemmaquant.load(fx)
         ids = heldout_ids(resolve(fx), default_heldout(), args.eval_seqs, 128)
         for fmt, method in GRID:
-            r = Recipe.from_dict({"method": method, "weight_format": fmt, "n_samples": args.n_samples,
+            r = Recipe.from_dict({**METHODS[method], "weight_format": fmt, "n_samples": args.n_samples,
                                   "seq_len": args.seq_len})
             with tempfile.TemporaryDirectory() as tmp:
                 res = quantize(fx, r, out=tmp, progress=False)
