@@ -1,15 +1,16 @@
 # Everything from a fresh clone: `make demo` (the main job on a bundled tiny model) and `make test`.
-# Set-up is a local venv with the CPU build of torch (a bare `torch` requirement can pull a multi-GB CUDA build).
+# Set-up is a local venv with the CPU build of torch (a bare `torch` requirement can pull a multi-GB CUDA build)
+# and the other packages at the versions in constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" -c constraints.txt
 	touch $@
 
 .PHONY: setup demo test test-all bench

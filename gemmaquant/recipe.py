@@ -22,6 +22,10 @@ class RecipeError(ValueError):
     pass
 
 
+# Keys added after work directories were first written, with the value that matches what runs did before them.
+ADDED_KEYS = {"importance_params": False}
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str = "custom"
@@ -80,9 +84,10 @@ class Recipe:
 
     def same_as(self, saved: dict | None) -> bool:
         """Whether a recipe saved by `to_dict` (a work directory's state.json) is this one. A key added to Recipe
-        after the file was written reads as its default, so such work directories still resume."""
+        after the file was written reads as the behaviour the file was written under (ADDED_KEYS), so such a
+        work directory still resumes, and is refused if a later default would change its result."""
         try:
-            return saved is not None and Recipe.from_dict(saved).to_dict() == self.to_dict()
+            return saved is not None and Recipe.from_dict({**ADDED_KEYS, **saved}).to_dict() == self.to_dict()
         except (RecipeError, TypeError):
             return False
 
