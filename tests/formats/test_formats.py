@@ -213,3 +213,19 @@ def test_int8_channel_is_q8_0_with_the_row_scale_in_every_block():
     d = p.data["scale"].to(torch.float16)[:, None].expand(-1, K // 32)
     repacked = q80.pack(fmt.codes(p), {"d": d})
     assert torch.equal(q80.dequantize(repacked), fmt.dequantize(p))
+
+
+@pytest.mark.parametrize("name", ["int4_g32_sym", "int3_g32_sym", "int8"])
+def test_importance_search_does_not_depend_on_its_slicing(name, monkeypatch):
+    """search_scale runs over slices on CPU; one slice per row and a single slice give the same scales."""
+    import gemmaquant.formats.base as base
+
+    fmt = get_format(name)
+    w = weights(N=40)
+    imp = torch.rand(K, generator=torch.Generator().manual_seed(3)) * 4
+    monkeypatch.setattr(base, "SEARCH_CHUNK", 1)
+    sliced = fmt.fit(w, importance=imp)["scale"]
+    monkeypatch.setattr(base, "SEARCH_CHUNK", 1 << 30)
+    whole = fmt.fit(w, importance=imp)["scale"]
+    assert torch.equal(sliced, whole)
+    assert not torch.equal(whole, fmt.fit(w)["scale"])  # the search moved some scales
