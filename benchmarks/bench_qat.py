@@ -70,7 +70,7 @@ def run_one(fixture: str, bits: int, steps: int, eval_seqs: int, overrides: dict
     run = {"fixture": fixture, "bits": bits, "format": rep["format"], "steps": steps, "gptq": rep["ptq"],
            "qat": rep["qat"], "kl_train_first": rep["kl_first"], "kl_train_last": rep["kl_last"],
            "kl_train_tail": rep["kl_tail"], "seconds": rep["seconds"], "recipe": rep["recipe"],
-           "gap_removed": rep.get("gap_removed")}
+           "gap_removed": rep.get("gap_removed"), "gptq_importance_params": rep["ptq_recipe"]["importance_params"]}
     if overrides is not None:  # a variant: QAT against GPTQ only
         return {**run, "overrides": overrides}
     fmt = rep["format"]

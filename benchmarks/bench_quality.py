@@ -1,6 +1,7 @@
 """Quality of the PTQ algorithms on the trained fixtures: held-out KL divergence to the float model, top-1
-agreement and perplexity, for RTN, importance-weighted RTN (imatrix), GPTQ, GPTQ with imatrix-style block
-parameters (the recipe key `importance_params`) and AWQ at int4 and int3 (group 32, symmetric), plus int8 RTN.
+agreement and perplexity, for RTN, importance-weighted RTN (imatrix), GPTQ (the default: imatrix-style block
+parameters), GPTQ with absmax block parameters (`importance_params = false`, the default before session 14) and AWQ
+at int4 and int3 (group 32, symmetric), plus int8 RTN.
 Regenerates docs/quality.md and benchmarks/results/quality.{json,md}.
 
     python benchmarks/bench_quality.py [--fixtures tiny-dense,tiny-moe,tiny-edge] [--n-samples 32 --seq-len 256]
@@ -25,8 +26,9 @@ from gemmaquant.workflow import default_heldout
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
-METHODS = {"rtn": {"method": "rtn"}, "imatrix": {"method": "imatrix"}, "gptq": {"method": "gptq"},
-           "gptq+imatrix": {"method": "gptq", "importance_params": True}, "awq": {"method": "awq"}}
+METHODS = {"rtn": {"method": "rtn"}, "imatrix": {"method": "imatrix"},
+           "gptq-absmax": {"method": "gptq", "importance_params": False}, "gptq": {"method": "gptq"},
+           "awq": {"method": "awq"}}
 GRID = [("int8", "rtn"), *[(f, m) for f in ("int4_g32_sym", "int3_g32_sym") for m in METHODS]]
 
 

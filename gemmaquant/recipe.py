@@ -40,7 +40,7 @@ class Recipe:
     damp: float = 0.01  # GPTQ
     block_size: int = 128
     act_order: bool = True
-    importance_params: bool = False  # GPTQ: fit each block's scale imatrix-style, weighted by diag(H), not by absmax
+    importance_params: bool = True  # GPTQ: fit each block's scale imatrix-style, weighted by diag(H), not by absmax
     awq_grid: int = 20  # AWQ
     moe_min_tokens: int = 32  # experts routed fewer calibration tokens get forced-routing statistics
 

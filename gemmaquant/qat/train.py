@@ -398,7 +398,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     report = {"model": name, "recipe": dataclasses.asdict(r), "format": r.format_name, "steps": r.steps,
               "kl_first": log[0]["kl"] if log else None, "kl_last": log[-1]["kl"] if log else None,
               "kl_head": window_mean(log[:TRAIN_WINDOW]), "kl_tail": window_mean(log[-TRAIN_WINDOW:]),
-              "log": log, "files": files, "work_dir": str(Path(ptq.work_dir))}
+              "log": log, "files": files, "work_dir": str(Path(ptq.work_dir)), "ptq_recipe": ptq_recipe.to_dict()}
     if eval_seqs > 0:
         ids = heldout_ids(tok_dir, heldout or default_heldout(), eval_seqs, eval_seq_len, teacher.config.bos_token_id)
         ptq_model = dequantized_model(ptq_src)

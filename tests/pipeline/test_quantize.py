@@ -101,25 +101,30 @@ def test_resume_refuses_a_different_recipe(tmp_path):
     with pytest.raises(QuantizeError, match="another recipe"):
         quantize("tiny-dense", recipe(method="rtn"), out=tmp_path, progress=False)
     with pytest.raises(QuantizeError, match="another recipe"):
-        quantize("tiny-dense", recipe(importance_params=True), out=tmp_path, progress=False)
+        quantize("tiny-dense", recipe(importance_params=False), out=tmp_path, progress=False)
 
 
 def test_work_dir_from_before_a_recipe_key_resumes(tmp_path):
-    """A state.json written before `importance_params` existed lacks it: it reads as the default and resumes."""
-    quantize("tiny-dense", recipe(), out=tmp_path, progress=False, stop_after_layer=0)
+    """A state.json written before `importance_params` existed lacks it, and was made with plain GPTQ: it resumes
+    under `importance_params = false` and is refused under today's default (true) rather than mixed with it."""
+    quantize("tiny-dense", recipe(importance_params=False), out=tmp_path, progress=False, stop_after_layer=0)
     state_file = tmp_path / ".gemmaquant-work" / "state.json"
     state = json.loads(state_file.read_text())
     del state["recipe"]["importance_params"]
     state_file.write_text(json.dumps(state))
-    res = quantize("tiny-dense", recipe(), out=tmp_path, progress=False)
+    with pytest.raises(QuantizeError, match="another recipe"):
+        quantize("tiny-dense", recipe(), out=tmp_path, progress=False)
+    res = quantize("tiny-dense", recipe(importance_params=False), out=tmp_path, progress=False)
     assert finished_layers(res.work_dir) == QuantizedSource(res.work_dir).config.num_hidden_layers
 
 
 def test_importance_params_reaches_gptq(tmp_path):
-    """The recipe key turns on GPTQ's imatrix-style block parameters: the scales move, the grid stays."""
-    plain = QuantizedSource(quantize("tiny-dense", recipe(), out=tmp_path / "a", progress=False).work_dir)
-    weighted = QuantizedSource(quantize("tiny-dense", recipe(importance_params=True), out=tmp_path / "b",
-                                        progress=False).work_dir)
+    """The recipe key (default on) turns on GPTQ's imatrix-style block parameters: the scales move, the grid
+    stays."""
+    assert Recipe().importance_params
+    plain = QuantizedSource(quantize("tiny-dense", recipe(importance_params=False), out=tmp_path / "a",
+                                     progress=False).work_dir)
+    weighted = QuantizedSource(quantize("tiny-dense", recipe(), out=tmp_path / "b", progress=False).work_dir)
     name = "layers.0.self_attn.q_proj.weight"
     p, w = plain.get(name), weighted.get(name)
     assert isinstance(p, Packed) and p.fmt.name == w.fmt.name == "int4_g32_sym"
