@@ -127,6 +127,8 @@ def recipe_changes(run: dict) -> dict:
     if not _has_router(run["fixture"]):  # the routing term and the expert rates do nothing there
         for k in MOE_ONLY:
             changes.pop(k, None)
+    if not run.get("gptq_importance_params", False):  # QAT's start before session 14: GPTQ with absmax scales
+        changes["gptq_params"] = "absmax"
     return changes
 
 
@@ -141,7 +143,7 @@ def _default_text() -> str:
 
     d = dataclasses.asdict(QATRecipe())
     shown = ("steps", "lr", "scale_lr", "router_weight", "expert_lr_scale", "average")
-    return ", ".join(f"{k} {d[k]}" for k in shown)
+    return ", ".join(f"{k} {d[k]}" for k in shown) + "; GPTQ start with imatrix-style block parameters"
 
 
 def _bits_text(run: dict) -> str:

@@ -13,42 +13,50 @@ _spec = importlib.util.spec_from_file_location(
     "bench_qat", Path(__file__).resolve().parents[2] / "benchmarks" / "bench_qat.py")
 bench_qat = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_qat)
+NOW = {"gptq_importance_params": True}  # QAT started from today's GPTQ (imatrix-style block parameters)
 
 
 def test_a_run_of_todays_default_is_labelled_default():
-    run = {"fixture": "tiny-moe", "steps": QATRecipe().steps, "recipe": dataclasses.asdict(QATRecipe())}
+    run = {"fixture": "tiny-moe", "steps": QATRecipe().steps, "recipe": dataclasses.asdict(QATRecipe()), **NOW}
     assert bench_qat.recipe_changes(run) == {}
     assert bench_qat._changes_text(bench_qat.recipe_changes(run)) == "default"
 
 
+def test_a_run_from_gptq_with_absmax_parameters_says_so():
+    run = {"fixture": "tiny-moe", "steps": QATRecipe().steps, "recipe": dataclasses.asdict(QATRecipe())}
+    assert bench_qat.recipe_changes(run) == {"gptq_params": "absmax"}
+    assert bench_qat.recipe_changes({**run, "gptq_importance_params": False}) == {"gptq_params": "absmax"}
+
+
 def test_a_run_without_a_recorded_recipe_ran_the_past_defaults_and_its_overrides():
-    run = {"fixture": "tiny-moe", "steps": 500, "overrides": {"lr": 0.0, "batch_size": 16}}
+    run = {"fixture": "tiny-moe", "steps": 500, "overrides": {"lr": 0.0, "batch_size": 16}, **NOW}
     assert bench_qat.recipe_changes(run) == {"lr": 0.0, "batch_size": 16, "scale_lr": 0.003, "router_weight": 10.0,
                                              "average": 0.0, "expert_lr_scale": 1.0, "steps": 500}
 
 
 def test_router_weight_is_not_a_difference_without_a_router_and_removed_fields_only_when_set():
     recipe = dataclasses.asdict(QATRecipe()) | {"router_weight": 10.0, "block_steps": 0}  # recorded by an old run
-    assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": recipe}) == {}
-    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": recipe}) == {"router_weight": 10.0}
-    run = {"fixture": "tiny-moe", "steps": 1, "recipe": recipe | {"block_steps": 100}, "overrides": {"block_steps": 100}}
+    assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": recipe, **NOW}) == {}
+    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": recipe, **NOW}) == {"router_weight": 10.0}
+    run = {"fixture": "tiny-moe", "steps": 1, "recipe": recipe | {"block_steps": 100}, "overrides": {"block_steps": 100},
+           **NOW}
     assert bench_qat.recipe_changes(run) == {"router_weight": 10.0, "block_steps": 100, "steps": 1}
 
 
 def test_a_recorded_recipe_from_before_the_average_existed_ran_without_it():
     recipe = {k: v for k, v in dataclasses.asdict(QATRecipe()).items() if k != "average"}
-    assert bench_qat.recipe_changes({"fixture": "tiny-edge", "steps": 1000, "recipe": recipe}) == {"average": 0.0}
+    assert bench_qat.recipe_changes({"fixture": "tiny-edge", "steps": 1000, "recipe": recipe, **NOW}) == {"average": 0.0}
 
 
 def test_a_recorded_recipe_from_before_the_expert_rates_ran_them_at_one_which_matters_only_with_experts():
     recipe = {k: v for k, v in dataclasses.asdict(QATRecipe()).items() if k != "expert_lr_scale"}
-    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": recipe}) == {"expert_lr_scale": 1.0}
-    assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": recipe}) == {}
+    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": recipe, **NOW}) == {"expert_lr_scale": 1.0}
+    assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": recipe, **NOW}) == {}
 
 
 def test_a_run_on_a_gguf_mix_is_labelled_by_its_bits_per_weight_and_its_grid_is_not_a_recipe_change():
     recipe = dataclasses.asdict(QATRecipe(gguf_type="Q4_K_M"))
-    run = {"fixture": "tiny-moe", "steps": 1000, "recipe": recipe, "format": "Q4_K_M", "bits": 5.95}
+    run = {"fixture": "tiny-moe", "steps": 1000, "recipe": recipe, "format": "Q4_K_M", "bits": 5.95, **NOW}
     assert bench_qat.recipe_changes(run) == {}
     assert bench_qat._bits_text(run) == "5.95 bpw" and bench_qat._bits_text({"format": "q4_0", "bits": 4}) == "4"
     # llama.cpp's mix on tiny-moe's 160- and 128-wide rows: mostly 32-block fallbacks (Q5_0, Q8_0), so ~6 bits
