@@ -10,6 +10,8 @@ column sweep (~ N K^2). When a run is reduced, the measured parts are scaled and
     --experts E      time E of the 128 experts, multiply by 128 / E
     --max-rows R     time R rows of a taller matrix, sweep scaled by N / R
     --max-k C        a matrix with K > C is timed at K = C: factorization scaled by (K / C)^3, sweep by (K / C)^2
+    --absmax-params  fit the block parameters by absmax (plain RTN), as before session 14; the default fits them
+                     imatrix-style (`importance_params`, the pipeline's default), whose search is timed in the sweep
 
     python benchmarks/bench_gptq.py --variant 26b-a4b --experts 2
     python benchmarks/bench_gptq.py --variant 31b --max-k 8192 --repeat 2
@@ -52,7 +54,8 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_matrix(N: int, K: int, fmt, dev, max_rows: int, max_k: int, tokens: int, seed: int, repeat: int) -> dict:
+def time_matrix(N: int, K: int, fmt, dev, max_rows: int, max_k: int, tokens: int, seed: int, repeat: int,
+                importance_params: bool = True) -> dict:
     """Time one gptq call on an [N, K] matrix (or its reduced stand-in) and project the full-size time."""
     n, k = min(N, max_rows), min(K, max_k)
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +71,7 @@ def time_matrix(N: int, K: int, fmt, dev, max_rows: int, max_k: int, tokens: int
         sync(dev)
         t_chol = min(t_chol, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        gptq(w, H, fmt)
+        gptq(w, H, fmt, importance_params=importance_params)
         sync(dev)
         t_total = min(t_total, time.perf_counter() - t0)
     t_sweep = max(t_total - t_chol, 0.0)
@@ -78,7 +81,7 @@ def time_matrix(N: int, K: int, fmt, dev, max_rows: int, max_k: int, tokens: int
 
 
 def run(variant: str, fmt_name: str, dev: torch.device, experts: int, max_rows: int, max_k: int, tokens: int,
-        repeat: int = 1):
+        repeat: int = 1, importance_params: bool = True):
     from gemmaquant.formats import get_format
 
     fmt = get_format(fmt_name)
@@ -92,7 +95,8 @@ def run(variant: str, fmt_name: str, dev: torch.device, experts: int, max_rows: 
             timed = min(copies, experts) if copies > 1 else 1
             key = (N, K)
             if key not in cache:  # identical shapes (k/v, gate/up, experts) are timed once per instance
-                cache[key] = [time_matrix(N, K, fmt, dev, max_rows, max_k, tokens, s, repeat) for s in range(timed)]
+                cache[key] = [time_matrix(N, K, fmt, dev, max_rows, max_k, tokens, s, repeat, importance_params)
+                              for s in range(timed)]
             per = sum(r["projected_s"] for r in cache[key]) / len(cache[key])
             rows.append({"name": name, "copies": copies, "timed_copies": len(cache[key]), **cache[key][0],
                          "projected_s": round(per, 3), "projected_all_copies_s": round(per * copies, 3)})
@@ -101,7 +105,8 @@ def run(variant: str, fmt_name: str, dev: torch.device, experts: int, max_rows: 
     model_s = sum(v["count"] * v["projected_layer_s"] for v in layers.values())
     return {"variant": variant, "format": fmt_name, "device": device_name(dev), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "settings": {"experts_timed": experts, "max_rows": max_rows, "max_k": max_k,
-                                                     "calibration_tokens": tokens, "repeat": repeat},
+                                                     "calibration_tokens": tokens, "repeat": repeat,
+                                                     "importance_params": importance_params},
             "layers": layers, "projected_model_s": round(model_s, 1)}
 
 
@@ -111,6 +116,13 @@ def device_name(dev: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+def params_label(settings: dict) -> str:
+    """How the run fit GPTQ's block parameters; runs from before the key was recorded used absmax."""
+    if settings.get("importance_params", False):
+        return "imatrix-style (importance_params, the pipeline's default)"
+    return "absmax (importance_params off; the pipeline's default before session 14)"
+
+
 def markdown(r: dict) -> str:
     s = r["settings"]
     cap = lambda v: "all" if v >= 1 << 30 else str(v)  # noqa: E731
@@ -118,8 +130,8 @@ def markdown(r: dict) -> str:
     lines = [f"# GPTQ time, {r['variant']}, {r['format']}, {r['device']}, {r['threads']} thread(s)", "",
              f"Random weights, Hessians from {s['calibration_tokens']} random activation rows; experts timed: "
              f"{s['experts_timed'] if moe else 'no experts'}; rows timed at most: {cap(s['max_rows'])}; "
-             f"K timed at most: {cap(s['max_k'])}; best of {s.get('repeat', 1)}; `*` = extrapolated "
-             "(see benchmarks/bench_gptq.py).", ""]
+             f"K timed at most: {cap(s['max_k'])}; best of {s.get('repeat', 1)}; block parameters: "
+             f"{params_label(s)}; `*` = extrapolated (see benchmarks/bench_gptq.py).", ""]
     for lt, v in r["layers"].items():
         lines += [f"## {lt} layer (x{v['count']}): {v['projected_layer_s']:.1f} s", "",
                   "| matrix | N x K | copies | timed | factorization s | sweep s | per matrix s | all copies s |",
@@ -147,10 +159,13 @@ def main() -> None:
     ap.add_argument("--max-k", type=int, default=1 << 30)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=1, help="best of this many timings per matrix")
+    ap.add_argument("--absmax-params", action="store_true",
+                    help="fit block parameters by absmax instead of imatrix-style (the pipeline's default)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    r = run(a.variant, a.format, dev, a.experts, a.max_rows, a.max_k, a.tokens, a.repeat)
+    r = run(a.variant, a.format, dev, a.experts, a.max_rows, a.max_k, a.tokens, a.repeat,
+            importance_params=not a.absmax_params)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"gptq_{a.variant}_{dev.type}"
     stem.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
