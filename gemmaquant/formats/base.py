@@ -128,21 +128,40 @@ class QuantFormat:
         raise NotImplementedError
 
 
+REFERENCE_CHUNK = 1 << 20  # elements per row slice of a llama.cpp port on CPU (ReferenceQuantizer)
+
+
 class ReferenceQuantizer(QuantFormat):
     """A format whose fit is a port of llama.cpp's quantizer (the GGUF block types): `_reference(w, importance)`
     chooses the codes and the block parameters together, so `quantize` keeps its codes (llama.cpp's own
-    rounding, byte for byte) instead of re-encoding on the parameters; given `params`, it encodes as usual."""
+    rounding, byte for byte) instead of re-encoding on the parameters; given `params`, it encodes as usual.
+
+    On CPU the port runs over slices of whole rows of about REFERENCE_CHUNK elements: its many elementwise
+    passes then stay in cache (about 4x faster on a [2048, 5376] Q4_K fit than whole-matrix passes, whose
+    temporaries are the matrix's size each), and its memory is bounded. Every block is fit from its own values
+    alone, so the result does not depend on the slicing."""
 
     def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:
         if params is not None:
             return super().quantize(w, params)
         self.check(w)
-        codes, params = self._reference(w.float(), importance)
+        codes, params = self._sliced_reference(w.float(), importance)
         return self.pack(codes, params)
 
     def fit(self, w: Tensor, importance: Tensor | None = None) -> dict:
         self.check(w)
-        return self._reference(w.float(), importance)[1]
+        return self._sliced_reference(w.float(), importance)[1]
+
+    def _sliced_reference(self, w: Tensor, importance: Tensor | None) -> tuple[Tensor, dict]:
+        N, K = w.shape
+        rows = max(1, REFERENCE_CHUNK // K) if w.device.type == "cpu" else N
+        if rows >= N:
+            return self._reference(w, importance)
+        per_row = importance is not None and importance.ndim == 2  # [N, K] importance is sliced with w
+        parts = [self._reference(w[r:r + rows], importance[r:r + rows] if per_row else importance)
+                 for r in range(0, N, rows)]
+        codes = torch.cat([c for c, _ in parts])
+        return codes, {k: torch.cat([p[k] for _, p in parts]) for k in parts[0][1]}
 
     def _reference(self, w: Tensor, importance: Tensor | None) -> tuple[Tensor, dict]:
         """w [N, K] fp32 -> (int32 codes [N, K], params)."""

@@ -1,6 +1,7 @@
 """Every format: the grid contract (dequantize = scale * q + offset), the re-quantize fixed point, zero blocks,
 bad input; the int formats' packed layout (all 16 int4 codes, nibble order) and their lossless GGUF mappings."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -229,3 +230,22 @@ def test_importance_search_does_not_depend_on_its_slicing(name, monkeypatch):
     whole = fmt.fit(w, importance=imp)["scale"]
     assert torch.equal(sliced, whole)
     assert not torch.equal(whole, fmt.fit(w)["scale"])  # the search moved some scales
+
+
+@pytest.mark.parametrize("importance", [None, "per_channel", "per_element"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q5_k", "q6_k"])
+def test_llamacpp_port_does_not_depend_on_its_slicing(name, importance, monkeypatch):
+    """The GGUF types' llama.cpp ports run over row slices on CPU; slices of 3 rows (the last one shorter) and a
+    single slice give the same bytes."""
+    import gemmaquant.formats.base as base
+
+    fmt = get_format(name)
+    w = weights(N=10)
+    g = torch.Generator().manual_seed(4)
+    imp = {None: None, "per_channel": torch.rand(K, generator=g) * 4,
+           "per_element": torch.rand(10, K, generator=g) * 4}[importance]
+    monkeypatch.setattr(base, "REFERENCE_CHUNK", 3 * K)
+    sliced = fmt.quantize(w, importance=imp)
+    monkeypatch.setattr(base, "REFERENCE_CHUNK", 1 << 30)
+    whole = fmt.quantize(w, importance=imp)
+    assert np.array_equal(fmt.to_gguf_bytes(sliced), fmt.to_gguf_bytes(whole))
