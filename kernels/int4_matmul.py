@@ -35,9 +35,17 @@ def int4_tile(q_ptr, s_ptr, z_ptr, rn, k0, N, stride_qn, stride_sn, stride_zn,
     """The [BLOCK_N, BLOCK_K] weight tile at rows `rn`, columns k0 .. k0 + BLOCK_K (inside one group), as fp32
     integers u - zero in [-15, 15], and the group scale of each row (fp32 [BLOCK_N]). Rows >= N read as zero."""
     nmask = rn < N
-    rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns
-    byte = tl.load(q_ptr + rn[:, None] * stride_qn + rj[None, :], mask=nmask[:, None], other=0)  # [BN, BK/2]
-    u = tl.interleave(byte & 0xF, byte >> 4)  # [BN, BK]: column 2j = low nibble, 2j + 1 = high nibble
+    if BLOCK_K >= 32:
+        rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns
+        byte = tl.load(q_ptr + rn[:, None] * stride_qn + rj[None, :], mask=nmask[:, None], other=0)  # [BN, BK/2]
+        u = tl.interleave(byte & 0xF, byte >> 4)  # [BN, BK]: column 2j = low nibble, 2j + 1 = high nibble
+    else:
+        # BLOCK_K = 16 (group 16): the interleave above gave wrong sums at this width on an H200 (Triton 3.6), so
+        # each byte is loaded for both of its columns instead. Correct at every width, but 10x slower at 128 there
+        # (docs/kernels.md), so it is kept to the width that needs it.
+        rk = k0 + tl.arange(0, BLOCK_K)
+        byte = tl.load(q_ptr + rn[:, None] * stride_qn + (rk // 2)[None, :], mask=nmask[:, None], other=0)
+        u = (byte >> ((rk % 2) * 4).to(tl.uint8)[None, :]) & 0xF  # [BN, BK]: even k low nibble, odd k high
     g = k0 // GROUP
     s = tl.load(s_ptr + rn * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
     if HAS_ZERO:

@@ -146,7 +146,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     """
     A = topk_ids.numel()
     flat = topk_ids.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]  # [E]
+    # scatter_add rather than bincount: bincount on CUDA reads the largest id back to the host (a sync per call)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)  # end of each expert's padded run
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert, token order inside

@@ -92,6 +92,28 @@ def _swa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, L, S, q_offset, window, qk_scale
              cast_rn(o, o_ptr.dtype.element_ty, EMULATE), mask=(rm < L)[:, None])
 
 
+# The fastest of 8 prefill configs per head dim on an H200 (benchmarks/tune_kernels.py): 2.6x (D = 256, sliding,
+# 32K tokens) and 2.2x (D = 512, full, 4K) the defaults below. Timed there, not yet tested there: the defaults
+# passed the kernel tests on the H200, these only in the interpreter. tests/kernels/test_swa_attention.py runs
+# them, so the next GPU run of scripts/gpu_check.sh checks them before they replace the defaults (docs/kernels.md).
+H200_TIMED_PREFILL = {256: dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
+                      512: dict(block_m=64, block_n=64, num_warps=8, num_stages=1)}  # 2 stages exceed 227 KiB
+
+
+def prefill_config(D: int, cuda: bool) -> dict:
+    """swa_attention's launch parameters. On CUDA the fp32 accumulator [BLOCK_M, D] must fit in registers."""
+    if not cuda:  # the interpreter: small tiles, so that the test shapes cross block edges
+        return dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    return dict(block_m=64 if D <= 256 else 32, block_n=64 if D <= 128 else 32, num_warps=4 if D <= 128 else 8,
+                num_stages=2)
+
+
+def decode_config(G: int, L: int, D: int, cuda: bool) -> dict:
+    """swa_decode's launch parameters: one M tile holds the G query heads x L queries of a kv head."""
+    return dict(block_m=max(16, triton.next_power_of_2(G * L)), block_n=(64 if D <= 256 else 32) if cuda else 16,
+                num_warps=4 if D <= 256 else 8, num_stages=2 if cuda else 1)
+
+
 def _check_qkv(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} must be "
@@ -125,12 +147,7 @@ def swa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     if window is not None and window < 1:
         raise ValueError(f"attention: window must be >= 1 or None, got {window}")
     check_device(q, k, v)
-    if q.device.type == "cuda":  # heuristics, not tuned on a GPU yet: fp32 acc [BLOCK_M, D] must fit in registers
-        cfg = dict(block_m=64 if D <= 256 else 32, block_n=64 if D <= 128 else 32, num_warps=4 if D <= 128 else 8,
-                   num_stages=2)
-    else:
-        cfg = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
-    cfg.update(config or {})
+    cfg = {**prefill_config(D, q.device.type == "cuda"), **(config or {})}
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     o = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(L, cfg["block_m"]), B * H)
@@ -207,9 +224,7 @@ def swa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, se
         raise ValueError(f"attention: window must be >= 1 or None, got {window}")
     check_device(q, k_cache, v_cache, seqlens)
     cuda = q.device.type == "cuda"
-    cfg = dict(block_m=max(16, triton.next_power_of_2(G * L)), block_n=(64 if D <= 256 else 32) if cuda else 16,
-               num_warps=4 if D <= 256 else 8, num_stages=2 if cuda else 1)
-    cfg.update(config or {})
+    cfg = {**decode_config(G, L, D, cuda), **(config or {})}
     span = min(C, window + L - 1) if window is not None else C  # most positions one query block can visit
     if num_splits is None:  # enough programs for every SM, but no split under 4 key blocks
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if cuda else 4
