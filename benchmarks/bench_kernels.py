@@ -60,17 +60,75 @@ def device_peaks(name: str, args) -> dict:
     return peaks
 
 
+def graph_ms(fn, reps: int = 20, flush_bytes: int = 128 << 20) -> float:
+    """Milliseconds per call of `fn` without the host's launch overhead, with a cold L2 (as a CUDA graph replays a
+    decode step). Two graphs are captured: `reps` x (overwrite a flush_bytes buffer, well past the L2; fn) and
+    `reps` x (the overwrite alone); the difference of their replay times (median of 5) / reps is fn's share."""
+    import torch
+
+    flush = torch.empty(flush_bytes, dtype=torch.int8, device="cuda")
+    fn()  # compile and warm the allocator outside the capture
+    torch.cuda.synchronize()
+    times = []
+    for with_fn in (True, False):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                flush.zero_()
+                if with_fn:
+                    fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            ts.append(start.elapsed_time(end))
+        times.append(sorted(ts)[2])
+        del graph
+    return (times[0] - times[1]) / reps
+
+
+def measure_ceilings() -> dict:
+    """The two ceilings measured on this device (METHOD: a large device-to-device copy, counting bytes read and
+    written; a large bf16 matrix product through cuBLAS), on random data."""
+    import torch
+
+    n = 1 << 30  # 1 GiB each way, far past the L2
+    src = torch.randn(n // 4, device="cuda")
+    dst = torch.empty_like(src)
+    import triton.testing
+
+    def time_ms(fn):  # events, whatever --timer says: a copy captured in a CUDA graph runs on the copy engines
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    copy_ms = time_ms(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device="cuda").to(torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda").to(torch.bfloat16)
+    mm_ms = time_ms(lambda: a @ b)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return dict(copy_gbs=2 * n / copy_ms / 1e6, bf16_matmul_tflops=2 * 8192 ** 3 / mm_ms / 1e9)
+
+
 class Bench:
-    """Timing, roofline arithmetic and the result rows."""
+    """Timing, roofline arithmetic and the result rows (written out after every row, so a run cut short keeps
+    what it measured)."""
 
     def __init__(self, args, device: str, peaks: dict):
         self.args, self.device, self.peaks, self.rows = args, device, peaks, []
+        self.measured, self.save = {}, lambda: None
 
     def time_ms(self, fn) -> float:
         if self.args.smoke:  # the interpreter: one call, wall clock
             t = time.perf_counter()
             fn()
             return (time.perf_counter() - t) * 1e3
+        if self.args.timer == "graph":
+            return graph_ms(fn)
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=self.args.warmup, rep=self.args.rep, return_mode="median")
@@ -86,9 +144,15 @@ class Bench:
             return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
     def add(self, kernel: str, case: str, batch: int, flops: float, nbytes: float, fn, baselines: dict,
-            int8_compute: bool = False, note: str = "") -> None:
+            int8_compute: bool = False, note: str = "", reference=None) -> None:
+        """One row. `reference` (optional): the torch reference of the same call; the kernel's relative error
+        against it, ||out - ref|| / ||ref||, is recorded, so that no timing is of a kernel computing the wrong thing."""
         ms, err = self.try_time(fn)
         row = dict(kernel=kernel, case=case, batch=batch, flops=flops, bytes=nbytes, ms=ms, note=note or err)
+        if reference is not None and ms:
+            out, ref = fn().float(), reference().float()
+            row["rel_err"] = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            del out, ref
         peak_c = self.peaks["int8_tops" if int8_compute else "bf16_tflops"]
         peak_b = self.peaks["hbm_gbs"]
         if ms:
@@ -99,6 +163,8 @@ class Bench:
                 row["frac_peak_bw"] = row["gbs"] / peak_b
                 attainable = min(peak_c, flops / nbytes * peak_b / 1e3)  # TFLOP/s at this intensity
                 row["frac_roofline"] = row["tflops"] / attainable
+            if self.measured.get("copy_gbs"):
+                row["frac_measured_bw"] = row["gbs"] / self.measured["copy_gbs"]
         for name, base in baselines.items():
             if isinstance(base, str):  # a reason it was not run
                 row[f"{name}_note"] = base
@@ -110,7 +176,9 @@ class Bench:
             if berr:
                 row[f"{name}_note"] = berr
         self.rows.append(row)
-        print(f"  {kernel:7s} {case:42s} batch {batch:4d}: " + (f"{ms:9.4f} ms" if ms else f"failed {err}"), flush=True)
+        self.save()
+        print(f"  {kernel:7s} {case:42s} batch {batch:4d}: " + (f"{ms:9.4f} ms" if ms else f"failed {err}")
+              + (f"  rel. err. {row['rel_err']:.1e}" if "rel_err" in row else ""), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------ cases
@@ -139,8 +207,8 @@ def bench_matmuls(bench: Bench, dev: str, which: set):
     import torch.nn.functional as F
 
     from gemmaquant.formats import Int4Group, Int8Channel
-    from gemmaquant.kernels.int4_matmul import int4_matmul
-    from gemmaquant.kernels.int8_matmul import int8_matmul
+    from gemmaquant.kernels.int4_matmul import int4_matmul, int4_matmul_ref
+    from gemmaquant.kernels.int8_matmul import int8_matmul, int8_matmul_ref
 
     dims = _shapes(bench.args)
     for name, N, K in dims["linear"]:
@@ -162,13 +230,15 @@ def bench_matmuls(bench: Bench, dev: str, which: set):
                     g, z = fmt.group_size, d.get("zero")
                     nbytes = 2 * M * K + N * K / 2 + N * K / g * (2 + (z is not None)) + 2 * M * N
                     bench.add("int4", f"{name} {label}", M, 2 * M * N * K, nbytes,
-                              lambda: int4_matmul(x, d["qdata"], d["scale"], z, g), base)
+                              lambda: int4_matmul(x, d["qdata"], d["scale"], z, g), base,
+                              reference=lambda: int4_matmul_ref(x, d["qdata"], d["scale"], z, g))
                 else:
                     nbytes = 2 * M * K + N * K + 2 * N + 2 * M * N
                     for act_quant, tag in ((False, "W8A16"), (True, "W8A8")):
                         bench.add("int8", f"{name} {tag}", M, 2 * M * N * K, nbytes,
                                   lambda aq=act_quant: int8_matmul(x, d["qdata"], d["scale"], aq), base,
-                                  int8_compute=act_quant)
+                                  int8_compute=act_quant,
+                                  reference=lambda aq=act_quant: int8_matmul_ref(x, d["qdata"], d["scale"], aq))
 
 
 def _experts(E, N, K, fmt, dev, gen_scale):
@@ -211,9 +281,12 @@ def bench_moe(bench: Bench, dev: str):
             flops = T * k * 6 * H * Ie  # gate_up 2*H*2Ie + down 2*Ie*H per assignment
             nbytes = touched * 3 * H * Ie * bytes_per[fmt] + 2 * T * H * 2
             base = {"torch_bf16_loop": lambda: moe_experts_ref(x, ids, tw, ref_gu, ref_dn)}
+            if bench.args.timer == "graph":  # the reference loops over the experts present: host syncs
+                base = {"torch_bf16_loop": "not capturable in a CUDA graph (host syncs)"}
             bench.add("moe", f"26b-a4b E={E} top-{k} Ie={Ie} {fmt}", T, flops, nbytes,
                       lambda: moe_experts(x, ids, tw, gu, dn, gs, ds, gz, dz, group), base,
-                      note=f"{touched} experts touched")
+                      note=f"{touched} experts touched",
+                      reference=lambda: moe_experts_ref(x, ids, tw, gu, dn, gs, ds, gz, dz, group))
 
 
 def _attn_pairs(L: int, window: int | None) -> int:
@@ -227,7 +300,7 @@ def bench_attention(bench: Bench, dev: str):
     import torch
     import torch.nn.functional as F
 
-    from gemmaquant.kernels.swa_attention import swa_attention
+    from gemmaquant.kernels.swa_attention import swa_attention, swa_attention_ref
 
     dims = _shapes(bench.args)
     hq, W = dims["hq"], dims["window"]
@@ -251,9 +324,18 @@ def bench_attention(bench: Bench, dev: str):
                                                                              enable_gqa=True)
             else:
                 base["sdpa"] = f"skipped: a dense {L}x{L} mask does not fit"
-            base["flex"] = _flex(q, k, v, window, dev) if not bench.args.smoke else "skipped in --smoke"
+            if window is not None:  # the issue's yardstick: what full causal attention over L tokens costs
+                base["sdpa_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0,
+                                                                             enable_gqa=True)
+            if bench.args.smoke:
+                base["flex"] = "skipped in --smoke"
+            elif L not in bench.args.flex_lengths:
+                base["flex"] = "skipped: L not in --flex-lengths"
+            else:
+                base["flex"] = _flex(q, k, v, window, dev)
             tag = f"{kind} D={D} " + (f"W={window} " if window else "") + f"L={L}"
-            bench.add("attn", tag, 1, flops, nbytes, lambda: swa_attention(q, k, v, window, 1.0), base,
+            check = (lambda: swa_attention_ref(q, k, v, window, 1.0)) if L <= 4096 else None  # L x L scores
+            bench.add("attn", tag, 1, flops, nbytes, lambda: swa_attention(q, k, v, window, 1.0), base, reference=check,
                       note=f"{pairs / (L * (L + 1) / 2):.3f} of the causal pairs visible")
             del q, k, v, base
 
@@ -281,7 +363,7 @@ def bench_decode(bench: Bench, dev: str):
     import torch
     import torch.nn.functional as F
 
-    from gemmaquant.kernels.swa_attention import swa_decode
+    from gemmaquant.kernels.swa_attention import swa_decode, swa_decode_ref
 
     dims = _shapes(bench.args)
     hq, W = dims["hq"], dims["window"]
@@ -302,7 +384,9 @@ def bench_decode(bench: Bench, dev: str):
             flops = 4 * B * hq * D * C
             nbytes = cache_bytes + 2 * 2 * B * hq * D
             base = {"sdpa": lambda: F.scaled_dot_product_attention(q, kc, vc, scale=1.0, enable_gqa=True)}
-            bench.add("decode", tag, B, flops, nbytes, lambda: swa_decode(q, kc, vc, n, window, 1.0), base)
+            check = (lambda: swa_decode_ref(q, kc, vc, n, window, 1.0)) if cache_bytes < 1 << 32 else None
+            bench.add("decode", tag, B, flops, nbytes, lambda: swa_decode(q, kc, vc, n, window, 1.0), base,
+                      reference=check)
             del q, kc, vc
 
 
@@ -317,8 +401,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     p = meta["peaks"]
     out = [f"# Triton kernel benchmarks, {meta['device']}", "",
            f"torch {meta['torch']}, triton {meta['triton']}; peaks: bf16 {p['bf16_tflops']} TFLOP/s, int8 "
-           f"{p['int8_tops']} TOP/s, HBM {p['hbm_gbs']} GB/s ({p['source']}). Median of triton.testing.do_bench; "
-           "GB/s counts every operand once; roofline = min(peak, intensity x bandwidth). "
+           f"{p['int8_tops']} TOP/s, HBM {p['hbm_gbs']} GB/s ({p['source']}). "
+           + ("Times: CUDA graph replays with a cold L2, launch overhead excluded (graph_ms). "
+              if meta.get("timer") == "graph" else "Times: median of triton.testing.do_bench (launch overhead included). ")
+           + "GB/s counts every operand once; roofline = min(peak, intensity x bandwidth). "
+           + (f"Measured here: device copy {meta['measured']['copy_gbs']:.0f} GB/s (read + write), bf16 cuBLAS "
+              f"8192^3 {meta['measured']['bf16_matmul_tflops']:.0f} TFLOP/s; '% meas. BW' is against that copy. "
+              if meta.get("measured") else "")
            + ("**--smoke: the Triton interpreter on CPU, timings meaningless.**" if meta["smoke"] else ""), ""]
     for kernel in ALL:
         rs = [r for r in rows if r["kernel"] == kernel]
@@ -327,15 +416,16 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         bases = sorted({k[: -len("_ms")] for r in rs for k in r if k.endswith("_ms") and k != "ms"} |
                        {k[: -len("_note")] for r in rs for k in r if k.endswith("_note")})
         out += [f"## {kernel}", "", "| case | batch | ms | TFLOP/s | GB/s | % peak compute | % peak BW | % roofline | "
-                + " | ".join(f"vs {b}" for b in bases) + " | note |",
-                "|---|---|---|---|---|---|---|---|" + "---|" * len(bases) + "---|"]
+                "% meas. BW | rel. err. | " + " | ".join(f"vs {b}" for b in bases) + " | note |",
+                "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(bases) + "---|"]
         for r in rs:
             sp = [(_fmt(r.get(f"speedup_vs_{b}"), ".2f") + "x") if r.get(f"speedup_vs_{b}") else
                   (r.get(f"{b}_note") or "")[:60] for b in bases]
             pct = [_fmt(100 * r[k], ".1f") if r.get(k) is not None else "" for k in
-                   ("frac_peak_compute", "frac_peak_bw", "frac_roofline")]
+                   ("frac_peak_compute", "frac_peak_bw", "frac_roofline", "frac_measured_bw")]
             out.append(f"| {r['case']} | {r['batch']} | {_fmt(r['ms'], '.4f')} | {_fmt(r.get('tflops'), '.2f')} | "
-                       f"{_fmt(r.get('gbs'), '.0f')} | " + " | ".join(pct) + " | " + " | ".join(sp) +
+                       f"{_fmt(r.get('gbs'), '.0f')} | " + " | ".join(pct) + f" | {_fmt(r.get('rel_err'), '.1e')} | "
+                       + " | ".join(sp) +
                        f" | {r.get('note', '')} |")
         out.append("")
     return "\n".join(out)
@@ -347,12 +437,18 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in the Triton interpreter (no GPU needed)")
     ap.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/kernels_<device>)")
+    ap.add_argument("--timer", choices=("events", "graph"), default="events",
+                    help="events: triton.testing.do_bench (host launch overhead included, L2 flushed); graph: CUDA "
+                         "graph replays, cold L2, no launch overhead (graph_ms)")
     ap.add_argument("--warmup", type=int, default=25)
     ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--flex-lengths", default="32768",
+                    help="lengths with the FlexAttention baseline (each compiles anew, tens of seconds)")
     for k in ("bf16_tflops", "int8_tops", "hbm_gbs"):
         ap.add_argument(f"--peak-{k.replace('_', '-')}", dest=f"peak_{k}", type=float, default=None)
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.flex_lengths = [int(n) for n in args.flex_lengths.split(",") if n]
     which = set(args.only.split(","))
     if which - set(ALL):
         ap.error(f"unknown --only entries {sorted(which - set(ALL))}; valid: {ALL}")
@@ -373,23 +469,34 @@ def main(argv=None) -> int:
     peaks = device_peaks(name, args)
     bench = Bench(args, dev, peaks)
     print(f"bench_kernels on {name}")
+    meta = dict(device=name, smoke=args.smoke, torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), peaks=peaks, batches=args.batches, only=sorted(which), timer=args.timer,
+                command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])))
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", "smoke" if args.smoke else name).strip("_").lower()
+    stem = args.out or RESULTS / f"kernels_{slug}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # through a temporary name, so that a run killed mid-write leaves the previous file whole
+        for ext, text in ((".json", json.dumps(dict(meta=meta, results=bench.rows), indent=1, default=float) + "\n"),
+                          (".md", markdown(meta, bench.rows) + "\n")):
+            tmp = Path(f"{stem}{ext}.tmp")
+            tmp.write_text(text)
+            tmp.replace(f"{stem}{ext}")
+
+    bench.save = save
+    if dev == "cuda":
+        bench.measured = meta["measured"] = measure_ceilings()
+        print(f"measured: {bench.measured}", flush=True)
     torch.manual_seed(0)
     if which & {"int4", "int8"}:
         bench_matmuls(bench, dev, which)
     if "moe" in which:
         bench_moe(bench, dev)
-    if "attn" in which:
-        bench_attention(bench, dev)
     if "decode" in which:
         bench_decode(bench, dev)
-    meta = dict(device=name, smoke=args.smoke, torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), peaks=peaks, batches=args.batches, only=sorted(which),
-                command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])))
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", "smoke" if args.smoke else name).strip("_").lower()
-    stem = args.out or RESULTS / f"kernels_{slug}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=bench.rows), indent=1, default=float) + "\n")
-    Path(f"{stem}.md").write_text(markdown(meta, bench.rows) + "\n")
+    if "attn" in which:
+        bench_attention(bench, dev)
+    save()
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 

@@ -183,4 +183,5 @@ def test_benchmark_smoke_run(tmp_path):
     for row in data["results"]:
         assert row["ms"] > 0 and row["frac_roofline"] > 0, row
         assert any(k.startswith("speedup_vs_") for k in row), row
+        assert row["rel_err"] < 2e-2, row  # checked against the reference, and bf16-close to it (W8A8: equal)
     assert "# Triton kernel benchmarks, cpu" in (tmp_path / "k.md").read_text()

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One pass on a CUDA machine: install gemmaquant, run the kernel tests on the GPU, then the kernel benchmarks.
+# Everything lands in $OUT (default gpu_out/): run.log (this script's output), kernel_tests.log, parity.jsonl (every
+# parity check's kernel and reference error), kernels_mm.{json,md} (int4 / int8 / MoE, do_bench timer),
+# kernels_mm_graph.{json,md} (the same, CUDA-graph timer), kernels_attn.{json,md} and tune.json (launch configs).
+# Each stage has its own time limit, so a slow stage cannot starve the rest; the benchmarks write their results
+# after every row.
+#
+#   scripts/gpu_check.sh                       # everything
+#   STAGES="tests mm" scripts/gpu_check.sh      # some stages: tests, tune, mm, graph, attn
+#   BATCHES=1,16,256 scripts/gpu_check.sh
+#
+# Python packages missing on the machine can be put as wheels in .whl/ (installed with --no-index).
+set -u
+OUT="${OUT:-gpu_out}"
+PY="${PYTHON:-python3}"
+STAGES="${STAGES:-tests mm graph attn}"
+BATCHES="${BATCHES:-1,4,16,64,256}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+exec > >(tee "$OUT/run.log") 2>&1
+t0=$(date +%s)
+stamp() { echo "=== $1 at +$(( $(date +%s) - t0 ))s"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+if ls .whl/*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl
+fi
+"$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . > /tmp/install.log 2>&1 \
+    || { echo "pip install -e . failed:"; tail -20 /tmp/install.log; }
+"$PY" -c "import torch, triton, gemmaquant.kernels; print('torch', torch.__version__, 'triton', triton.__version__,
+'device', torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" || exit 1
+stamp "set-up done"
+
+if [[ " $STAGES " == *" tests "* ]]; then
+    # test_benchmark_smoke_run runs the interpreter, which in Triton <= 3.6 fails with numpy >= 2.4 (int() of a
+    # 1-element array, at every loop with run-time bounds); it runs where the interpreter tests run (CI).
+    GQ_PARITY_LOG="$OUT/parity.jsonl" timeout "${TESTS_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider \
+        -n "${TEST_WORKERS:-8}" tests/kernels --deselect tests/kernels/test_references_and_dispatch.py::test_benchmark_smoke_run \
+        > "$OUT/kernel_tests.log" 2>&1
+    echo "kernel tests exit status $?"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/kernel_tests.log" | tail -30
+    stamp "tests done"
+fi
+if [[ " $STAGES " == *" tune "* ]]; then
+    W="${WARM_WORKERS:-12}"  # compile the candidates in parallel first: Triton's cache then serves the timing pass
+    pids=()
+    for i in $(seq 0 $((W - 1))); do
+        timeout "${WARM_TIMEOUT:-120}" "$PY" benchmarks/tune_kernels.py --warm-only --shard "$i/$W" > "/tmp/warm_$i.log" 2>&1 &
+        pids+=($!)
+    done
+    wait "${pids[@]}"  # these only: a bare `wait` also waits for the tee behind this script's output, for ever
+    stamp "tune: configs compiled"
+    timeout "${TUNE_TIMEOUT:-150}" "$PY" benchmarks/tune_kernels.py --out "$OUT/tune.json"
+    echo "tune exit status $?"
+    stamp "tune done"
+fi
+if [[ " $STAGES " == *" mm "* ]]; then
+    timeout "${MM_TIMEOUT:-150}" "$PY" benchmarks/bench_kernels.py --only int4,int8,moe --batches "$BATCHES" \
+        --warmup 10 --rep 40 --out "$OUT/kernels_mm"
+    echo "matmul / MoE benchmarks exit status $?"
+    stamp "mm done"
+fi
+if [[ " $STAGES " == *" graph "* ]]; then
+    timeout "${GRAPH_TIMEOUT:-150}" "$PY" benchmarks/bench_kernels.py --only int4,int8,moe,decode --batches "$BATCHES" \
+        --timer graph --out "$OUT/kernels_mm_graph"
+    echo "CUDA-graph-timed benchmarks exit status $?"
+    stamp "graph done"
+fi
+if [[ " $STAGES " == *" attn "* ]]; then
+    timeout "${ATTN_TIMEOUT:-180}" "$PY" benchmarks/bench_kernels.py --only decode,attn --batches "${ATTN_BATCHES:-1,16,64}" \
+        --warmup 10 --rep 40 --out "$OUT/kernels_attn"
+    echo "attention benchmarks exit status $?"
+    stamp "attn done"
+fi
