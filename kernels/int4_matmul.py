@@ -17,7 +17,13 @@ Two launch shapes of the same kernel:
     writing an fp32 partial sum that the wrapper adds up. Decode is bound by reading the weights once, so the
     split only has to put enough programs on the GPU to keep every SM loading.
   * prefill (M > 16): the GEMM tiling, SPLIT_K = 1, the result stored directly in x's dtype.
-Launch configs come from `_config` (heuristics, not tuned on a GPU yet: see docs/kernels.md).
+Launch configs come from `_config` (heuristics, timed on an H200 but not tuned there: see docs/kernels.md).
+
+Unpacking the nibbles (config "unpack"): "interleave" (the default) rebuilds the [BLOCK_N, BLOCK_K] tile of codes
+with tl.interleave; "split" keeps the low and high nibbles apart and takes two dots per K-tile, the even columns
+of x against the low nibbles and the odd columns against the high ones, so that no register shuffle rebuilds the
+tile. Same products, summed in another fp32 order. On the H200 the interleaving kernel streams int4 weights at a
+third of int8's rate per byte; "split" is the candidate for that, still to be timed on a GPU.
 """
 
 from __future__ import annotations
@@ -56,10 +62,28 @@ def int4_tile(q_ptr, s_ptr, z_ptr, rn, k0, N, stride_qn, stride_sn, stride_zn,
 
 
 @triton.jit
+def int4_tile_halves(q_ptr, s_ptr, z_ptr, rn, k0, N, stride_qn, stride_sn, stride_zn,
+                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same tile as int4_tile without the interleave: (lo, hi, scale), lo / hi [BLOCK_N, BLOCK_K // 2] holding
+    u - zero of the even columns k0 + 2j (low nibbles) and of the odd columns k0 + 2j + 1 (high nibbles)."""
+    nmask = rn < N
+    rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    byte = tl.load(q_ptr + rn[:, None] * stride_qn + rj[None, :], mask=nmask[:, None], other=0)  # [BN, BK/2]
+    g = k0 // GROUP
+    s = tl.load(s_ptr + rn * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + rn * stride_zn + g, mask=nmask, other=0).to(tl.float32)
+    else:
+        z = tl.zeros_like(s) + 8.0
+    return (byte & 0xF).to(tl.float32) - z[:, None], (byte >> 4).to(tl.float32) - z[:, None], s
+
+
+@triton.jit
 def _int4_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
                         stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, stride_ysplit,
                         GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_NIBBLES: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,9 +95,20 @@ def _int4_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(pid_k * per, t_end):
         k0 = t * BLOCK_K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-        w, s = int4_tile(q_ptr, s_ptr, z_ptr, rn, k0, N, stride_qn, stride_sn, stride_zn, GROUP, HAS_ZERO, BLOCK_K)
-        part = mma(x, tl.trans(w.to(x.dtype)), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), EMULATE)
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SPLIT_NIBBLES:  # two dots, the even columns of x with the low nibbles and the odd with the high ones
+            rh = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            x_even = tl.load(x_ptr + rm[:, None] * stride_xm + rh[None, :], mask=rm[:, None] < M, other=0.0)
+            x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + (rh + 1)[None, :], mask=rm[:, None] < M, other=0.0)
+            lo, hi, s = int4_tile_halves(q_ptr, s_ptr, z_ptr, rn, k0, N, stride_qn, stride_sn, stride_zn, GROUP,
+                                         HAS_ZERO, BLOCK_K)
+            part = mma(x_even, tl.trans(lo.to(x_even.dtype)), zero, EMULATE)
+            part = mma(x_odd, tl.trans(hi.to(x_odd.dtype)), part, EMULATE)
+        else:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
+            w, s = int4_tile(q_ptr, s_ptr, z_ptr, rn, k0, N, stride_qn, stride_sn, stride_zn, GROUP, HAS_ZERO,
+                             BLOCK_K)
+            part = mma(x, tl.trans(w.to(x.dtype)), zero, EMULATE)
         acc += part * s[None, :]  # the group scale, applied to the fp32 partial product
     ymask = (rm[:, None] < M) & (rn[None, :] < N)
     y_ptrs = y_ptr + pid_k * stride_ysplit + rm[:, None] * stride_ym + rn[None, :]
@@ -92,10 +127,10 @@ def _config(M: int, N: int, K: int, group: int, device: torch.device) -> dict:
         bn, bk = 64, min(group, 128)
         n_tiles = K // bk
         split = max(1, min(n_tiles, triton.cdiv(2 * _num_sms(device), triton.cdiv(N, bn)), 16))
-        return dict(block_m=16, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=4)
+        return dict(block_m=16, block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=4, unpack="interleave")
     bm = min(128, triton.next_power_of_2(M))
     return dict(block_m=bm, block_n=128, block_k=min(group, 64), split_k=1,
-                num_warps=8 if bm >= 128 else 4, num_stages=3)
+                num_warps=8 if bm >= 128 else 4, num_stages=3, unpack="interleave")
 
 
 def int4_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -122,6 +157,8 @@ def int4_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero:
     cfg = {**_config(M, N, K, group_size, x.device), **(config or {})}
     if group_size % cfg["block_k"]:
         raise ValueError(f"int4_matmul: block_k {cfg['block_k']} must divide group_size {group_size}")
+    if cfg["unpack"] not in ("interleave", "split") or (cfg["unpack"] == "split" and cfg["block_k"] < 32):
+        raise ValueError(f"int4_matmul: unpack {cfg['unpack']!r} must be 'interleave' or 'split' (block_k >= 32)")
     x = x if x.stride(1) == 1 else x.contiguous()
     qdata, scale = qdata.contiguous(), scale.contiguous()
     z = zero.contiguous() if zero is not None else scale  # a placeholder pointer when HAS_ZERO is False
@@ -134,7 +171,7 @@ def int4_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero:
         x, qdata, scale, z, y, M, N, K, x.stride(0), qdata.stride(0), scale.stride(0), z.stride(0),
         y.stride(1), y.stride(0), GROUP=group_size, HAS_ZERO=zero is not None, SPLIT_K=split,
         EMULATE=emulate_bf16(x), BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        SPLIT_NIBBLES=cfg["unpack"] == "split", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.sum(0).to(x.dtype) if split > 1 else y[0]
 
 

@@ -49,13 +49,24 @@ def test_int4_matmul_fp32_activations(M):
     assert_parity(int4_matmul(x, q, s, z, 32).cpu(), int4_matmul_ref(x, q, s, z, 32).cpu(), exact, f"int4 fp32 M={M}")
 
 
-@pytest.mark.parametrize("config", [dict(split_k=3), dict(split_k=1), dict(block_k=16), dict(block_n=16, split_k=5)])
+@pytest.mark.parametrize("config", [dict(split_k=3), dict(split_k=1), dict(block_k=16), dict(block_n=16, split_k=5),
+                                    dict(unpack="split"), dict(unpack="split", block_k=32, split_k=3)])
 def test_int4_matmul_launch_configs(config):
     """Uneven and empty K splits (4 K-tiles over 3 or 5 splits), no split, BLOCK_K below the group: same result."""
     fmt, p, (x, q, s, z) = _problem(3, 40, 128, 32, False, torch.float16)
     exact = x.double().cpu() @ fmt.dequantize(p).double().T
     out = int4_matmul(x, q, s, z, 32, config=config)
     assert_parity(out.cpu(), int4_matmul_ref(x, q, s, z, 32).cpu(), exact, f"int4 config {config}")
+
+
+@pytest.mark.parametrize("M", [1, 40])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_matmul_split_nibbles(M, symmetric):
+    """unpack="split" (two dots over the even and odd columns), decode and prefill tiles, bf16."""
+    fmt, p, (x, q, s, z) = _problem(M, 48, 256, 64, symmetric, torch.bfloat16)
+    exact = x.double().cpu() @ fmt.dequantize(p).double().T
+    out = int4_matmul(x, q, s, z, 64, config=dict(unpack="split"))
+    assert_parity(out.cpu(), int4_matmul_ref(x, q, s, z, 64).cpu(), exact, f"int4 split M={M} sym={symmetric}")
 
 
 def test_int4_matmul_strided_x_and_bad_input():
@@ -67,6 +78,8 @@ def test_int4_matmul_strided_x_and_bad_input():
         int4_matmul(x, q, s, z, 64)  # scale has K // 32 columns
     with pytest.raises(ValueError):
         int4_matmul(x, q, s, z, 32, config=dict(block_k=64))  # BLOCK_K must divide the group
+    with pytest.raises(ValueError, match="unpack"):
+        int4_matmul(x, q, s, z, 32, config=dict(unpack="split", block_k=16))  # a dot needs K >= 16 per half
 
 
 def test_int4_custom_op_and_compile():
