@@ -36,6 +36,17 @@ from ._common import cast_rn, check_device, emulate_bf16, mma
 
 
 @triton.jit
+def group_scale_zero(s_ptr, z_ptr, rn, nmask, g, stride_sn, stride_zn, HAS_ZERO: tl.constexpr):
+    """Group g's scale and zero point of rows rn, as fp32 [BLOCK_N] (zero 8 when symmetric)."""
+    s = tl.load(s_ptr + rn * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + rn * stride_zn + g, mask=nmask, other=0).to(tl.float32)
+    else:
+        z = tl.zeros_like(s) + 8.0
+    return s, z
+
+
+@triton.jit
 def int4_tile(q_ptr, s_ptr, z_ptr, rn, k0, N, stride_qn, stride_sn, stride_zn,
               GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_N, BLOCK_K] weight tile at rows `rn`, columns k0 .. k0 + BLOCK_K (inside one group), as fp32
@@ -52,12 +63,7 @@ def int4_tile(q_ptr, s_ptr, z_ptr, rn, k0, N, stride_qn, stride_sn, stride_zn,
         rk = k0 + tl.arange(0, BLOCK_K)
         byte = tl.load(q_ptr + rn[:, None] * stride_qn + (rk // 2)[None, :], mask=nmask[:, None], other=0)
         u = (byte >> ((rk % 2) * 4).to(tl.uint8)[None, :]) & 0xF  # [BN, BK]: even k low nibble, odd k high
-    g = k0 // GROUP
-    s = tl.load(s_ptr + rn * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
-    if HAS_ZERO:
-        z = tl.load(z_ptr + rn * stride_zn + g, mask=nmask, other=0).to(tl.float32)
-    else:
-        z = tl.zeros_like(s) + 8.0
+    s, z = group_scale_zero(s_ptr, z_ptr, rn, nmask, k0 // GROUP, stride_sn, stride_zn, HAS_ZERO)
     return u.to(tl.float32) - z[:, None], s
 
 
@@ -69,12 +75,7 @@ def int4_tile_halves(q_ptr, s_ptr, z_ptr, rn, k0, N, stride_qn, stride_sn, strid
     nmask = rn < N
     rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     byte = tl.load(q_ptr + rn[:, None] * stride_qn + rj[None, :], mask=nmask[:, None], other=0)  # [BN, BK/2]
-    g = k0 // GROUP
-    s = tl.load(s_ptr + rn * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
-    if HAS_ZERO:
-        z = tl.load(z_ptr + rn * stride_zn + g, mask=nmask, other=0).to(tl.float32)
-    else:
-        z = tl.zeros_like(s) + 8.0
+    s, z = group_scale_zero(s_ptr, z_ptr, rn, nmask, k0 // GROUP, stride_sn, stride_zn, HAS_ZERO)
     return (byte & 0xF).to(tl.float32) - z[:, None], (byte >> 4).to(tl.float32) - z[:, None], s
 
 
