@@ -96,11 +96,11 @@ def measure_ceilings() -> dict:
     """The two ceilings measured on this device (METHOD: a large device-to-device copy, counting bytes read and
     written; a large bf16 matrix product through cuBLAS), on random data."""
     import torch
+    import triton.testing
 
     n = 1 << 30  # 1 GiB each way, far past the L2
     src = torch.randn(n // 4, device="cuda")
     dst = torch.empty_like(src)
-    import triton.testing
 
     def time_ms(fn):  # events, whatever --timer says: a copy captured in a CUDA graph runs on the copy engines
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")

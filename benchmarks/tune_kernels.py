@@ -61,11 +61,11 @@ def cases():
             x = torch.randn(M, K, device=dev).to(bf16)
             base = i4._config(M, N, K, 128, dev)
 
-            def make4(c, x=x, p=p4, base=base):
+            def make4(c, x=x, p=p4, base=base, M=M, K=K):
                 cfg = {**base, **c}
-                if "block_n" in c and M <= 16:  # keep the split heuristic's intent for another N tile
-                    cfg["split_k"] = i4._config(M, N, K, 128, dev)["split_k"] * base["block_n"] // cfg["block_n"]
-                    cfg["split_k"] = max(1, min(cfg["split_k"], 16, K // cfg["block_k"]))
+                if "block_n" in c and M <= 16:  # as many programs as the heuristic's, for another N tile
+                    split = base["split_k"] * base["block_n"] // c["block_n"]
+                    cfg["split_k"] = max(1, min(split, 16, K // cfg["block_k"]))
                 return lambda: i4.int4_matmul(x, p["qdata"], p["scale"], p["zero"], 128, cfg)
 
             yield f"int4 g128 asym M={M} {N}x{K}", cands, make4

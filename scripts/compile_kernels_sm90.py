@@ -121,7 +121,6 @@ def compile_only(target: GPUTarget):
 
     JITFunction.run = run
     driver.set_active(CompileOnlyDriver(target))
-    import gemmaquant.kernels._common as common
 
     modules = [m for name, m in sys.modules.items() if name.startswith("gemmaquant.kernels")]
     saved = [(m, m.__dict__.get("check_device"), m.__dict__.get("emulate_bf16")) for m in modules]
@@ -137,7 +136,6 @@ def compile_only(target: GPUTarget):
         for m, cd, eb in saved:
             if cd is not None:
                 m.check_device, m.emulate_bf16 = cd, eb
-        del common
 
 
 def resource_usage(kernel) -> dict:
