@@ -13,7 +13,6 @@ Results: JSON (every case, every candidate, the best) and a short table on stdou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -120,6 +119,8 @@ def main(argv=None) -> int:
 
     from bench_kernels import graph_ms
 
+    from gemmaquant.quantized import write_json_atomic
+
     shard, nshards = (int(v) for v in args.shard.split("/"))
     results, index = [], 0
     for name, cands, make in cases():
@@ -148,9 +149,7 @@ def main(argv=None) -> int:
         results.append(dict(case=name, heuristic_ms=rows[0]["ms"], best=best, candidates=rows))
         print(f"{name:36s} heuristic {rows[0]['ms'] or float('nan'):8.4f} ms  best {best['ms'] if best else float('nan'):8.4f} ms "
               f"{best['config'] if best else ''}", flush=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(device=torch.cuda.get_device_name(0), results=results), indent=1) + "\n")
-        tmp.replace(args.out)
+        write_json_atomic(dict(device=torch.cuda.get_device_name(0), results=results), args.out)
     return 0
 
 
