@@ -141,6 +141,9 @@ def qat(
     embedding_type: Optional[str] = typer.Option(None, "--embedding-type", help="train the embedding tables on "
                                                  "this GGUF type and store them so in the GGUF (llama-quantize's "
                                                  "--token-embedding-type; llama.cpp's default is Q6_K)"),
+    per_layer_embed_lr: Optional[float] = typer.Option(None, help="E2B / E4B: the per-layer embedding tables' "
+                                                       "rate (default: the embeddings'); 0 freezes them and "
+                                                       "shares them with the teacher (about half the memory)"),
     average: Optional[float] = typer.Option(None, help="decay of the moving average of the trained values "
                                             "that is exported (default 0.99; 0 exports the last step)"),
     learnable_ints: Optional[bool] = typer.Option(None, "--learnable-ints/--fixed-ints", help="train the "
@@ -155,7 +158,7 @@ def qat(
     res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, lr=lr,
                scale_lr=scale_lr, expert_lr_scale=expert_lr_scale, batch_size=batch_size, micro_batch=micro_batch,
                weight_format=weight_format, gguf_type=gguf_type, embedding_type=embedding_type, average=average,
-               learnable_ints=learnable_ints)
+               learnable_ints=learnable_ints, per_layer_embed_lr=per_layer_embed_lr)
     _emit(res, as_json, res["text"])
 
 

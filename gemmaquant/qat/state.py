@@ -18,10 +18,11 @@ from gemmaquant.qat.prepare import QATError
 
 
 def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, fingerprint: str,
-               log: list[dict], average: "WeightAverage | None" = None) -> None:
+               log: list[dict], average: "WeightAverage | None" = None, skip: set[str] = frozenset()) -> None:
+    """skip: state-dict names left out (frozen tensors the model shares with the teacher: restored with it)."""
     from gemmaquant.quantized import save_atomic
 
-    tensors = {f"model::{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model::{k}": v.detach().contiguous() for k, v in model.state_dict().items() if k not in skip}
     if average is not None:
         tensors |= {f"avg::{k}": v.contiguous() for k, v in average.avg.items()}
     sd = opt.state_dict()
@@ -35,7 +36,7 @@ def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: i
 
 
 def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: str,
-               average: "WeightAverage | None" = None) -> tuple[int, list]:
+               average: "WeightAverage | None" = None, skip: set[str] = frozenset()) -> tuple[int, list]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -44,7 +45,11 @@ def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerp
             raise QATError(f"{path}: a QAT checkpoint of another run (model, recipe or data differ); remove it "
                            f"or choose another output directory")
         t = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict({k[len("model::"):]: v for k, v in t.items() if k.startswith("model::")}, strict=True)
+    state = {k[len("model::"):]: v for k, v in t.items() if k.startswith("model::")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != set(skip) or unexpected:
+        raise QATError(f"{path}: the checkpoint does not match the model (missing {sorted(set(missing) - set(skip))}, "
+                       f"unexpected {sorted(unexpected)})")
     state: dict[int, dict] = {}
     for k, v in t.items():
         if k.startswith("opt::"):

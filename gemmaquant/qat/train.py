@@ -28,7 +28,9 @@ the latent-weight and scale rates of the other matrices (`expert_lr_scale`): on 
 of GPTQ's KL against 43% at 1x (2x: 46%, 8x: 47%, 16x: 43%), while all weights at 2x give 41%.
 The grid is one format (`bits`, `weight_format`) or a llama.cpp mix (`gguf_type="Q4_K_M"`: every weight on the
 block type llama-quantize gives it); `embedding_type` puts the embedding tables on the GGUF's token_embd grid
-too (`FloatOnGrid`), so that the GGUF holds exactly the trained model.
+too (`FloatOnGrid`), so that the GGUF holds exactly the trained model. `per_layer_embed_lr=0` freezes E2B's and
+E4B's per-layer embedding tables, half of their parameters, and the student shares them with the teacher
+(`frozen_tables`): about 24 bytes per parameter fewer for that half, at some cost in quality (docs/qat.md).
 `qat_train` is what `gemmaquant qat MODEL --bits 4 --data FILE --steps N --out DIR` runs.
 The loss and its hooks are in distill.py; the moving average and the resumable checkpoint in state.py.
 """
@@ -77,7 +79,9 @@ class QATRecipe:
     lr: float = 0.0025  # latent weights, in grid steps per step (see param_groups)
     scale_lr: float = 7.5e-4  # learnable block scales / mins, relative to the grid step
     float_lr: float = 3e-4  # norms, router, per-layer projections kept in float
-    embed_lr: float = 2e-4  # token (and per-layer) embeddings, tied to the output head; 0 freezes them
+    embed_lr: float = 2e-4  # token embeddings, tied to the output head; 0 freezes them
+    per_layer_embed_lr: float | None = None  # per-layer embedding tables (E2B, E4B); None: embed_lr. 0 freezes
+    # them and shares them with the teacher: half of E2B's and E4B's parameters, no copy, gradient or optimizer state
     warmup: int = 10
     min_lr_ratio: float = 0.1
     temperature: float = 1.0
@@ -107,6 +111,8 @@ class QATRecipe:
                 raise QATError(f"{k} must be positive, got {getattr(self, k)}")
         if self.micro_batch is not None and not 0 < self.micro_batch <= self.batch_size:
             raise QATError(f"micro_batch must be in 1..batch_size ({self.batch_size}), got {self.micro_batch}")
+        if self.per_layer_embed_lr is not None and self.per_layer_embed_lr < 0:
+            raise QATError(f"per_layer_embed_lr must be >= 0 (0 freezes the tables), got {self.per_layer_embed_lr}")
         if self.expert_lr_scale < 0:
             raise QATError(f"expert_lr_scale multiplies the experts' rates: >= 0, got {self.expert_lr_scale}")
         if not 0 <= self.average < 1:
@@ -187,7 +193,8 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
     step, whatever the format or bit width: an int4 group scale or a Q4_0 scale moves at r.scale_lr * its own
     size, a Q4_K super-block scale (which multiplies 6-bit sub-scales of about 50) 50 times slower in its own
     units, its sub-scales (with learnable_ints) at about 50 * r.scale_lr units per step. Then the small float
-    tensors (norms, router) at r.float_lr, and the embedding tables at r.embed_lr (0 freezes them)."""
+    tensors (norms, router) at r.float_lr, the token embeddings at r.embed_lr and the per-layer ones at
+    per_layer_lr(r) (0 freezes them)."""
     from gemmaquant.qat.prepare import fake_quantizers
 
     groups, taken = [], set()
@@ -205,16 +212,29 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
         for k, p in block.items():  # one unit of k moves the grid moves[k]: lr in grid steps per step for all
             groups.append({"params": [p], "lr": r.scale_lr * step / (moves[k] or 1.0), "name": f"{fq.name}:{k}"})
         taken |= {id(latent), *map(id, block.values())}
-    floats, embeds = [], []
+    floats, embeds, per_layer = [], [], []
     for n, p in model.named_parameters():
         if id(p) not in taken:
-            (embeds if "embed_tokens" in n else floats).append(p)
-    for name, ps, lr in (("float", floats, r.float_lr), ("embeddings", embeds, r.embed_lr)):
+            (per_layer if "embed_tokens_per_layer" in n else embeds if "embed_tokens" in n else floats).append(p)
+    for name, ps, lr in (("float", floats, r.float_lr), ("embeddings", embeds, r.embed_lr),
+                         ("per-layer embeddings", per_layer, per_layer_lr(r))):
         for p in ps:
             p.requires_grad_(lr > 0)
         if ps and lr > 0:
             groups.append({"params": ps, "lr": lr, "name": name})
     return groups
+
+
+def per_layer_lr(r: QATRecipe) -> float:
+    return r.embed_lr if r.per_layer_embed_lr is None else r.per_layer_embed_lr
+
+
+def frozen_tables(teacher: nn.Module, r: QATRecipe) -> list[Tensor]:
+    """The teacher's tensors the student shares instead of copying: the per-layer embedding table when it does
+    not train (per_layer_embed_lr=0). On E2B and E4B that table is half of all parameters (35 x 256 and
+    42 x 256 columns of 262,144 rows), and sharing it saves its copy, gradient, AdamW moments and average."""
+    ple = getattr(teacher, "embed_tokens_per_layer", None)
+    return [ple.weight] if ple is not None and per_layer_lr(r) == 0 else []
 
 
 def embedding_formats(config, type_name: str) -> dict[str, object]:
@@ -327,7 +347,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     ptq_src = QuantizedSource(ptq.work_dir)
 
     # 2. the student: GPTQ's weights and block parameters under fake quantization
-    student = copy.deepcopy(teacher)
+    shared = frozen_tables(teacher, r)  # the student's are the teacher's own tensors: not copied, not saved
+    student = copy.deepcopy(teacher, memo={id(t): t for t in shared})
     prepare_qat(student, ptq_recipe, learnable_scales=r.learnable_scales, init=ptq_src, scale_grad=r.scale_grad,
                 learnable_ints=r.learnable_ints)
     embeddings = embeddings_on_grid(student, r.embedding_type) if r.embedding_type else []
@@ -340,7 +361,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         g["base_lr"] = g["lr"]
     decay = average_decay(r)
     average = WeightAverage(student, decay) if decay > 0 else None
-    start, log = (load_state(ckpt, student, opt, fingerprint, average) if ckpt.is_file() else (0, []))
+    skip = {k for k, v in student.state_dict().items() if any(v.data_ptr() == t.data_ptr() for t in shared)}
+    start, log = (load_state(ckpt, student, opt, fingerprint, average, skip) if ckpt.is_file() else (0, []))
 
     # 3. distillation
     from tqdm.auto import tqdm
@@ -366,7 +388,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
             done = step + 1
             stop = stop_after_step is not None and done > stop_after_step
             if done % r.save_every == 0 or done == r.steps or stop:
-                save_state(ckpt, student, opt, done, fingerprint, log, average)
+                save_state(ckpt, student, opt, done, fingerprint, log, average, skip)
             if stop:
                 return {"stopped_at_step": done, "log": log, "text": f"QAT stopped after step {done}"}
     finally:
@@ -377,7 +399,12 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         average.apply()
     student.eval()
     for owner in embeddings:  # the tables become their values on the grid, which the GGUF stores exactly
-        parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
+        if any(owner.parametrizations.weight.original is t for t in shared):  # (not in place: the teacher's)
+            value = owner.weight.detach().clone()
+            parametrize.remove_parametrizations(owner, "weight", leave_parametrized=False)
+            owner.weight = nn.Parameter(value, requires_grad=False)
+        else:
+            parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
     packed = convert(student)
     from gemmaquant.qat.source import ModelSource, dequantized_model, write_work_dir
 

@@ -248,6 +248,37 @@ def test_embeddings_trained_on_the_gguf_token_embd_grid_are_stored_exactly(tmp_p
                   **SMALL)
 
 
+def test_frozen_per_layer_tables_are_the_teachers_not_copied_or_saved(tmp_path, data):
+    """per_layer_embed_lr=0: tiny-edge's per-layer table is the teacher's own tensor. It leaves the checkpoint,
+    resume still gives the uninterrupted result, the export holds the float table unchanged while the token table
+    trains, and on a GGUF embedding grid the teacher keeps its float table (the report's GPTQ KL is unchanged)."""
+    from safetensors import safe_open
+
+    from gemmaquant.qat.train import CHECKPOINT
+
+    kw = dict(bits=4, data=data, steps=6, progress=False, export=False, per_layer_embed_lr=0, **SMALL)
+    whole = qat_train("tiny-edge", out=tmp_path / "whole", **kw)
+    assert qat_train("tiny-edge", out=tmp_path / "cut", stop_after_step=2, **kw)["stopped_at_step"] == 3
+    ckpt = next((tmp_path / "cut").rglob(CHECKPOINT))
+    with safe_open(str(ckpt), framework="pt") as f:
+        saved = list(f.keys())
+    assert not any("embed_tokens_per_layer" in k for k in saved) and any("embed_tokens.weight" in k for k in saved)
+    resumed = qat_train("tiny-edge", out=tmp_path / "cut", **kw)
+    assert [x["loss"] for x in resumed["log"]] == [x["loss"] for x in whole["log"]]
+    float_model = gemmaquant.load("tiny-edge", dtype=torch.float32)
+    out = packed_of(resumed["files"]["quantized"])
+    assert torch.equal(out["embed_tokens_per_layer.weight"].float(), float_model.embed_tokens_per_layer.weight)
+    assert not torch.equal(out["embed_tokens.weight"].float(), float_model.embed_tokens.weight)
+
+    grid = dict(kw, steps=2, embedding_type="q5_0")
+    shared = qat_train("tiny-edge", out=tmp_path / "grid", **grid)
+    copied = qat_train("tiny-edge", out=tmp_path / "grid-copied", **dict(grid, per_layer_embed_lr=None))
+    assert shared["ptq"]["kl_mean"] == copied["ptq"]["kl_mean"]
+    fmt = get_format("q5_0")
+    ple = packed_of(shared["files"]["quantized"])["embed_tokens_per_layer.weight"].float()
+    assert torch.equal(ple, fmt.dequantize(fmt.quantize(float_model.embed_tokens_per_layer.weight)).float())
+
+
 def test_bad_input(tmp_path, data):
     short = tmp_path / "short.txt"
     short.write_text("Just a few words of training text.\n")
@@ -306,9 +337,10 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4", "--micro-batch", "2",
                                           "--format", "q4_0", "--expert-lr-scale", "2",
                                           "--average", "0.99", "--gguf-type", "Q4_K_M",
-                                          "--embedding-type", "Q6_K", "--fixed-ints"])
+                                          "--embedding-type", "Q6_K", "--fixed-ints",
+                                          "--per-layer-embed-lr", "0"])
     assert res.exit_code == 0, res.output
-    assert seen["learnable_ints"] is False
+    assert seen["learnable_ints"] is False and seen["per_layer_embed_lr"] == 0.0
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
     assert seen["weight_format"] == "q4_0" and seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
     assert seen["embedding_type"] == "Q6_K" and seen["micro_batch"] == 2 and seen["expert_lr_scale"] == 2.0
