@@ -290,8 +290,8 @@ class Gemma4(nn.Module):
             return x0, None
         B, T = ids.shape
         L, P = self.config.num_hidden_layers, self.config.hidden_size_per_layer_input
-        wp = self.embed_tokens_per_layer.weight
-        tok = (F.embedding(ids, wp) * torch.tensor(P**0.5).to(wp.dtype)).view(B, T, L, P)
+        tok = self.embed_tokens_per_layer(ids)  # (a module call: QAT trains it as SparseRowsEmbedding)
+        tok = (tok * torch.tensor(P**0.5).to(tok.dtype)).view(B, T, L, P)
         proj = self.per_layer_model_projection(x0) * self.config.hidden_size**-0.5
         proj = self.per_layer_projection_norm(proj.view(B, T, L, P))
         return x0, (proj + tok) * 2.0**-0.5

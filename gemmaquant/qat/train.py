@@ -30,7 +30,9 @@ The grid is one format (`bits`, `weight_format`) or a llama.cpp mix (`gguf_type=
 block type llama-quantize gives it); `embedding_type` puts the embedding tables on the GGUF's token_embd grid
 too (`FloatOnGrid`), so that the GGUF holds exactly the trained model. `per_layer_embed_lr=0` freezes E2B's and
 E4B's per-layer embedding tables, half of their parameters, and the student shares them with the teacher
-(`frozen_tables`): about 24 bytes per parameter fewer for that half, at some cost in quality (docs/qat.md).
+(`shared_tables`): about 24 bytes per parameter fewer for that half, at some cost in quality (docs/qat.md).
+Trained (the default), the table trains on the rows of the training text's tokens only, the others shared with
+the teacher (`SparseRowsEmbedding`): the same result, since the other rows never get a gradient.
 `qat_train` is what `gemmaquant qat MODEL --bits 4 --data FILE --steps N --out DIR` runs.
 The loss and its hooks are in distill.py; the moving average and the resumable checkpoint in state.py.
 """
@@ -229,12 +231,21 @@ def per_layer_lr(r: QATRecipe) -> float:
     return r.embed_lr if r.per_layer_embed_lr is None else r.per_layer_embed_lr
 
 
-def frozen_tables(teacher: nn.Module, r: QATRecipe) -> list[Tensor]:
-    """The teacher's tensors the student shares instead of copying: the per-layer embedding table when it does
-    not train (per_layer_embed_lr=0). On E2B and E4B that table is half of all parameters (35 x 256 and
-    42 x 256 columns of 262,144 rows), and sharing it saves its copy, gradient, AdamW moments and average."""
+def shared_tables(teacher: nn.Module) -> list[Tensor]:
+    """The teacher's tensors the student shares instead of copying: the per-layer embedding table. On E2B and E4B
+    it is half of all parameters (35 x 256 and 42 x 256 columns of 262,144 rows). Frozen (per_layer_embed_lr=0),
+    the student uses it as it is; trained, only the rows of the training text's tokens are the student's own
+    (`SparseRowsEmbedding`): the same training, without a copy, gradient, AdamW moments and average of the rest."""
     ple = getattr(teacher, "embed_tokens_per_layer", None)
-    return [ple.weight] if ple is not None and per_layer_lr(r) == 0 else []
+    return [ple.weight] if ple is not None else []
+
+
+def train_used_rows(student: nn.Module, stream: Tensor, r: QATRecipe) -> None:
+    """Put a trained per-layer table on the rows of the tokens in `stream` (the training text)."""
+    from gemmaquant.qat.sparse_rows import SparseRowsEmbedding
+
+    if getattr(student, "embed_tokens_per_layer", None) is not None and per_layer_lr(r) > 0:
+        student.embed_tokens_per_layer = SparseRowsEmbedding(student.embed_tokens_per_layer.weight, stream)
 
 
 def embedding_formats(config, type_name: str) -> dict[str, object]:
@@ -260,8 +271,13 @@ def embeddings_on_grid(model: nn.Module, type_name: str) -> list[nn.Module]:
     from gemmaquant.qat.fake_quant import FloatOnGrid
 
     owners = []
+    from gemmaquant.qat.sparse_rows import SparseRowsEmbedding
+
     for name, fmt in embedding_formats(model.config, type_name).items():
         owner = getattr(model, name)
+        if isinstance(owner, SparseRowsEmbedding):  # puts its looked-up rows on the grid itself
+            owner.fmt = fmt
+            continue
         parametrize.register_parametrization(owner, "weight", FloatOnGrid(fmt, f"{name}.weight"), unsafe=True)
         owners.append(owner)
     return owners
@@ -347,16 +363,19 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     ptq_src = QuantizedSource(ptq.work_dir)
 
     # 2. the student: GPTQ's weights and block parameters under fake quantization
-    shared = frozen_tables(teacher, r)  # the student's are the teacher's own tensors: not copied, not saved
+    shared = shared_tables(teacher)  # the student's are the teacher's own tensors: not copied, not saved
     student = copy.deepcopy(teacher, memo={id(t): t for t in shared})
     prepare_qat(student, ptq_recipe, learnable_scales=r.learnable_scales, init=ptq_src, scale_grad=r.scale_grad,
                 learnable_ints=r.learnable_ints)
+    train_used_rows(student, stream, r)
     embeddings = embeddings_on_grid(student, r.embedding_type) if r.embedding_type else []
     student.train()
     fingerprint = json.dumps({"recipe": dataclasses.asdict(r), "ptq": ptq.calibration_sha256,
                               "data_tokens": int(stream.numel()), "model": name}, sort_keys=True)
     ckpt = Path(ptq.work_dir) / CHECKPOINT
     opt = torch.optim.AdamW(param_groups(student, r), betas=(0.9, 0.95), weight_decay=0.0)
+    if any(t.requires_grad for t in shared):  # training it would write into the teacher
+        raise RuntimeError("a tensor the student shares with the teacher is set to train")
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     decay = average_decay(r)
@@ -398,6 +417,10 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     if average is not None:
         average.apply()
     student.eval()
+    from gemmaquant.qat.sparse_rows import SparseRowsEmbedding
+
+    if isinstance(getattr(student, "embed_tokens_per_layer", None), SparseRowsEmbedding):
+        student.embed_tokens_per_layer = student.embed_tokens_per_layer.materialize()
     for owner in embeddings:  # the tables become their values on the grid, which the GGUF stores exactly
         if any(owner.parametrizations.weight.original is t for t in shared):  # (not in place: the teacher's)
             value = owner.weight.detach().clone()

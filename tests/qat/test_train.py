@@ -248,6 +248,62 @@ def test_embeddings_trained_on_the_gguf_token_embd_grid_are_stored_exactly(tmp_p
                   **SMALL)
 
 
+def test_per_layer_table_trains_on_the_rows_of_the_training_text_as_the_whole_table_would(tmp_path, data,
+                                                                                           monkeypatch):
+    """tiny-edge: the per-layer table trained as SparseRowsEmbedding (the default) gives the training of the whole
+    table: the same losses and trained rows (up to the order of float sums in the gradient norm), and the rows of
+    tokens the text lacks stay the float model's. Its checkpoint holds the used rows only, and resume is exact."""
+    from safetensors import safe_open
+
+    import gemmaquant.qat.train as train
+    from gemmaquant.qat.train import CHECKPOINT, token_stream
+    from gemmaquant.fixtures import fixture_path
+
+    kw = dict(bits=4, data=data, steps=6, progress=False, export=False, **SMALL)
+    sparse = qat_train("tiny-edge", out=tmp_path / "sparse", **kw)
+    assert qat_train("tiny-edge", out=tmp_path / "cut", stop_after_step=2, **kw)["stopped_at_step"] == 3
+    with safe_open(str(next((tmp_path / "cut").rglob(CHECKPOINT))), framework="pt") as f:
+        rows = f.get_tensor("model::embed_tokens_per_layer.rows")
+        assert not any(k.endswith("embed_tokens_per_layer.weight") or k.endswith(".table") for k in f.keys())
+    used = torch.unique(token_stream(fixture_path("tiny-edge"), data))
+    assert rows.shape[0] == used.numel() < 4096
+    resumed = qat_train("tiny-edge", out=tmp_path / "cut", **kw)
+    assert [x["loss"] for x in resumed["log"]] == [x["loss"] for x in sparse["log"]]
+
+    monkeypatch.setattr(train, "train_used_rows", lambda *a: None)  # the whole table as one trained parameter,
+    monkeypatch.setattr(train, "shared_tables", lambda teacher: [])  # the student's own copy
+    dense = qat_train("tiny-edge", out=tmp_path / "dense", **kw)
+    assert [x["loss"] for x in sparse["log"]] == pytest.approx([x["loss"] for x in dense["log"]], rel=1e-5)
+    a = packed_of(sparse["files"]["quantized"])["embed_tokens_per_layer.weight"].float()
+    b = packed_of(dense["files"]["quantized"])["embed_tokens_per_layer.weight"].float()
+    float_table = gemmaquant.load("tiny-edge", dtype=torch.float32).embed_tokens_per_layer.weight
+    unused = torch.ones(a.shape[0], dtype=torch.bool)
+    unused[used] = False
+    assert torch.equal(a[unused], b[unused]) and torch.equal(a[unused], float_table[unused])
+    assert not torch.equal(a[used], float_table[used])  # the used rows trained ...
+    torch.testing.assert_close(a[used], b[used], rtol=0, atol=1e-5)  # ... as in the whole table
+
+
+@pytest.mark.parametrize("per_layer_embed_lr", [None, 0.0])
+def test_the_student_shares_the_teachers_per_layer_table(per_layer_embed_lr):
+    import copy
+
+    from gemmaquant.qat.sparse_rows import SparseRowsEmbedding
+    from gemmaquant.qat.train import QATRecipe, shared_tables, train_used_rows
+
+    teacher = gemmaquant.load("tiny-edge", dtype=torch.float32)
+    shared = shared_tables(teacher)
+    student = copy.deepcopy(teacher, memo={id(t): t for t in shared})
+    train_used_rows(student, torch.tensor([5, 9, 5, 700]), QATRecipe(per_layer_embed_lr=per_layer_embed_lr))
+    ple = student.embed_tokens_per_layer
+    table = ple.table if per_layer_embed_lr is None else ple.weight
+    assert table.data_ptr() == teacher.embed_tokens_per_layer.weight.data_ptr()  # the same memory, no copy
+    assert student.embed_tokens.weight.data_ptr() != teacher.embed_tokens.weight.data_ptr()
+    assert isinstance(ple, SparseRowsEmbedding) == (per_layer_embed_lr is None)
+    if per_layer_embed_lr is None:
+        assert ple.rows.shape == (3, table.shape[1]) and not any(n.endswith("table") for n in student.state_dict())
+
+
 def test_frozen_per_layer_tables_are_the_teachers_not_copied_or_saved(tmp_path, data):
     """per_layer_embed_lr=0: tiny-edge's per-layer table is the teacher's own tensor. It leaves the checkpoint,
     resume still gives the uninterrupted result, the export holds the float table unchanged while the token table
