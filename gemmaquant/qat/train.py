@@ -358,12 +358,14 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     qat_plan(teacher, ptq_recipe)  # a recipe that does not fit the model fails here, before any work
     if r.embedding_type:
         embedding_formats(teacher.config, r.embedding_type)  # so does an embedding type that does not fit
-    # (a copy: quantize() on a model object writes the dequantized weights into that object's tensors)
-    ptq = quantize(copy.deepcopy(teacher), ptq_recipe, out=out, tokenizer_dir=tok_dir, progress=False)
+    # (a copy: quantize() on a model object writes the dequantized weights into that object's tensors, the
+    # planned matrices only, so the per-layer table need not be copied)
+    shared = shared_tables(teacher)  # the student's are the teacher's own tensors: not copied, not saved
+    ptq = quantize(copy.deepcopy(teacher, memo={id(t): t for t in shared}), ptq_recipe, out=out, tokenizer_dir=tok_dir,
+                   progress=False)
     ptq_src = QuantizedSource(ptq.work_dir)
 
     # 2. the student: GPTQ's weights and block parameters under fake quantization
-    shared = shared_tables(teacher)  # the student's are the teacher's own tensors: not copied, not saved
     student = copy.deepcopy(teacher, memo={id(t): t for t in shared})
     prepare_qat(student, ptq_recipe, learnable_scales=r.learnable_scales, init=ptq_src, scale_grad=r.scale_grad,
                 learnable_ints=r.learnable_ints)
@@ -416,6 +418,9 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     # 4. convert, write, export
     if average is not None:
         average.apply()
+    opt.zero_grad(set_to_none=True)
+    opt.state.clear()  # the gradients, AdamW moments and average are done with: freed before the export's copies
+    average = None
     student.eval()
     from gemmaquant.qat.sparse_rows import SparseRowsEmbedding
 
