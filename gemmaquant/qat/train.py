@@ -82,8 +82,9 @@ class QATRecipe:
     scale_lr: float = 7.5e-4  # learnable block scales / mins, relative to the grid step
     float_lr: float = 3e-4  # norms, router, per-layer projections kept in float
     embed_lr: float = 2e-4  # token embeddings, tied to the output head; 0 freezes them
-    per_layer_embed_lr: float | None = None  # per-layer embedding tables (E2B, E4B); None: embed_lr. 0 freezes
-    # them and shares them with the teacher: half of E2B's and E4B's parameters, no copy, gradient or optimizer state
+    per_layer_embed_lr: float | None = None  # per-layer embedding tables (E2B, E4B); None: embed_lr; 0 freezes
+    # them. Either way the student shares the teacher's table; trained, only the rows of the training text's tokens
+    # are its own (SparseRowsEmbedding)
     warmup: int = 10
     min_lr_ratio: float = 0.1
     temperature: float = 1.0
@@ -270,9 +271,9 @@ def embeddings_on_grid(model: nn.Module, type_name: str) -> list[nn.Module]:
     modules. The tied token table is also the output head, so the head trains on the grid the GGUF file holds."""
     from gemmaquant.qat.fake_quant import FloatOnGrid
 
-    owners = []
     from gemmaquant.qat.sparse_rows import SparseRowsEmbedding
 
+    owners = []
     for name, fmt in embedding_formats(model.config, type_name).items():
         owner = getattr(model, name)
         if isinstance(owner, SparseRowsEmbedding):  # puts its looked-up rows on the grid itself
@@ -361,8 +362,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     # (a copy: quantize() on a model object writes the dequantized weights into that object's tensors, the
     # planned matrices only, so the per-layer table need not be copied)
     shared = shared_tables(teacher)  # the student's are the teacher's own tensors: not copied, not saved
-    ptq = quantize(copy.deepcopy(teacher, memo={id(t): t for t in shared}), ptq_recipe, out=out, tokenizer_dir=tok_dir,
-                   progress=False)
+    ptq = quantize(copy.deepcopy(teacher, memo={id(t): t for t in shared}), ptq_recipe, out=out,
+                   tokenizer_dir=tok_dir, progress=False)
     ptq_src = QuantizedSource(ptq.work_dir)
 
     # 2. the student: GPTQ's weights and block parameters under fake quantization
