@@ -59,11 +59,10 @@ def big_table_checkpoint(work: Path) -> Path:
 
     import torch
 
+    import gemmaquant
     from gemmaquant.checkpoint import save_checkpoint
     from gemmaquant.fixtures import TOKENIZER_DIR
     from gemmaquant.model.testing import random_model
-
-    import gemmaquant
 
     cfg = dataclasses.replace(gemmaquant.load("tiny-edge").config, vocab_size_per_layer_input=ROWS,
                               hidden_size_per_layer_input=COLUMNS_PER_LAYER)

@@ -31,11 +31,11 @@ class SparseRowsEmbedding(nn.Module):
     def __init__(self, table: Tensor, used_ids: Tensor, fmt=None):
         super().__init__()
         self.register_buffer("table", table.detach(), persistent=False)  # the teacher's: never written
-        ids = torch.unique(used_ids.to(table.device))
+        ids = torch.unique(used_ids.to(table.device))  # (both derived from the training text: not checkpointed)
         slot = torch.full((table.shape[0],), -1, dtype=torch.int64, device=table.device)
         slot[ids] = torch.arange(ids.numel(), device=table.device)
-        self.register_buffer("slot", slot)
-        self.register_buffer("ids", ids)
+        self.register_buffer("slot", slot, persistent=False)
+        self.register_buffer("ids", ids, persistent=False)
         self.rows = nn.Parameter(table.detach()[ids].clone())
         self.fmt = fmt
 
@@ -58,9 +58,7 @@ class SparseRowsEmbedding(nn.Module):
             from gemmaquant.qat.fake_quant import quantize_rows
 
             w = self.fmt.dequantize(quantize_rows(w, self.fmt)).to(w.dtype)
-        emb = nn.Embedding(*w.shape, device=w.device, dtype=w.dtype)
-        emb.weight = nn.Parameter(w, requires_grad=False)
-        return emb
+        return nn.Embedding.from_pretrained(w, freeze=True)  # (wraps w: no second table allocated)
 
     def extra_repr(self) -> str:
         grid = f", on {self.fmt.name}'s grid" if self.fmt is not None else ""

@@ -47,8 +47,8 @@ def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerp
         t = {k: f.get_tensor(k) for k in f.keys()}
     state = {k[len("model::"):]: v for k, v in t.items() if k.startswith("model::")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) != set(skip) or unexpected:
-        raise QATError(f"{path}: the checkpoint does not match the model (missing {sorted(set(missing) - set(skip))}, "
+    if set(missing) != skip or unexpected:
+        raise QATError(f"{path}: the checkpoint does not match the model (missing {sorted(set(missing) - skip)}, "
                        f"unexpected {sorted(unexpected)})")
     state: dict[int, dict] = {}
     for k, v in t.items():
