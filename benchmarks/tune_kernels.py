@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 DECODE = [dict(), dict(unpack="split"), dict(unpack="split", block_n=32), dict(unpack="split", num_warps=8),
           dict(block_n=32), dict(block_n=128), dict(block_k=64),
           dict(num_stages=2), dict(num_stages=6), dict(num_warps=2), dict(num_warps=8)]
-PREFILL = [dict(), dict(unpack="split"), dict(unpack="split", block_k=128), dict(block_n=256), dict(block_k=128), dict(block_m=64, num_warps=4,
-           num_stages=4), dict(num_warps=4, num_stages=4), dict(block_m=64, block_n=256), dict(num_stages=4),
-           dict(block_n=64, block_k=128, num_warps=4, num_stages=4)]
+PREFILL = [dict(), dict(unpack="split"), dict(unpack="split", block_k=128), dict(block_n=256), dict(block_k=128),
+           dict(block_m=64, num_warps=4, num_stages=4), dict(num_warps=4, num_stages=4), dict(block_m=64, block_n=256),
+           dict(num_stages=4), dict(block_n=64, block_k=128, num_warps=4, num_stages=4)]
 MOE = [dict(), dict(block_n=128), dict(block_k=128), dict(num_warps=8),
        dict(block_n=128, num_warps=8), dict(num_stages=4), dict(block_m=16), dict(block_m=64)]
 ATTN_256 = [dict(), dict(block_m=64, block_n=64, num_warps=4), dict(block_m=64, block_n=64, num_warps=8),
@@ -147,8 +147,9 @@ def main(argv=None) -> int:
         ok = [r for r in rows if r["ms"]]
         best = min(ok, key=lambda r: r["ms"]) if ok else None
         results.append(dict(case=name, heuristic_ms=rows[0]["ms"], best=best, candidates=rows))
-        print(f"{name:36s} heuristic {rows[0]['ms'] or float('nan'):8.4f} ms  best {best['ms'] if best else float('nan'):8.4f} ms "
-              f"{best['config'] if best else ''}", flush=True)
+        best_ms, best_cfg = (best["ms"], best["config"]) if best else (float("nan"), "")
+        print(f"{name:36s} heuristic {rows[0]['ms'] or float('nan'):8.4f} ms  best {best_ms:8.4f} ms {best_cfg}",
+              flush=True)
         write_json_atomic(dict(device=torch.cuda.get_device_name(0), results=results), args.out)
     return 0
 

@@ -182,7 +182,8 @@ def main(argv=None) -> int:
                 fits = r["shared"] <= args.max_shared
                 bad += not fits
                 print(f"{'ok  ' if fits else 'OVER'} {kernel.name:24s} shared {r['shared']:6d} B  regs {r['reg']}  "
-                      f"local {r['local']}  {r['mma']:8s}  warps {r['num_warps']} stages {r['num_stages']}  | {label}", flush=True)
+                      f"local {r['local']}  {r['mma']:8s}  warps {r['num_warps']} stages {r['num_stages']}  | {label}",
+                      flush=True)
     print(f"{bad} config(s) do not compile or do not fit sm_{args.arch}" if bad else f"all fit sm_{args.arch}")
     return 1 if bad else 0
 
