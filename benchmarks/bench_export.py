@@ -79,8 +79,9 @@ def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: 
     same = sorted(n for n in a if n in b and a[n][0] == b[n][0])
     identical = sorted(n for n in a if n in b and a[n] == b[n])
     return {"model": name, "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
-            "gemmaquant_s": round(ours, 3), "llamacpp_convert_s": round(conv, 3), "llamacpp_quantize_s": round(quant, 3),
-            "llamacpp_total_s": round(conv + quant, 3), "ratio_gemmaquant_over_llamacpp": round(ours / (conv + quant), 3),
+            "gemmaquant_s": round(ours, 3), "llamacpp_convert_s": round(conv, 3),
+            "llamacpp_quantize_s": round(quant, 3), "llamacpp_total_s": round(conv + quant, 3),
+            "ratio_gemmaquant_over_llamacpp": round(ours / (conv + quant), 3),
             "gemmaquant_bytes": ours_out.stat().st_size, "llamacpp_bytes": quant_out.stat().st_size,
             "tensor_types_equal": f"{len(same)}/{len(b)}", "tensors_byte_identical": f"{len(identical)}/{len(b)}"}
 

@@ -316,7 +316,8 @@ def bench_attention(bench: Bench, dev: str):
             nbytes = 2 * (2 * hq * L * D + 2 * hkv * L * D)
             base = {}
             if window is None:
-                base["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=True)
+                base["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0,
+                                                                      enable_gqa=True)
             elif L * L * 6 < free // 4:  # a dense bool mask plus its additive copy must fit
                 i = torch.arange(L, device=dev)
                 mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
@@ -403,7 +404,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
            f"torch {meta['torch']}, triton {meta['triton']}; peaks: bf16 {p['bf16_tflops']} TFLOP/s, int8 "
            f"{p['int8_tops']} TOP/s, HBM {p['hbm_gbs']} GB/s ({p['source']}). "
            + ("Times: CUDA graph replays with a cold L2, launch overhead excluded (graph_ms). "
-              if meta.get("timer") == "graph" else "Times: median of triton.testing.do_bench (launch overhead included). ")
+              if meta.get("timer") == "graph"
+              else "Times: median of triton.testing.do_bench (launch overhead included). ")
            + "GB/s counts every operand once; roofline = min(peak, intensity x bandwidth). "
            + (f"Measured here: device copy {meta['measured']['copy_gbs']:.0f} GB/s (read + write), bf16 cuBLAS "
               f"8192^3 {meta['measured']['bf16_matmul_tflops']:.0f} TFLOP/s; '% meas. BW' is against that copy. "
@@ -470,7 +472,8 @@ def main(argv=None) -> int:
     bench = Bench(args, dev, peaks)
     print(f"bench_kernels on {name}")
     meta = dict(device=name, smoke=args.smoke, torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), peaks=peaks, batches=args.batches, only=sorted(which), timer=args.timer,
+                python=platform.python_version(), peaks=peaks, batches=args.batches, only=sorted(which),
+                timer=args.timer,
                 command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])))
     slug = re.sub(r"[^A-Za-z0-9]+", "_", "smoke" if args.smoke else name).strip("_").lower()
     stem = args.out or RESULTS / f"kernels_{slug}"

@@ -48,7 +48,8 @@ def write_synthetic(variant: str, layers: int, out: Path) -> dict:
         del tensors
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, multimodal=True)))
-    return {"layer_bytes_max": max(layer_bytes), "total_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
+    return {"layer_bytes_max": max(layer_bytes),
+            "total_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
 
 
 def read_all(path: str) -> None:
@@ -104,7 +105,8 @@ def main():
     gb = 1 / 2**30
     (RESULTS / f"stream_{args.variant}.md").write_text(
         f"# Streaming load, {args.variant} shapes, {args.layers} layers\n\n"
-        f"| checkpoint | largest layer | peak RSS (reader) | import baseline | (peak - baseline) / layer | read time |\n"
+        f"| checkpoint | largest layer | peak RSS (reader) | import baseline | (peak - baseline) / layer "
+        f"| read time |\n"
         f"|---|---|---|---|---|---|\n"
         f"| {sizes['total_bytes'] * gb:.2f} GiB | {sizes['layer_bytes_max'] * gb:.2f} GiB | "
         f"{res['peak_rss_bytes'] * gb:.2f} GiB | {baseline * gb:.2f} GiB | "

@@ -94,7 +94,8 @@ def capture(layer: DecoderLayer, stats: LayerStats, max_samples: int = 2048, str
     experts = getattr(layer, "experts", None)
     if experts is not None:
         E = experts.gate_up_proj.shape[0]
-        stats.expert_tokens = stats.expert_tokens if stats.expert_tokens is not None else torch.zeros(E, dtype=torch.long)
+        stats.expert_tokens = (stats.expert_tokens if stats.expert_tokens is not None
+                               else torch.zeros(E, dtype=torch.long))
         original = experts.forward
 
         def recording_forward(x, weights, ids):

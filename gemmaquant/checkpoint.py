@@ -57,8 +57,9 @@ class Checkpoint:
             raise CheckpointError(str(e)) from None
         self._files: dict[str, object] = {}
         self.weight_map = self._index()  # full checkpoint name -> shard file name
-        self.prefix = next((p for p in TEXT_PREFIXES if any(k.startswith(p + "layers.") or k == p + "embed_tokens.weight"
-                                                             for k in self.weight_map)), None)
+        self.prefix = next((p for p in TEXT_PREFIXES
+                            if any(k.startswith(p + "layers.") or k == p + "embed_tokens.weight"
+                                   for k in self.weight_map)), None)
         if self.prefix is None:
             raise CheckpointError(f"{self.path}: no Gemma 4 text weights found "
                                   f"(expected names like 'model.language_model.embed_tokens.weight')")

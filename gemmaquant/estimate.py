@@ -104,7 +104,8 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
         "params_total": total,
         "gguf": {"bytes": int(gguf_bits / 8), "bits_per_weight": gguf_bits / total, "params_by_type": by_type}
         if "gguf" in formats else None,
-        "safetensors": {"bytes": int(st_bits / 8), "bits_per_weight": st_bits / total} if "safetensors" in formats else None,
+        "safetensors": {"bytes": int(st_bits / 8), "bits_per_weight": st_bits / total}
+        if "safetensors" in formats else None,
         "float_tensors": {n: p.reason for n, p in plan.items() if p.fmt is None},
         "peak_memory_bytes_estimate": int(peak),
         "time_seconds_estimate": seconds, "measured_matmul_gflops": gf,

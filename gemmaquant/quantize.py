@@ -65,13 +65,15 @@ class ModuleSource:
         if missing:
             raise QuantizeError(f"model object lacks tensor {missing[0]!r}")
         self.path = Path(tokenizer_dir) if tokenizer_dir else None
-        name_or_path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+        name_or_path = (getattr(model, "name_or_path", None)
+                        or getattr(getattr(model, "config", None), "_name_or_path", ""))
         if self.path is None and name_or_path and Path(name_or_path).is_dir():
             self.path = Path(name_or_path)
 
     def layer_state(self, i: int, dtype=None):
         pre = f"layers.{i}."
-        return {k[len(pre):]: (v if dtype is None else v.to(dtype)) for k, v in self._state.items() if k.startswith(pre)}
+        return {k[len(pre):]: (v if dtype is None else v.to(dtype))
+                for k, v in self._state.items() if k.startswith(pre)}
 
     def global_state(self, dtype=None):
         return {k: (v if dtype is None else v.to(dtype)) for k, v in self._state.items() if not k.startswith("layers.")}

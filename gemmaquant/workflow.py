@@ -168,7 +168,8 @@ def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple
 
 
 def _quantize_text(s: dict) -> str:
-    lines = [f"quantized {s['model']} with {s['recipe']['method']} onto {s['recipe']['gguf_type'] or s['recipe']['weight_format']} "
+    lines = [f"quantized {s['model']} with {s['recipe']['method']} onto "
+             f"{s['recipe']['gguf_type'] or s['recipe']['weight_format']} "
              f"in {s['quantize_seconds']:.1f} s"]
     for kind, path in s["files"].items():
         size = _size(Path(path))

@@ -199,7 +199,8 @@ def _swa_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, seqlens_ptr, L,
     row = b * stride_mb + hq * stride_mh + qi * stride_ml + split
     tl.store(m_ptr + row, m_i, mask=rmask)
     tl.store(l_ptr + row, l_i, mask=rmask)
-    tl.store(o_ptr + b * stride_ob + hq[:, None] * stride_oh + qi[:, None] * stride_ol + split * stride_os + rd[None, :],
+    tl.store(o_ptr + b * stride_ob + hq[:, None] * stride_oh + qi[:, None] * stride_ol + split * stride_os
+             + rd[None, :],
              acc, mask=rmask[:, None])
 
 

@@ -80,7 +80,8 @@ def cases(sms: int):
             ids = torch.randint(0, E, (T, a.top_k_experts))
             tw = torch.rand(T, a.top_k_experts)
             if fmt == "bf16":
-                w = (torch.empty(E, 2 * Ie, H, dtype=bf16), torch.empty(E, H, Ie, dtype=bf16), None, None, None, None, 0)
+                w = (torch.empty(E, 2 * Ie, H, dtype=bf16), torch.empty(E, H, Ie, dtype=bf16),
+                     None, None, None, None, 0)
             elif fmt == "int8":
                 w = (torch.empty(E, 2 * Ie, H, dtype=torch.int8), torch.empty(E, H, Ie, dtype=torch.int8),
                      torch.empty(E, 2 * Ie, dtype=bf16), torch.empty(E, H, dtype=bf16), None, None, 0)

@@ -321,7 +321,8 @@ def chat_docs(pairs: dict, rng: random.Random) -> list[dict]:
         msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS[:3])}] if rng.random() < 0.4 else []
         for _, q, a in group:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        docs.append({"kind": "chat", "group": "faq/" + h(group[0][1])[:12], "text": render_chat(msgs, rng.random() < 0.5)})
+        docs.append({"kind": "chat", "group": "faq/" + h(group[0][1])[:12],
+                     "text": render_chat(msgs, rng.random() < 0.5)})
     gl = glossary_pairs()
     rng.shuffle(gl)
     for k in range(0, len(gl), 3):
@@ -330,7 +331,8 @@ def chat_docs(pairs: dict, rng: random.Random) -> list[dict]:
             q = rng.choice(("What is {} in Python?", "Can you explain what \"{}\" means?", "Define {}.",
                             "What does the term {} refer to?")).format(term)
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": body}]
-        docs.append({"kind": "chat", "group": "glossary/" + h(gl[k][0])[:12], "text": render_chat(msgs, rng.random() < 0.5)})
+        docs.append({"kind": "chat", "group": "glossary/" + h(gl[k][0])[:12],
+                     "text": render_chat(msgs, rng.random() < 0.5)})
     for lang in sorted({l for l, _ in pairs}):
         cand = [(a, b) for (l, _), pp in sorted(pairs.items()) if l == lang for a, b in pp
                 if len(a) < 160 and "%" not in a and "{" not in a]
@@ -341,7 +343,8 @@ def chat_docs(pairs: dict, rng: random.Random) -> list[dict]:
                 q = rng.choice(("Translate into {}: {}", "How do you say \"{1}\" in {0}?",
                                 "{0} translation, please: {1}")).format(LANGS[lang], src)
                 msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": tgt}]
-            docs.append({"kind": "chat", "group": f"translate/{lang}/{k}", "text": render_chat(msgs, rng.random() < 0.5)})
+            docs.append({"kind": "chat", "group": f"translate/{lang}/{k}",
+                         "text": render_chat(msgs, rng.random() < 0.5)})
     return docs
 
 

@@ -27,7 +27,8 @@ HTML = ([f"<{t}>" for t in HTML_TAGS] + [f"</{t}>" for t in HTML_TAGS]
         + [f"<{t}>" for t in ("a", "html", "body", "img", "span", "bbox", "ul", "li", "div", "iframe", "footer")]
         + [f"</{t}>" for t in ("a", "html", "body", "img", "span", "bbox", "ul", "li", "div", "iframe", "footer")])
 MULTIMODAL = ["<|image>", "<|audio>", "<|image|>", "<|audio|>", "<image|>", "<audio|>", "<|video|>"]
-CONTROL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|tool>", "<tool|>", "<|think|>", "<|turn>", "<turn|>"] + MULTIMODAL
+CONTROL = (["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|tool>", "<tool|>", "<|think|>", "<|turn>", "<turn|>"]
+           + MULTIMODAL)
 VISIBLE = ["<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|channel>", "<channel|>"]
 RUN = 31  # longest pre-made whitespace run, as in Gemma 4
 # Training-time split only (the shipped tokenizer, like Gemma 4's, runs BPE over the whole normalized text).
@@ -155,7 +156,8 @@ def save_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], out: Pa
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(CONTROL + VISIBLE, key=vocab.get)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in sorted(CONTROL + VISIBLE, key=vocab.get)])
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos>:1 $B:1",
                                                        special_tokens=[("<bos>", 2)])
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +176,8 @@ def save_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], out: Pa
         "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
         "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
         "extra_special_tokens": [t for t in sorted(CONTROL + VISIBLE, key=vocab.get)
-                                 if t not in ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>") and t not in MULTIMODAL[:6]],
+                                 if t not in ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+                                 and t not in MULTIMODAL[:6]],
         "added_tokens_decoder": added,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

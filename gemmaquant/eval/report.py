@@ -46,7 +46,8 @@ class Report:
         r = self.recipe
         lines = [f"# gemmaquant report: {self.model}", "",
                  f"Recipe: {r.get('method')} onto {r.get('gguf_type') or r.get('weight_format')}, "
-                 f"{r.get('n_samples')} x {r.get('seq_len')} calibration tokens (sha256 {self.calibration_sha256[:16]}...).",
+                 f"{r.get('n_samples')} x {r.get('seq_len')} calibration tokens "
+                 f"(sha256 {self.calibration_sha256[:16]}...).",
                  "", HEADLINE, "",
                  "| KL mean | KL p99 | KL max | top-1 agreement | perplexity (float -> quantized) | held-out tokens |",
                  "|---|---|---|---|---|---|",
@@ -198,7 +199,8 @@ def svg_heatmap(layers: list) -> str:
             forced = e in (r.get("forced_experts") or [])
             cells.append(f"<rect x='{PAD + e * cw:.1f}' y='{10 + i * ch}' width='{cw:.1f}' height='{ch}' "
                          f"fill='rgb({shade},{shade},255)' stroke='{'red' if forced else 'white'}'>"
-                         f"<title>layer {r['layer']} expert {e}: {n} tokens{' (forced)' if forced else ''}</title></rect>")
+                         f"<title>layer {r['layer']} expert {e}: {n} tokens{' (forced)' if forced else ''}"
+                         "</title></rect>")
         cells.append(f"<text x='4' y='{25 + i * ch}' font-size='11'>L{r['layer']}</text>")
     height = 20 + ch * len(rows)
     return (f"<svg width='{W}' height='{height}' id='plot-experts'>"

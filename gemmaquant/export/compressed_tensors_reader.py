@@ -2,7 +2,8 @@
 as the reference `Gemma4` with dequantized weights: `gemmaquant.load(dir)` for such a directory.
 
 Dequantization is the exact `w = q * scale` (see ct_pack.py), cast to the requested dtype: in float32 it is what
-transformers runs when it loads the export in float32, in bf16 what vLLM and compressed-tensors compute. Per-expert tensors (`layers.i.experts.{e}.{gate,up,down}_proj.*`) are fused back
+transformers runs when it loads the export in float32, in bf16 what vLLM and compressed-tensors compute. \
+Per-expert tensors (`layers.i.experts.{e}.{gate,up,down}_proj.*`) are fused back
 into `experts.gate_up_proj` / `experts.down_proj`.
 
 transformers has no checkpoint conversion for Gemma 4's per-expert names (its Gemma4 experts are fused parameters),
@@ -37,7 +38,8 @@ def quantization_config(raw: dict) -> dict:
 def is_compressed_tensors(path: Path) -> bool:
     """True for a checkpoint directory whose config.json declares quant_method compressed-tensors."""
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and quantization_config(json.loads(cfg.read_text())).get("quant_method") == "compressed-tensors"
+    return (cfg.is_file()
+            and quantization_config(json.loads(cfg.read_text())).get("quant_method") == "compressed-tensors")
 
 
 def _bits(qc: dict, path: Path) -> int:
@@ -98,14 +100,16 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
 def register_transformers_gemma4_experts() -> None:
     """Teach transformers to merge Gemma 4's per-expert checkpoint names into its fused expert parameters
     (with compressed-tensors, the dequantize step runs on every expert first). Idempotent."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
     from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
     if get_checkpoint_conversion_mapping("gemma4_text") is not None:
         return
     mapping = [
         WeightConverter(source_patterns=["experts.*.gate_proj.weight", "experts.*.up_proj.weight"],
-                        target_patterns="experts.gate_up_proj", operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
+                        target_patterns="experts.gate_up_proj",
+                        operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
         WeightConverter(source_patterns="experts.*.down_proj.weight", target_patterns="experts.down_proj",
                         operations=[MergeModulelist(dim=0)]),
     ]

@@ -57,7 +57,8 @@ def codes_from_packed(p, bits: int, group: int | None, name: str, dtype: torch.d
     n, k = p.shape
     w, scale, offset, q = grid_codes(p, name)
     if offset is not None:
-        raise ExportError(f"{name}: {type(p.fmt).__name__} is asymmetric; pack-quantized W4A16/W8A16 here are symmetric")
+        raise ExportError(f"{name}: {type(p.fmt).__name__} is asymmetric; pack-quantized W4A16/W8A16 here are "
+                          "symmetric")
     if group is not None and scale.shape[1] * group != k:
         raise ExportError(f"{name}: packed with {k // scale.shape[1]}-wide groups, the scheme asks for {group}")
     if group is None and scale.shape[1] != 1:

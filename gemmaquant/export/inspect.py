@@ -40,7 +40,8 @@ def inspect_gguf(path: Path) -> str:
     import gguf
 
     r = gguf.GGUFReader(str(path))
-    lines = [f"{path}: GGUF v{r.fields['GGUF.version'].contents()}, {len(r.tensors)} tensors, {_size(path.stat().st_size)}",
+    lines = [f"{path}: GGUF v{r.fields['GGUF.version'].contents()}, {len(r.tensors)} tensors, "
+             f"{_size(path.stat().st_size)}",
              "", "metadata:"]
     for k, f in r.fields.items():
         if k.startswith("GGUF."):
@@ -55,7 +56,8 @@ def inspect_gguf(path: Path) -> str:
     for t in r.tensors:
         kind = t.tensor_type.name
         n, b = int(t.n_elements), int(t.n_bytes)
-        rows.append((t.name, kind, "x".join(map(str, reversed([int(x) for x in t.shape]))), _size(b), f"{8 * b / n:.2f}"))
+        rows.append((t.name, kind, "x".join(map(str, reversed([int(x) for x in t.shape]))), _size(b),
+                     f"{8 * b / n:.2f}"))
         per_type[kind][0] += n
         per_type[kind][1] += b
     lines += ["", "tensors (shape in PyTorch order):"]

@@ -14,7 +14,8 @@ from gemmaquant.formats.int_group import Int4Group, IntGroup
 FORMATS = {
     "int8": Int8Channel(),
     "int4_g32_sym": Int4Group(32), "int4_g64_sym": Int4Group(64), "int4_g128_sym": Int4Group(128),
-    "int4_g32_asym": Int4Group(32, False), "int4_g64_asym": Int4Group(64, False), "int4_g128_asym": Int4Group(128, False),
+    "int4_g32_asym": Int4Group(32, False), "int4_g64_asym": Int4Group(64, False),
+    "int4_g128_asym": Int4Group(128, False),
     "int3_g32_sym": IntGroup(3, 32), "int3_g32_asym": IntGroup(3, 32, False),
     "int2_g32_sym": IntGroup(2, 32), "int2_g32_asym": IntGroup(2, 32, False),
     "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "q4_k": Q4_K, "q5_k": Q5_K, "q6_k": Q6_K,

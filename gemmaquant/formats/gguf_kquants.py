@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from gemmaquant.formats.base import Packed, ReferenceQuantizer, check_importance
-from gemmaquant.formats.ggml_ref import (GROUP_MAX_EPS, div, make_qkx_quants, make_qp_quants, make_qx_quants, max_abs, nearest_int,
-                                         seqsum, sqrtf)
+from gemmaquant.formats.ggml_ref import (GROUP_MAX_EPS, div, make_qkx_quants, make_qp_quants, make_qx_quants, max_abs,
+                                         nearest_int, seqsum, sqrtf)
 
 QK = 256
 # type -> (sub-block size, qmax, block bytes)
@@ -47,7 +47,8 @@ LAYOUT = {"Q4_K": (32, 15, 144), "Q5_K": (32, 31, 176), "Q6_K": (16, 63, 210)}
 def pack_scales(ls: Tensor, lm: Tensor) -> Tensor:
     """quantize_row_q4_K's packing of 8 sub-block scales/mins (uint8 values) into scales[12], as C does it."""
     ls, lm = ls.int(), lm.int()
-    return torch.cat([(ls[..., :4] | ((ls[..., 4:] >> 4) << 6)) & 0xFF, (lm[..., :4] | ((lm[..., 4:] >> 4) << 6)) & 0xFF,
+    return torch.cat([(ls[..., :4] | ((ls[..., 4:] >> 4) << 6)) & 0xFF,
+                      (lm[..., :4] | ((lm[..., 4:] >> 4) << 6)) & 0xFF,
                       (ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4)], -1)
 
 

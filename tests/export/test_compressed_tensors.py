@@ -81,7 +81,8 @@ def test_expert_names_are_what_vllm_loads(exports):
     names = [n for n in _tensors(out) if ".experts." in n]
     assert len(names) == cfg.num_hidden_layers * cfg.num_experts * 3 * 3
     mapping = [("experts.w13_" if p in ("gate_proj", "up_proj") else "experts.w2_", f"experts.{e}.{p}.", e, s)
-               for e in range(cfg.num_experts) for s, p in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))]
+               for e in range(cfg.num_experts)
+               for s, p in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))]
     seen = set()
     for n in names:
         v = n.replace("language_model.", "")

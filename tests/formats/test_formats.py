@@ -31,7 +31,8 @@ def test_requantizing_the_dequantized_tensor_gives_the_same_codes(name, importan
     fmt = get_format(name)
     w = weights()
     g = torch.Generator().manual_seed(1)
-    imp = {None: None, "per_channel": torch.rand(K, generator=g), "per_element": torch.rand(6, K, generator=g)}[importance]
+    imp = {None: None, "per_channel": torch.rand(K, generator=g),
+           "per_element": torch.rand(6, K, generator=g)}[importance]
     p = fmt.quantize(w, importance=imp)
     s, _, qmin, qmax = expanded_grid(fmt, fmt.params(p), K)
     q = fmt.codes(p)

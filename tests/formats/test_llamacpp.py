@@ -71,7 +71,8 @@ def lib(tmp_path_factory):
     root = SRC.parents[1]  # .../ggml
     out = tmp_path_factory.mktemp("ggml_quants")
     (out / "harness.c").write_text(HARNESS)
-    cmd = ["gcc", "-O2", "-DNDEBUG", "-shared", "-fPIC", f"-I{root / 'include'}", f"-I{root / 'src'}", str(out / "harness.c"),
+    cmd = ["gcc", "-O2", "-DNDEBUG", "-shared", "-fPIC", f"-I{root / 'include'}", f"-I{root / 'src'}",
+           str(out / "harness.c"),
            str(SRC), "-o", str(out / "libggmlq.so"), "-lm"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"building the harness failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"

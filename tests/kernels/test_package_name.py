@@ -23,12 +23,14 @@ def _import_from_root(tmp_path, code):
 def test_top_level_kernels_is_the_installed_package(tmp_path):
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'the installed kernels package'\n")
-    code = "import sys; print(sys.path[0] == ''); from kernels import CUDAProperties; print(CUDAProperties == 'the installed kernels package')"
+    code = ("import sys; print(sys.path[0] == ''); from kernels import CUDAProperties; "
+            "print(CUDAProperties == 'the installed kernels package')")
     assert _import_from_root(tmp_path, code) == ["True", "True"]
 
 
 def test_gemmaquant_kernels_is_still_ours(tmp_path):
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("")
-    code = "import kernels, gemmaquant.kernels.int4_matmul as m; print(kernels.__file__.startswith(%r)); print(hasattr(m, 'int4_matmul_ref'))" % str(tmp_path)
+    code = ("import kernels, gemmaquant.kernels.int4_matmul as m; print(kernels.__file__.startswith(%r)); "
+            "print(hasattr(m, 'int4_matmul_ref'))" % str(tmp_path))
     assert _import_from_root(tmp_path, code) == ["True", "True"]

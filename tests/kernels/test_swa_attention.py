@@ -63,7 +63,8 @@ def test_swa_attention_matches_reference(B, H, Hkv, L, S, D, window, q_offset, d
 def test_swa_attention_block_shapes(config):
     q, k, v = _qkv(1, 2, 1, 70, 70, 32, torch.bfloat16)
     out = swa_attention(q, k, v, 11, 0.2, None, config=config)
-    assert_parity(out.cpu(), swa_attention_ref(q, k, v, 11, 0.2).cpu(), _exact(q, k, v, _visible(70, 70, 11, None), 0.2),
+    assert_parity(out.cpu(), swa_attention_ref(q, k, v, 11, 0.2).cpu(),
+                  _exact(q, k, v, _visible(70, 70, 11, None), 0.2),
                   f"attention config {config}")
 
 

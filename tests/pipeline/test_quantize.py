@@ -81,7 +81,8 @@ KILL_SCRIPT = textwrap.dedent("""
 
 def _files(work):
     # the weights; the per-layer .json files also hold timings
-    return {p.name: p.read_bytes() for p in sorted(work.glob("*.safetensors")) if p.name.startswith(("layer_", "globals"))}
+    return {p.name: p.read_bytes() for p in sorted(work.glob("*.safetensors"))
+            if p.name.startswith(("layer_", "globals"))}
 
 
 def test_kill_9_then_rerun_resumes_byte_identical(tmp_path):

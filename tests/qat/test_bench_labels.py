@@ -37,20 +37,23 @@ def test_a_run_without_a_recorded_recipe_ran_the_past_defaults_and_its_overrides
 def test_router_weight_is_not_a_difference_without_a_router_and_removed_fields_only_when_set():
     recipe = dataclasses.asdict(QATRecipe()) | {"router_weight": 10.0, "block_steps": 0}  # recorded by an old run
     assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": recipe, **NOW}) == {}
-    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": recipe, **NOW}) == {"router_weight": 10.0}
-    run = {"fixture": "tiny-moe", "steps": 1, "recipe": recipe | {"block_steps": 100}, "overrides": {"block_steps": 100},
-           **NOW}
+    assert (bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": recipe, **NOW})
+            == {"router_weight": 10.0})
+    run = {"fixture": "tiny-moe", "steps": 1, "recipe": recipe | {"block_steps": 100},
+           "overrides": {"block_steps": 100}, **NOW}
     assert bench_qat.recipe_changes(run) == {"router_weight": 10.0, "block_steps": 100, "steps": 1}
 
 
 def test_a_recorded_recipe_from_before_the_average_existed_ran_without_it():
     recipe = {k: v for k, v in dataclasses.asdict(QATRecipe()).items() if k != "average"}
-    assert bench_qat.recipe_changes({"fixture": "tiny-edge", "steps": 1000, "recipe": recipe, **NOW}) == {"average": 0.0}
+    assert (bench_qat.recipe_changes({"fixture": "tiny-edge", "steps": 1000, "recipe": recipe, **NOW})
+            == {"average": 0.0})
 
 
 def test_a_recorded_recipe_from_before_the_expert_rates_ran_them_at_one_which_matters_only_with_experts():
     recipe = {k: v for k, v in dataclasses.asdict(QATRecipe()).items() if k != "expert_lr_scale"}
-    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": recipe, **NOW}) == {"expert_lr_scale": 1.0}
+    assert (bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": recipe, **NOW})
+            == {"expert_lr_scale": 1.0})
     assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": recipe, **NOW}) == {}
 
 

@@ -164,7 +164,8 @@ def test_conditional_generation_text_weights_only(tmp_path):
     ref = copy.deepcopy(model)
     prepare_qat(ref, "int4_g32_sym")
     mine = convert(ref)
-    assert all(torch.equal(mine[n].data["qdata"], packed[n].data["qdata"]) for n in mine if not isinstance(mine[n], list))
+    assert all(torch.equal(mine[n].data["qdata"], packed[n].data["qdata"])
+               for n in mine if not isinstance(mine[n], list))
 
 
 def test_other_grids_and_formats():
