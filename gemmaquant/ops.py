@@ -179,8 +179,8 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tens
                 gate_up_zero: Optional[Tensor] = None, down_zero: Optional[Tensor] = None, group_size: int = 0,
                 per_expert_scale: Optional[Tensor] = None, impl: Optional[str] = None) -> Tensor:
     """The routed experts of a Gemma 4 MoE block (GEMMA4_SPEC §2.6):
-        y[t] = sum_j topk_weights[t, j] * per_expert_scale[e] * (gelu_tanh(x G_e^T) * (x U_e^T)) D_e^T, \
-e = topk_ids[t, j]
+        y[t] = sum_j topk_weights[t, j] * per_expert_scale[e] * (gelu_tanh(x G_e^T) * (x U_e^T)) D_e^T,
+        e = topk_ids[t, j]
     x [T, H] (already normed); topk_ids [T, k]; topk_weights [T, k] fp32, renormalised over the top k;
     per_expert_scale [E] or None (None: the weights already carry it). gate_up [E, 2*Ie, H] (gate = first Ie
     rows), down [E, H, Ie], each bf16/fp16, or int8 qdata with scale [E, N], or int4 uint8 qdata [E, N, K // 2]

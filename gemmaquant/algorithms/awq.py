@@ -28,9 +28,8 @@ After the scales, AWQ searches a clipping range per block (llm-awq `auto_clip_la
 
 Shrinking the range trades clipped outliers for finer steps on the rest; r = 1 is plain RTN, so for formats
 whose blocks are fit independently (int groups, Q4_0 ... Q8_0; not the K-quants, whose super-block scale couples
-their blocks) no block's error on the calibration tokens grows. llm-awq skips q_proj and k_proj (their error is \
-seen through
-the attention softmax, not the output norm); the caller does the same.
+their blocks) no block's error on the calibration tokens grows. llm-awq skips q_proj and k_proj (their error is seen
+through the attention softmax, not the output norm); the caller does the same.
 """
 
 from __future__ import annotations

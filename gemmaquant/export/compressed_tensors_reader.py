@@ -2,9 +2,9 @@
 as the reference `Gemma4` with dequantized weights: `gemmaquant.load(dir)` for such a directory.
 
 Dequantization is the exact `w = q * scale` (see ct_pack.py), cast to the requested dtype: in float32 it is what
-transformers runs when it loads the export in float32, in bf16 what vLLM and compressed-tensors compute. \
-Per-expert tensors (`layers.i.experts.{e}.{gate,up,down}_proj.*`) are fused back
-into `experts.gate_up_proj` / `experts.down_proj`.
+transformers runs when it loads the export in float32, in bf16 what vLLM and compressed-tensors compute.
+Per-expert tensors (`layers.i.experts.{e}.{gate,up,down}_proj.*`) are fused back into `experts.gate_up_proj` /
+`experts.down_proj`.
 
 transformers has no checkpoint conversion for Gemma 4's per-expert names (its Gemma4 experts are fused parameters),
 so `register_transformers_gemma4_experts()` registers one (the same merge transformers ships for Qwen2-MoE-style

@@ -6,7 +6,7 @@ ggml multiplies a weight of type T by activations converted to T's `vec_dot_type
     Q4_0, Q5_0, Q8_0 -> Q8_0    Q4_1, Q5_1 -> Q8_1     Q4_K, Q5_K, Q6_K -> Q8_K
 Q8_0 / Q8_1 (arch/x86/quants.c, AVX2 path): per 32 values d = amax/127 (stored fp16), q = round_half_even(x*127/amax).
 Q8_1 also stores s = fp16(d * sum(q)), which the Q4_1/Q5_1 dot product uses for the weight minimum's term.
-Q8_K (ggml-quants.c `quantize_row_q8_K_ref`): per 256 values iscale = -127/x_maxabs_signed, \
+Q8_K (ggml-quants.c `quantize_row_q8_K_ref`): per 256 values iscale = -127/x_maxabs_signed,
 q = round_half_even(iscale*x),
 d = 1/iscale (fp32). Integer dot products are exact, so what remains between this simulation and llama.cpp is fp32
 summation order (and, rarely, an activation that sits on a rounding boundary).
