@@ -192,6 +192,7 @@ def _size(p: Path) -> int:
 def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq: int = 16, seq_len: int = 128) -> dict:
     import gemmaquant
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
+    from gemmaquant.eval.routing import routing_agreement, routing_text
     from gemmaquant.hub import resolve
     from gemmaquant.runtime import load_for_inference
 
@@ -202,6 +203,10 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
     text = (f"KL divergence mean {m['kl_mean']:.5f}, p99 {m['kl_p99']:.5f}, max {m['kl_max']:.5f}; "
             f"top-1 agreement {100 * m['top1']:.2f}%; perplexity {m['ppl_test']:.3f} (float {m['ppl_ref']:.3f}) "
             f"on {n_seq}x{seq_len} held-out tokens")
+    routing = routing_agreement(ref, test, ids)
+    if routing is not None:
+        m["routing"] = routing
+        text += "\n" + routing_text(routing)
     return {**m, "text": text}
 
 

@@ -82,8 +82,12 @@ def test_main_command_end_to_end(tmp_path):
     assert not (out / ".gemmaquant-work").exists()
     m = res["report"]["metrics"]
     assert 0 < m["kl_mean"] < 0.2 and m["top1"] > 0.7
+    rt = m["routing"]  # an MoE model: the report says how much of the KL is expert choices that flip
+    assert len(rt["flips"]) == 4 and max(rt["flips"]) > 0 and 0 < rt["kl_ref_routing"] < rt["kl_own"]
+    assert rt["kl_own"] == pytest.approx(m["kl_mean"], rel=1e-9)
+    assert "## Routing (MoE)" in (out / "report.md").read_text()
     r = run("inspect", res["files"]["gguf"])
     assert r.exit_code == 0 and "Q4_0" in r.output
     r = run("eval", "tiny-moe", res["files"]["gguf"], "--json", "--n-seq", "4", "--seq-len", "64")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["kl_mean"] > 0
+    assert json.loads(r.output)["kl_mean"] > 0 and len(json.loads(r.output)["routing"]["flips"]) == 4

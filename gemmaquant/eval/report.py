@@ -17,6 +17,9 @@ from pathlib import Path
 
 HEADLINE = ("KL divergence to the float model and top-1 agreement are the headline figures: Gemma 4 checkpoints "
             "are instruction-tuned, so their perplexity on plain text says little about what quantization lost.")
+ROUTING_NOTE = ("Share of held-out tokens each MoE layer sends to another set of experts than the float model does "
+                "(each model on its own residual stream), and the KL left when the quantized model is given the float "
+                "model's expert choices and gate weights (gemmaquant.eval.routing).")
 
 
 @dataclass
@@ -53,6 +56,14 @@ class Report:
                  "|---|---|---|---|---|---|",
                  f"| {m['kl_mean']:.5f} | {m['kl_p99']:.5f} | {m['kl_max']:.5f} | {100 * m['top1']:.2f}% | "
                  f"{m['ppl_ref']:.3f} -> {m['ppl_test']:.3f} | {m['tokens']} |", ""]
+        if m.get("routing"):
+            rt = m["routing"]
+            lines += ["## Routing (MoE)", "", ROUTING_NOTE, "",
+                      "| MoE layer | " + " | ".join(map(str, range(len(rt["flips"])))) + " |",
+                      "|---|" + "---|" * len(rt["flips"]),
+                      "| expert choices that differ | " + " | ".join(f"{100 * f:.1f}%" for f in rt["flips"]) + " |", "",
+                      f"KL with the float model's routing: {rt['kl_ref_routing']:.5f} of {rt['kl_own']:.5f} "
+                      f"({100 * rt['routing_share']:.0f}% of the KL is routing).", ""]
         if self.compared:
             lines += ["## Size against quality", "", "| variant | bits/weight | KL mean | top-1 |", "|---|---|---|---|"]
             lines += [f"| {c['label']} | {c['bits_per_weight']:.3f} | {c['kl_mean']:.5f} | {100 * c['top1']:.2f}% |"
