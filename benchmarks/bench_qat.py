@@ -44,10 +44,9 @@ FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
 # What a saved run that does not record a field ran with: runs without a "recipe" ran on the defaults before
 # session 5 (PAST_DEFAULTS) plus their overrides; "average" did not exist before session 4 (0.0 = off), nor
 # "expert_lr_scale" before session 10 (1.0: the experts on the common rates).
-PAST_DEFAULTS = {"lr": 0.01, "scale_lr": 0.003, "router_weight": 10.0, "average": 0.0, "expert_lr_scale": 1.0,
-                 "margin_weight": 0.0, "margin_cap": 0.2}
-ADDED_FIELDS = ("average", "expert_lr_scale", "margin_weight", "margin_cap")  # a recorded recipe without them ran
-MOE_ONLY = ("router_weight", "expert_lr_scale", "margin_weight", "margin_cap")  # no effect without experts
+PAST_DEFAULTS = {"lr": 0.01, "scale_lr": 0.003, "router_weight": 10.0, "average": 0.0, "expert_lr_scale": 1.0}
+ADDED_FIELDS = ("average", "expert_lr_scale")  # what a recorded recipe without them ran: PAST_DEFAULTS
+MOE_ONLY = ("router_weight", "expert_lr_scale")  # no effect on a model without experts
 NOT_RECIPE = ("bits", "weight_format", "gguf_type", "save_every")  # shown in other columns, or no effect on results
 
 

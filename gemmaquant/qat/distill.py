@@ -3,12 +3,10 @@
     loss = KL(softmax(teacher / T) || softmax(student / T)) * T^2                  mean over tokens
            + hidden_weight * mean over layers |h_student - h_teacher|^2 / |h_teacher|^2
            + router_weight * mean over MoE layers KL(router_teacher || router_student)
-           + margin_weight * mean over MoE layers margin_loss(router_student, router_teacher)
 
 The logits term is the distillation of Hinton et al. (2015), as in LLM-QAT (Liu et al. 2023) and EfficientQAT's
 end-to-end step; the per-layer hidden-state term keeps every layer near its float output; the router term is
 ours, for MoE models, whose discrete top-k expert choice carries most of their quantization error (docs/qat.md).
-The margin term is ours too: it acts on the tokens whose expert choice is about to flip (`margin_loss`).
 `Taps` collects the layer outputs and router logits with forward hooks on gemmaquant's reference Gemma4, and
 `accumulate_gradients` runs one step's batch in micro-batches (gradient accumulation).
 """
@@ -40,13 +38,11 @@ class Taps:
         self.hidden: list[Tensor] = []
         self.router: list[Tensor] = []
         self.handles = []
-        self.top_k = 0  # experts per token (the routers' k)
         for layer in getattr(model, "layers", []):
             if hidden:
                 self.handles.append(layer.register_forward_hook(lambda m, a, o: self.hidden.append(o)))
             if router and hasattr(layer, "router"):
                 self.handles.append(layer.router.proj.register_forward_hook(lambda m, a, o: self.router.append(o)))
-                self.top_k = layer.router.top_k
 
     def clear(self) -> None:
         self.hidden.clear()
@@ -58,33 +54,10 @@ class Taps:
         self.clear()
 
 
-def topk_margin(logits: Tensor, chosen: Tensor) -> Tensor:
-    """[N, E] router logits, [N, k] expert ids -> [N]: the lowest logit of the chosen experts minus the highest of
-    the others (> 0 exactly when `chosen` is the top-k set)."""
-    inside = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, chosen, True)
-    return logits.masked_fill(~inside, float("inf")).amin(-1) - logits.masked_fill(inside, float("-inf")).amax(-1)
-
-
-def margin_loss(student: Tensor, teacher: Tensor, k: int, cap: float) -> Tensor:
-    """A hinge on the student's router logits that keeps the teacher's top-k experts on top, token by token:
-        mean over tokens relu(min(m_t, cap * sigma) - m_s) / sigma
-    where m_t and m_s are the teacher's and the student's `topk_margin` of the teacher's top-k set, and sigma the
-    std of the teacher's router logits (so that `cap` and the loss are in the same units on every model). A token
-    whose student margin is at least the teacher's (or cap * sigma) costs nothing; the KL of the router
-    distributions weighs every logit alike, while a flip needs only the k-th and (k+1)-th to cross, and on
-    tiny-moe half of the KL of the quantized model comes from flips (gemmaquant.eval.routing)."""
-    teacher = teacher.float()
-    chosen = teacher.topk(k, -1).indices
-    sigma = teacher.std().clamp(min=1e-12)
-    m_t = topk_margin(teacher, chosen).clamp(max=cap * float(sigma))
-    return torch.relu(m_t - topk_margin(student.float(), chosen)).mean() / sigma
-
-
 def qat_loss(s_logits: Tensor, t_logits: Tensor, s_taps: Taps, t_taps: Taps, r: "QATRecipe") -> tuple[Tensor, dict]:
     """KL on the logits, + hidden_weight * the relative squared error of every layer's output (averaged over
     layers), + router_weight * KL between teacher and student router distributions (MoE: routing decisions
-    are discrete, and a flipped top-k choice carries most of an MoE model's quantization error), + margin_weight *
-    margin_loss."""
+    are discrete, and a flipped top-k choice carries most of an MoE model's quantization error)."""
     kl = distill_loss(s_logits, t_logits, r.temperature)
     loss, parts = kl, {"kl": kl.item()}
     if r.hidden_weight > 0 and s_taps.hidden:
@@ -94,10 +67,6 @@ def qat_loss(s_logits: Tensor, t_logits: Tensor, s_taps: Taps, t_taps: Taps, r: 
     if r.router_weight > 0 and s_taps.router:
         rt = sum(distill_loss(s, t) for s, t in zip(s_taps.router, t_taps.router)) / len(s_taps.router)
         loss, parts["router"] = loss + r.router_weight * rt, rt.item()
-    if r.margin_weight > 0 and s_taps.router:
-        m = sum(margin_loss(s, t, t_taps.top_k, r.margin_cap)
-                for s, t in zip(s_taps.router, t_taps.router)) / len(s_taps.router)
-        loss, parts["margin"] = loss + r.margin_weight * m, m.item()
     return loss, parts
 
 

@@ -8,7 +8,6 @@
         loss    = KL(softmax(teacher(ids) / T) || softmax(student(ids) / T)) * T^2, mean over tokens
                   + hidden_weight * mean over layers |h_student - h_teacher|^2 / |h_teacher|^2
                   + router_weight * KL of the router distributions (MoE)
-                  + margin_weight * hinge keeping the teacher's top-k experts on top (MoE; distill.margin_loss)
         AdamW on the latent weights (lr), the block parameters (scale_lr: scales, mins, the K-quants' 6-bit
         sub-scales), the float norms / router (float_lr) and the embeddings (embed_lr), the first two in grid
         steps per step (param_groups), linear warm-up then cosine decay to min_lr_ratio, gradient clipping
@@ -91,8 +90,6 @@ class QATRecipe:
     temperature: float = 1.0
     hidden_weight: float = 1.0  # relative squared error of every layer's output (0: logits KL only)
     router_weight: float = 160.0  # KL of the router distributions (MoE models only)
-    margin_weight: float = 0.0  # hinge keeping the float model's top-k experts on top (MoE; distill.margin_loss)
-    margin_cap: float = 0.2  # ... up to this margin, in units of the router logits' std
     expert_lr_scale: float = 4.0  # the fused experts' latent-weight and scale rates, relative to lr / scale_lr
     grad_clip: float = 1.0
     learnable_scales: bool = True
@@ -119,9 +116,6 @@ class QATRecipe:
             raise QATError(f"micro_batch must be in 1..batch_size ({self.batch_size}), got {self.micro_batch}")
         if self.per_layer_embed_lr is not None and self.per_layer_embed_lr < 0:
             raise QATError(f"per_layer_embed_lr must be >= 0 (0 freezes the tables), got {self.per_layer_embed_lr}")
-        if self.margin_weight < 0 or self.margin_cap <= 0:
-            raise QATError(f"margin_weight >= 0 and margin_cap > 0 are required, got {self.margin_weight} and "
-                           f"{self.margin_cap}")
         if self.expert_lr_scale < 0:
             raise QATError(f"expert_lr_scale multiplies the experts' rates: >= 0, got {self.expert_lr_scale}")
         if not 0 <= self.average < 1:
@@ -398,9 +392,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
 
     bar = tqdm(range(start, r.steps), desc="qat", unit="step", initial=start, total=r.steps,
                disable=(not progress) if progress is not None else None)
-    routing = r.router_weight > 0 or r.margin_weight > 0
-    t_taps = Taps(teacher, r.hidden_weight > 0, routing)
-    s_taps = Taps(student, r.hidden_weight > 0, routing)
+    t_taps = Taps(teacher, r.hidden_weight > 0, r.router_weight > 0)
+    s_taps = Taps(student, r.hidden_weight > 0, r.router_weight > 0)
     try:
         for step in bar:
             opt.zero_grad(set_to_none=True)
