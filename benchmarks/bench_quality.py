@@ -1,8 +1,11 @@
 """Quality of the PTQ algorithms on the trained fixtures: held-out KL divergence to the float model, top-1
 agreement and perplexity, for RTN, importance-weighted RTN (imatrix), GPTQ (the default: imatrix-style block
 parameters), GPTQ with absmax block parameters (`importance_params = false`, the default before session 14) and AWQ
-at int4 and int3 (group 32, symmetric), plus int8 RTN.
-Regenerates docs/quality.md and benchmarks/results/quality.{json,md}.
+at int4 and int3 (group 32, symmetric), plus int8 RTN. On an MoE fixture also the routing: the KL left when the
+quantized model is given the float model's expert choices (gemmaquant.eval.routing), and the share of the KL that
+the flipped choices carry.
+Regenerates docs/quality.md and benchmarks/results/quality.{json,md}; a run over some fixtures keeps the saved rows
+of the others.
 
     python benchmarks/bench_quality.py [--fixtures tiny-dense,tiny-moe,tiny-edge] [--n-samples 32 --seq-len 256]
 """
@@ -18,6 +21,7 @@ import torch
 
 import gemmaquant
 from gemmaquant.eval.metrics import compare_logits, heldout_ids
+from gemmaquant.eval.routing import routing_agreement
 from gemmaquant.hub import resolve
 from gemmaquant.quantize import quantize
 from gemmaquant.quantized import QuantizedSource
@@ -29,6 +33,7 @@ START, END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 METHODS = {"rtn": {"method": "rtn"}, "imatrix": {"method": "imatrix"},
            "gptq-absmax": {"method": "gptq", "importance_params": False}, "gptq": {"method": "gptq"},
            "awq": {"method": "awq"}}
+FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
 GRID = [("int8", "rtn"), *[(f, m) for f in ("int4_g32_sym", "int3_g32_sym") for m in METHODS]]
 
 
@@ -39,16 +44,22 @@ def dequantized_model(work: Path, like):
     return model
 
 
+def _routing(row: dict) -> str:
+    rt = row.get("routing")
+    return f"{rt['kl_ref_routing']:.5f} ({100 * rt['routing_share']:.0f}% of the KL is routing)" if rt else ""
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fixtures", default="tiny-dense,tiny-moe,tiny-edge")
+    ap.add_argument("--fixtures", default=",".join(FIXTURES))
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-seqs", type=int, default=32)
+    ap.add_argument("--table-only", action="store_true", help="rewrite the tables from the saved quality.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for fx in args.fixtures.split(","):
+    for fx in [] if args.table_only else args.fixtures.split(","):
         ref = gemmaquant.load(fx)
         ids = heldout_ids(resolve(fx), default_heldout(), args.eval_seqs, 128)
         for fmt, method in GRID:
@@ -56,25 +67,40 @@ def main():
                                   "seq_len": args.seq_len})
             with tempfile.TemporaryDirectory() as tmp:
                 res = quantize(fx, r, out=tmp, progress=False)
-                m = compare_logits(ref, dequantized_model(res.work_dir, fx), ids)
-            rows.append({"fixture": fx, "format": fmt, "method": method, **m})
+                test = dequantized_model(res.work_dir, fx)
+                m = compare_logits(ref, test, ids)
+                routing = routing_agreement(ref, test, ids)
+            rows.append({"fixture": fx, "format": fmt, "method": method, **m,
+                         **({"routing": routing} if routing else {})})
             print(json.dumps(rows[-1]), flush=True)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
+    saved = json.loads((out / "quality.json").read_text()) if (out / "quality.json").is_file() else []
+    ran = {r["fixture"] for r in rows}
+    order = list(FIXTURES) + sorted({r["fixture"] for r in saved + rows} - set(FIXTURES))
+    rows = sorted([r for r in saved if r["fixture"] not in ran] + rows, key=lambda r: order.index(r["fixture"]))
     (out / "quality.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| fixture | format | method | KL mean | KL p99 | top-1 | perplexity (float -> quantized) |",
-             "|---|---|---|---|---|---|---|"]
+    write_tables(rows, args, out)
+
+
+def write_tables(rows: list[dict], args, out: Path) -> None:
+    lines = ["| fixture | format | method | KL mean | KL p99 | top-1 | perplexity (float -> quantized) | "
+             "KL with the float routing (MoE) |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['fixture']} | {r['format']} | {r['method']} | {r['kl_mean']:.5f} | {r['kl_p99']:.4f} | "
-              f"{100 * r['top1']:.2f}% | {r['ppl_ref']:.2f} -> {r['ppl_test']:.2f} |" for r in rows]
+              f"{100 * r['top1']:.2f}% | {r['ppl_ref']:.2f} -> {r['ppl_test']:.2f} | {_routing(r)} |" for r in rows]
     table = "\n".join(lines) + "\n"
     (out / "quality.md").write_text(table)
     doc = ROOT / "docs" / "quality.md"  # the table goes between the markers; the prose around it is kept
     intro = (f"Regenerated by `python benchmarks/bench_quality.py` ({args.n_samples} calibration sequences of "
              f"{args.seq_len} tokens from the bundled set; {args.eval_seqs} x 128 held-out tokens never used for "
-             "training or calibration). KL is KL(float || quantized) per next-token distribution.\n\n")
+             "training or calibration). KL is KL(float || quantized) per next-token distribution. The last column, on "
+             "the MoE fixture: the KL that remains when the quantized model is given the float model's expert "
+             "choices and gate weights in every MoE layer (gemmaquant.eval.routing); the rest of the KL comes from "
+             "tokens sent to other experts than the float model's.\n\n")
     text = doc.read_text() if doc.is_file() else f"# Measured quality of the PTQ algorithms\n\n{START}\n{END}\n"
     a, b = text.index(START) + len(START), text.index(END)
     doc.write_text(text[:a] + "\n" + intro + table + text[b:])
+
 
 if __name__ == "__main__":
     main()
