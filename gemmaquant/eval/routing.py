@@ -47,7 +47,10 @@ def routing_agreement(ref: torch.nn.Module, test: torch.nn.Module, ids: Tensor, 
     def replace(module, args, out):
         i = len(own)
         own.append(out[1])
-        return recorded[i] if forcing[0] else None
+        if not forcing[0]:
+            return None
+        weights, ids = recorded[i]  # on the test model's device and in its dtype (it may run elsewhere, in bf16)
+        return weights.to(out[0].device, out[0].dtype), ids.to(out[1].device)
 
     handles = [r.register_forward_hook(record) for r in ref_routers]
     handles += [r.register_forward_hook(replace) for r in test_routers]

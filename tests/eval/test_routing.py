@@ -74,3 +74,11 @@ def test_experts_alone_changed_the_first_layer_cannot_flip():
 def test_a_dense_model_has_no_routing():
     m = random_model(TINY_VARIANTS["tiny-31b"])
     assert routing_agreement(m, copy.deepcopy(m), ids()) is None and routing_text(None) == ""
+
+
+def test_a_bf16_test_model_takes_the_float_models_routing():
+    """A bf16 test model against an fp32 reference: given the reference routing, only bf16 rounding is left."""
+    m = random_model(CFG)
+    p = perturbed(m, "router").to(torch.bfloat16)
+    r = routing_agreement(m, p, ids())
+    assert r["kl_ref_routing"] < 0.1 * r["kl_own"] and max(r["flips"]) > 0
