@@ -21,7 +21,6 @@ import torch
 
 import gemmaquant
 from gemmaquant.eval.metrics import compare_logits, heldout_ids
-from gemmaquant.eval.routing import routing_agreement
 from gemmaquant.hub import resolve
 from gemmaquant.quantize import quantize
 from gemmaquant.quantized import QuantizedSource
@@ -67,11 +66,8 @@ def main():
                                   "seq_len": args.seq_len})
             with tempfile.TemporaryDirectory() as tmp:
                 res = quantize(fx, r, out=tmp, progress=False)
-                test = dequantized_model(res.work_dir, fx)
-                m = compare_logits(ref, test, ids)
-                routing = routing_agreement(ref, test, ids)
-            rows.append({"fixture": fx, "format": fmt, "method": method, **m,
-                         **({"routing": routing} if routing else {})})
+                m = compare_logits(ref, dequantized_model(res.work_dir, fx), ids, routing=True)
+            rows.append({"fixture": fx, "format": fmt, "method": method, **m})
             print(json.dumps(rows[-1]), flush=True)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,6 @@ def evaluate_and_report(model, result, recipe, files: dict, out: Path, progress=
     from gemmaquant.eval.latency import measure_latency
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.eval.report import Report
-    from gemmaquant.eval.routing import routing_agreement
     from gemmaquant.formats import get_format
     from gemmaquant.hub import resolve
     from gemmaquant.plan import plan_summary
@@ -60,10 +59,7 @@ def evaluate_and_report(model, result, recipe, files: dict, out: Path, progress=
     ref = gemmaquant.load(model)
     test = gemmaquant.load(files.get("gguf") or files["safetensors"])
     ids = heldout_ids(resolve(model), default_heldout(), n_seq, seq_len)
-    metrics = compare_logits(ref, test, ids)
-    routing = routing_agreement(ref, test, ids)
-    if routing is not None:  # MoE: expert choices that flip, and the share of the KL they carry
-        metrics["routing"] = routing
+    metrics = compare_logits(ref, test, ids, routing=True)  # MoE: expert choices that flip, and their share of the KL
     label = f"{recipe.method} {recipe.gguf_type or recipe.weight_format}"
     compared = [{"label": label, "bits_per_weight": summary["bits_per_weight"], **metrics}]
     for name in ("int8", "int4_g32_sym"):

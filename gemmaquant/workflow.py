@@ -192,21 +192,19 @@ def _size(p: Path) -> int:
 def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq: int = 16, seq_len: int = 128) -> dict:
     import gemmaquant
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
-    from gemmaquant.eval.routing import routing_agreement, routing_text
+    from gemmaquant.eval.routing import routing_text
     from gemmaquant.hub import resolve
     from gemmaquant.runtime import load_for_inference
 
     ref = gemmaquant.load(model)
     test = load_for_inference(quantized, device="cpu")  # a quantizer output runs packed, through gemmaquant.ops
     ids = heldout_ids(resolve(model), heldout or default_heldout(), n_seq, seq_len)
-    m = compare_logits(ref, test, ids)
+    m = compare_logits(ref, test, ids, routing=True)
     text = (f"KL divergence mean {m['kl_mean']:.5f}, p99 {m['kl_p99']:.5f}, max {m['kl_max']:.5f}; "
             f"top-1 agreement {100 * m['top1']:.2f}%; perplexity {m['ppl_test']:.3f} (float {m['ppl_ref']:.3f}) "
             f"on {n_seq}x{seq_len} held-out tokens")
-    routing = routing_agreement(ref, test, ids)
-    if routing is not None:
-        m["routing"] = routing
-        text += "\n" + routing_text(routing)
+    if "routing" in m:
+        text += "\n" + routing_text(m)
     return {**m, "text": text}
 
 

@@ -83,8 +83,7 @@ def test_main_command_end_to_end(tmp_path):
     m = res["report"]["metrics"]
     assert 0 < m["kl_mean"] < 0.2 and m["top1"] > 0.7
     rt = m["routing"]  # an MoE model: the report says how much of the KL is expert choices that flip
-    assert len(rt["flips"]) == 4 and max(rt["flips"]) > 0 and 0 < rt["kl_ref_routing"] < rt["kl_own"]
-    assert rt["kl_own"] == pytest.approx(m["kl_mean"], rel=1e-9)
+    assert len(rt["flips"]) == 4 and max(rt["flips"]) > 0 and 0 < rt["kl_ref_routing"] < m["kl_mean"]
     assert "## Routing (MoE)" in (out / "report.md").read_text()
     r = run("inspect", res["files"]["gguf"])
     assert r.exit_code == 0 and "Q4_0" in r.output

@@ -15,25 +15,42 @@ from torch import Tensor
 
 @torch.no_grad()
 def compare_logits(ref: torch.nn.Module, test: torch.nn.Module, ids: Tensor, batch_size: int = 4,
-                   windows: bool = False) -> dict:
+                   windows: bool = False, routing: bool = False) -> dict:
     """KL, top-1 and perplexity of `test` against `ref` on ids [n_seq, T]; windows=True adds "kl_windows", the mean
-    KL of each of the n_seq windows (for `share_removed`'s confidence interval)."""
-    kls, agree, nll_ref, nll_test, n = [], 0, 0.0, 0.0, 0
-    for b in ids.split(batch_size):
-        lr = torch.log_softmax(ref(b).double(), -1)[:, :-1]  # predictions for positions 1..T-1
-        lt = torch.log_softmax(test(b).double(), -1)[:, :-1]
-        target = b[:, 1:]
-        kls.append((lr.exp() * (lr - lt)).sum(-1).flatten())
-        agree += int((lr.argmax(-1) == lt.argmax(-1)).sum())
-        nll_ref -= float(lr.gather(-1, target[..., None]).sum())
-        nll_test -= float(lt.gather(-1, target[..., None]).sum())
-        n += target.numel()
+    KL of each of the n_seq windows (for `share_removed`'s confidence interval); routing=True adds, on an MoE
+    model, "routing": expert choices that differ per MoE layer and the KL with the reference's routing, from one
+    more forward of `test` per batch (gemmaquant.eval.routing)."""
+    from gemmaquant.eval.routing import RoutingProbe, moe_routers
+
+    probe = RoutingProbe(ref, test) if routing and moe_routers(ref) else None
+    kls, agree, nll_ref, nll_test, n, kl_forced = [], 0, 0.0, 0.0, 0, 0.0
+    try:
+        for b in ids.split(batch_size):
+            lr = torch.log_softmax(ref(b).double(), -1)[:, :-1]  # predictions for positions 1..T-1
+            lt = torch.log_softmax(test(b).double(), -1)[:, :-1]
+            target = b[:, 1:]
+            kls.append((lr.exp() * (lr - lt)).sum(-1).flatten())
+            agree += int((lr.argmax(-1) == lt.argmax(-1)).sum())
+            nll_ref -= float(lr.gather(-1, target[..., None]).sum())
+            nll_test -= float(lt.gather(-1, target[..., None]).sum())
+            n += target.numel()
+            if probe is not None:
+                probe.count_flips()
+                probe.forcing = True
+                lf = torch.log_softmax(test(b).double(), -1)[:, :-1]
+                probe.forcing = False
+                kl_forced += float((lr.exp() * (lr - lf)).sum(-1).clamp(min=0).sum())
+    finally:
+        if probe is not None:
+            probe.remove()
     kl = torch.cat(kls).clamp(min=0)
     out = {"kl_mean": float(kl.mean()), "kl_p99": float(torch.quantile(kl, 0.99)), "kl_max": float(kl.max()),
            "top1": agree / n, "ppl_ref": float(torch.exp(torch.tensor(nll_ref / n))),
            "ppl_test": float(torch.exp(torch.tensor(nll_test / n))), "tokens": n}
     if windows:
         out["kl_windows"] = kl.view(ids.shape[0], -1).mean(-1).tolist()
+    if probe is not None:
+        out["routing"] = probe.result(out["kl_mean"], kl_forced / n)
     return out
 
 

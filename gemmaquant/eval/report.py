@@ -62,7 +62,7 @@ class Report:
                       "| MoE layer | " + " | ".join(map(str, range(len(rt["flips"])))) + " |",
                       "|---|" + "---|" * len(rt["flips"]),
                       "| expert choices that differ | " + " | ".join(f"{100 * f:.1f}%" for f in rt["flips"]) + " |", "",
-                      f"KL with the float model's routing: {rt['kl_ref_routing']:.5f} of {rt['kl_own']:.5f} "
+                      f"KL with the float model's routing: {rt['kl_ref_routing']:.5f} of {m['kl_mean']:.5f} "
                       f"({100 * rt['routing_share']:.0f}% of the KL is routing).", ""]
         if self.compared:
             lines += ["## Size against quality", "", "| variant | bits/weight | KL mean | top-1 |", "|---|---|---|---|"]

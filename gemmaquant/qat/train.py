@@ -333,7 +333,6 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     Running the same call again after an interruption resumes from the last saved step (same result).
     """
     from gemmaquant.eval.metrics import compare_logits, heldout_ids, share_removed
-    from gemmaquant.eval.routing import moe_routers, routing_agreement
     from gemmaquant.quantize import quantize
     from gemmaquant.quantized import QuantizedSource
     from gemmaquant.recipe import Recipe
@@ -464,12 +463,9 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
                 for name, fmt in embedding_formats(ptq_model.config, r.embedding_type).items():
                     w = getattr(ptq_model, name).weight
                     w.copy_(fmt.dequantize(quantize_rows(w, fmt)).to(w.dtype))
-        report["ptq"] = compare_logits(teacher, ptq_model, ids, windows=True)
-        qat_model = as_exported(src)
-        report["qat"] = compare_logits(teacher, qat_model, ids, windows=True)
-        if moe_routers(teacher):  # MoE: how much of each model's KL is expert choices that flip
-            report["ptq"]["routing"] = routing_agreement(teacher, ptq_model, ids)
-            report["qat"]["routing"] = routing_agreement(teacher, qat_model, ids)
+        # (routing: on an MoE model, how much of each model's KL is expert choices that flip)
+        report["ptq"] = compare_logits(teacher, ptq_model, ids, windows=True, routing=True)
+        report["qat"] = compare_logits(teacher, as_exported(src), ids, windows=True, routing=True)
         if eval_seqs >= 2 and report["ptq"]["kl_mean"] > 0:  # the share of GPTQ's KL QAT removes, with its 95% CI
             report["gap_removed"] = share_removed(report["ptq"]["kl_windows"], report["qat"]["kl_windows"])
     report["seconds"] = round(time.time() - t0, 2)
@@ -513,7 +509,7 @@ def _summary(rep: dict, out: Path) -> str:
                      f"{q['ppl_test']:.2f} (float {q['ppl_ref']:.2f})")
         for label, m in (("GPTQ", p), ("QAT", q)):
             if m.get("routing"):
-                lines.append(f"  {label} {routing_text(m['routing'])}")
+                lines.append(f"  {label} {routing_text(m)}")
     if "gap_removed" in rep:
         g = rep["gap_removed"]
         lines.append(f"  QAT removes {100 * g['share']:.1f}% of GPTQ's KL (95% CI {100 * g['ci95'][0]:.1f}-"

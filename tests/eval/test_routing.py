@@ -1,4 +1,5 @@
-"""routing_agreement: expert choices that flip under quantization, and the KL left with the float model's routing."""
+"""compare_logits(routing=True): expert choices that flip under quantization, and the KL left with the float model's
+routing (gemmaquant.eval.routing)."""
 
 import copy
 
@@ -7,7 +8,7 @@ import torch
 
 from gemmaquant.config import TINY_VARIANTS
 from gemmaquant.eval.metrics import compare_logits
-from gemmaquant.eval.routing import routing_agreement, routing_text
+from gemmaquant.eval.routing import routing_text
 from gemmaquant.model.testing import random_model
 
 CFG = TINY_VARIANTS["tiny-26b-a4b"]
@@ -32,9 +33,10 @@ def perturbed(model, which: str, seed: int = 0):
 
 def test_a_model_against_itself_routes_the_same():
     m = random_model(CFG)
-    r = routing_agreement(m, copy.deepcopy(m), ids())
+    out = compare_logits(m, copy.deepcopy(m), ids(), routing=True)
+    r = out["routing"]
     assert r["flips"] == [0.0] * CFG.num_hidden_layers
-    assert r["kl_own"] == pytest.approx(0, abs=1e-12) and r["kl_ref_routing"] == pytest.approx(0, abs=1e-12)
+    assert out["kl_mean"] == pytest.approx(0, abs=1e-12) and r["kl_ref_routing"] == pytest.approx(0, abs=1e-12)
 
 
 def test_routers_alone_changed_all_of_the_kl_is_routing():
@@ -43,9 +45,11 @@ def test_routers_alone_changed_all_of_the_kl_is_routing():
     m = random_model(CFG)
     p = perturbed(m, "router")
     x = ids()
-    r = routing_agreement(m, p, x)
-    assert r["kl_own"] == pytest.approx(compare_logits(m, p, x)["kl_mean"], rel=1e-9)  # the same KL, own routing
-    assert r["kl_own"] > 1e-4 and r["kl_ref_routing"] < 1e-12 and r["routing_share"] == pytest.approx(1.0)
+    out = compare_logits(m, p, x, routing=True)
+    r = out["routing"]
+    plain = compare_logits(m, p, x)  # the probe's forced forward leaves the other metrics as they were
+    assert {k: v for k, v in out.items() if k != "routing"} == plain
+    assert out["kl_mean"] > 1e-4 and r["kl_ref_routing"] < 1e-12 and r["routing_share"] == pytest.approx(1.0)
     assert all(f > 0 for f in r["flips"])
     # the flip counts are those of the two models' top-k sets, layer by layer, each on its own residual stream
     from gemmaquant.qat.distill import Taps
@@ -58,7 +62,8 @@ def test_routers_alone_changed_all_of_the_kl_is_routing():
             for a, b in zip(tm.router, tp.router)]
     tm.remove(), tp.remove()
     assert r["flips"] == pytest.approx(want, abs=1e-6)
-    assert "% of the KL is routing" in routing_text(r)
+    assert "% of the KL is routing" in routing_text(out)
+    assert not any(r._forward_hooks for r in (m.layers[0].router, p.layers[0].router))  # the hooks are removed
 
 
 def test_experts_alone_changed_the_first_layer_cannot_flip():
@@ -66,19 +71,22 @@ def test_experts_alone_changed_the_first_layer_cannot_flip():
     yet, so its choices are the reference's; the KL left with the reference's routing is the experts' own error."""
     m = random_model(CFG)
     p = perturbed(m, "experts")
-    r = routing_agreement(m, p, ids())
+    out = compare_logits(m, p, ids(), routing=True)
+    r = out["routing"]
     assert r["flips"][0] == 0.0 and max(r["flips"][1:]) > 0
-    assert 0 < r["kl_ref_routing"] < r["kl_own"]
+    assert 0 < r["kl_ref_routing"] < out["kl_mean"]
 
 
 def test_a_dense_model_has_no_routing():
     m = random_model(TINY_VARIANTS["tiny-31b"])
-    assert routing_agreement(m, copy.deepcopy(m), ids()) is None and routing_text(None) == ""
+    out = compare_logits(m, copy.deepcopy(m), ids(), routing=True)
+    assert "routing" not in out and routing_text(out) == ""
 
 
 def test_a_bf16_test_model_takes_the_float_models_routing():
     """A bf16 test model against an fp32 reference: given the reference routing, only bf16 rounding is left."""
     m = random_model(CFG)
     p = perturbed(m, "router").to(torch.bfloat16)
-    r = routing_agreement(m, p, ids())
-    assert r["kl_ref_routing"] < 0.1 * r["kl_own"] and max(r["flips"]) > 0
+    out = compare_logits(m, p, ids(), routing=True)
+    r = out["routing"]
+    assert r["kl_ref_routing"] < 0.1 * out["kl_mean"] and max(r["flips"]) > 0

@@ -38,7 +38,7 @@ def test_qat_train_writes_exports_and_report(tmp_path, data):
     assert gap["windows"] == 2 and gap["ci95"][0] <= gap["share"] <= gap["ci95"][1] and "95% CI" in rep["text"]
     for k in ("ptq", "qat"):  # MoE: the routing flips of both models, and the KL they carry
         rt = rep[k]["routing"]
-        assert len(rt["flips"]) == 4 and rt["kl_own"] == pytest.approx(rep[k]["kl_mean"], rel=1e-9)
+        assert len(rt["flips"]) == 4 and 0 < rt["kl_ref_routing"] < rep[k]["kl_mean"]
     assert rep["text"].count("of the KL is routing") == 2
     values = packed_of(rep["files"]["quantized"])
     fmt = get_format("int4_g32_sym")
