@@ -44,7 +44,8 @@ FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
 # What a saved run that does not record a field ran with: runs without a "recipe" ran on the defaults before
 # session 5 (PAST_DEFAULTS) plus their overrides; "average" did not exist before session 4 (0.0 = off), nor
 # "expert_lr_scale" before session 10 (1.0: the experts on the common rates).
-PAST_DEFAULTS = {"lr": 0.01, "scale_lr": 0.003, "router_weight": 10.0, "average": 0.0, "expert_lr_scale": 1.0}
+PAST_DEFAULTS = {"lr": 0.01, "scale_lr": 0.003, "router_weight": 10.0, "average": 0.0, "expert_lr_scale": 1.0,
+                 "batch_size": 8}
 ADDED_FIELDS = ("average", "expert_lr_scale")  # what a recorded recipe without them ran: PAST_DEFAULTS
 MOE_ONLY = ("router_weight", "expert_lr_scale")  # no effect on a model without experts
 NOT_RECIPE = ("bits", "weight_format", "gguf_type", "save_every")  # shown in other columns, or no effect on results
@@ -110,9 +111,10 @@ def recipe_changes(run: dict) -> dict:
     """The QATRecipe fields (steps included) in which a saved run differs from today's default recipe."""
     import dataclasses
 
-    from gemmaquant.qat.train import QATRecipe
+    from gemmaquant.qat.train import QATRecipe, default_batch_size
 
     default = dataclasses.asdict(QATRecipe())
+    default["batch_size"] = default_batch_size(_config(run["fixture"]))  # 32 on the MoE fixture (session 19)
     ran = dict(default)
     if "recipe" in run:
         ran.update(run["recipe"])
@@ -122,6 +124,8 @@ def recipe_changes(run: dict) -> dict:
     overrides = run.get("overrides") or {}
     ran.update(overrides)
     ran["steps"] = run["steps"]
+    if ran["batch_size"] is None:  # (a recipe as written, before qat_train resolved it for the model)
+        ran["batch_size"] = default["batch_size"]
     changes = {k: v for k, v in ran.items()  # (fields since removed count only where a run set them)
                if k not in NOT_RECIPE and (k in default or k in overrides) and v != default.get(k, object())}
     if not _has_router(run["fixture"]):  # the routing term and the expert rates do nothing there
@@ -178,7 +182,9 @@ def table(runs: list[dict]) -> str:
     steps = sorted({r["steps"] for r in runs})
     toks = sorted({r["eval_tokens"] for r in runs})
     note = (f"\n\n\"recipe\": how the run differs from today's default recipe ({_default_text()}). "
-            f"{', '.join(map(str, steps))} QAT steps of 8 x 128 tokens; KL(float ‖ quantized) per token, mean over "
+            f"{', '.join(map(str, steps))} QAT steps of batch_size x 128 tokens "
+            f"(by default 32 on tiny-moe, an MoE model, and 8 on the others; \"batch_size=8\" on a tiny-moe row: "
+            f"the earlier default); KL(float ‖ quantized) per token, mean over "
             f"{', '.join(map(str, toks))} held-out predictions (\"vs GPTQ\" (a-b): the 95% confidence interval over "
             f"the held-out windows, a paired bootstrap, where the run recorded it); one CPU thread "
             f"({platform.processor() or platform.machine()}, torch {torch.__version__}). "

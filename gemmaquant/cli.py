@@ -132,7 +132,8 @@ def qat(
     scale_lr: Optional[float] = typer.Option(None, help="block-scale rate in grid steps per step (default 0.00075)"),
     expert_lr_scale: Optional[float] = typer.Option(None, help="MoE: the experts' rates relative to --lr and "
                                                     "--scale-lr (default 4)"),
-    batch_size: Optional[int] = typer.Option(None, help="sequences per step (default 8)"),
+    batch_size: Optional[int] = typer.Option(None, help="sequences per step (default: 32 on an MoE model, "
+                                             "8 otherwise)"),
     micro_batch: Optional[int] = typer.Option(None, help="sequences per forward/backward: gradient accumulation "
                                               "over the step's batch_size, for less activation memory"),
     weight_format: Optional[str] = typer.Option(None, "--format", help="train on this format's grid instead of "

@@ -113,6 +113,22 @@ def test_micro_batches_accumulate_the_whole_batch_gradient():
         QATRecipe(batch_size=4, micro_batch=5)
 
 
+def test_the_default_batch_is_32_sequences_on_an_moe_model_and_8_otherwise(tmp_path, data):
+    """batch_size=None (the recipe's default) resolves per model: each expert learns only from the tokens routed
+    to it, so an MoE model gets four times the batch (docs/qat.md). The report records what ran."""
+    from gemmaquant.qat.train import QATRecipe, default_batch_size
+    from gemmaquant.workflow import model_config
+
+    assert QATRecipe().batch_size is None
+    assert default_batch_size(model_config("tiny-moe")) == 32
+    assert default_batch_size(model_config("tiny-dense")) == 8 and default_batch_size(model_config("tiny-edge")) == 8
+    small = {k: v for k, v in SMALL.items() if k != "batch_size"} | {"eval_seqs": 0}
+    rep = qat_train("tiny-moe", data=data, steps=1, out=tmp_path / "a", export=False, progress=False, **small)
+    assert rep["recipe"]["batch_size"] == 32
+    with pytest.raises(QATError, match=r"micro_batch must be in 1\.\.batch_size \(32\)"):
+        qat_train("tiny-moe", data=data, steps=1, out=tmp_path / "b", micro_batch=33, progress=False, **small)
+
+
 def test_expert_lr_scale_sets_the_expert_rates_only():
     """param_groups: expert_lr_scale multiplies the fused experts' latent-weight and scale rates, nothing else."""
     from gemmaquant.qat import prepare_qat
