@@ -74,3 +74,15 @@ def test_the_share_removed_shows_its_interval_where_the_run_recorded_one():
     assert bench_qat._removed_text({**run, "gap_removed": {"share": 0.55, "ci95": [0.521, 0.584]}}) == "55.0% (52-58)"
     # one decimal: a run at 49.8% must not read as the goal's 50%
     assert bench_qat._removed_text({"gptq": {"kl_mean": 0.0173}, "qat": {"kl_mean": 0.008693}}) == "49.8%"
+
+
+def test_the_default_batch_is_per_fixture_and_older_moe_runs_read_batch_8():
+    """tiny-moe's default batch is 32 since session 19: a tiny-moe run recorded at 8, or one from before recipes
+    were recorded, reads batch_size=8; a tiny-dense run at 8 is its default; one at 32 on tiny-moe is too."""
+    at = {b: dataclasses.asdict(QATRecipe(batch_size=b)) for b in (8, 32)}
+    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": at[8], **NOW}) == {"batch_size": 8}
+    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": at[32], **NOW}) == {}
+    assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": at[8], **NOW}) == {}
+    assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": at[32], **NOW}) == {
+        "batch_size": 32}
+    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 500, **NOW})["batch_size"] == 8
