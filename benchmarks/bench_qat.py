@@ -43,10 +43,11 @@ VSTART, VEND = "<!-- qat-variants:start -->", "<!-- qat-variants:end -->"
 FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
 # What a saved run that does not record a field ran with: runs without a "recipe" ran on the defaults before
 # session 5 (PAST_DEFAULTS) plus their overrides; "average" did not exist before session 4 (0.0 = off), nor
-# "expert_lr_scale" before session 10 (1.0: the experts on the common rates).
+# "expert_lr_scale" before session 10 (1.0: the experts on the common rates), nor "attention_lr_scale" before
+# session 20 (1.0: attention on the common rates).
 PAST_DEFAULTS = {"lr": 0.01, "scale_lr": 0.003, "router_weight": 10.0, "average": 0.0, "expert_lr_scale": 1.0,
-                 "batch_size": 8}
-ADDED_FIELDS = ("average", "expert_lr_scale")  # what a recorded recipe without them ran: PAST_DEFAULTS
+                 "batch_size": 8, "attention_lr_scale": 1.0}
+ADDED_FIELDS = ("average", "expert_lr_scale", "attention_lr_scale")  # a recorded recipe without them: PAST_DEFAULTS
 MOE_ONLY = ("router_weight", "expert_lr_scale")  # no effect on a model without experts
 NOT_RECIPE = ("bits", "weight_format", "gguf_type", "save_every")  # shown in other columns, or no effect on results
 
@@ -111,10 +112,10 @@ def recipe_changes(run: dict) -> dict:
     """The QATRecipe fields (steps included) in which a saved run differs from today's default recipe."""
     import dataclasses
 
-    from gemmaquant.qat.train import QATRecipe, default_batch_size
+    from gemmaquant.qat.train import QATRecipe, for_model
 
-    default = dataclasses.asdict(QATRecipe())
-    default["batch_size"] = default_batch_size(_config(run["fixture"]))  # 32 on the MoE fixture (session 19)
+    # batch 32 (session 19) and attention at 0.25x the rates (session 20) on the MoE fixture
+    default = dataclasses.asdict(for_model(QATRecipe(), _config(run["fixture"])))
     ran = dict(default)
     if "recipe" in run:
         ran.update(run["recipe"])
@@ -124,8 +125,9 @@ def recipe_changes(run: dict) -> dict:
     overrides = run.get("overrides") or {}
     ran.update(overrides)
     ran["steps"] = run["steps"]
-    if ran["batch_size"] is None:  # (a recipe as written, before qat_train resolved it for the model)
-        ran["batch_size"] = default["batch_size"]
+    for k in ("batch_size", "attention_lr_scale"):  # (a recipe as written, before qat_train resolved it)
+        if ran[k] is None:
+            ran[k] = default[k]
     changes = {k: v for k, v in ran.items()  # (fields since removed count only where a run set them)
                if k not in NOT_RECIPE and (k in default or k in overrides) and v != default.get(k, object())}
     if not _has_router(run["fixture"]):  # the routing term and the expert rates do nothing there

@@ -132,6 +132,9 @@ def qat(
     scale_lr: Optional[float] = typer.Option(None, help="block-scale rate in grid steps per step (default 0.00075)"),
     expert_lr_scale: Optional[float] = typer.Option(None, help="MoE: the experts' rates relative to --lr and "
                                                     "--scale-lr (default 4)"),
+    attention_lr_scale: Optional[float] = typer.Option(None, help="the attention matrices' rates relative to "
+                                                       "--lr and --scale-lr (default: 0.25 on an MoE model, 1 "
+                                                       "otherwise)"),
     batch_size: Optional[int] = typer.Option(None, help="sequences per step (default: 32 on an MoE model, "
                                              "8 otherwise)"),
     micro_batch: Optional[int] = typer.Option(None, help="sequences per forward/backward: gradient accumulation "
@@ -159,7 +162,8 @@ def qat(
     from gemmaquant.workflow import run_qat
 
     res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, lr=lr,
-               scale_lr=scale_lr, expert_lr_scale=expert_lr_scale, batch_size=batch_size, micro_batch=micro_batch,
+               scale_lr=scale_lr, expert_lr_scale=expert_lr_scale, attention_lr_scale=attention_lr_scale,
+               batch_size=batch_size, micro_batch=micro_batch,
                weight_format=weight_format, gguf_type=gguf_type, embedding_type=embedding_type, average=average,
                learnable_ints=learnable_ints, per_layer_embed_lr=per_layer_embed_lr)
     _emit(res, as_json, res["text"])

@@ -31,7 +31,8 @@ def test_a_run_from_gptq_with_absmax_parameters_says_so():
 def test_a_run_without_a_recorded_recipe_ran_the_past_defaults_and_its_overrides():
     run = {"fixture": "tiny-moe", "steps": 500, "overrides": {"lr": 0.0, "batch_size": 16}, **NOW}
     assert bench_qat.recipe_changes(run) == {"lr": 0.0, "batch_size": 16, "scale_lr": 0.003, "router_weight": 10.0,
-                                             "average": 0.0, "expert_lr_scale": 1.0, "steps": 500}
+                                             "average": 0.0, "expert_lr_scale": 1.0, "steps": 500,
+                                             "attention_lr_scale": 1.0}
 
 
 def test_router_weight_is_not_a_difference_without_a_router_and_removed_fields_only_when_set():
@@ -86,3 +87,17 @@ def test_the_default_batch_is_per_fixture_and_older_moe_runs_read_batch_8():
     assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": at[32], **NOW}) == {
         "batch_size": 32}
     assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 500, **NOW})["batch_size"] == 8
+
+
+def test_attention_at_a_quarter_is_the_moe_default_and_older_runs_read_one():
+    """Since session 20 an MoE model's attention trains at 0.25x the rates: a tiny-moe run recorded before the field
+    existed, or at 1x, reads attention_lr_scale=1; on tiny-dense 1x is the default and 0.25 a change."""
+    now = dataclasses.asdict(QATRecipe(batch_size=32, attention_lr_scale=0.25))
+    before = {k: v for k, v in now.items() if k != "attention_lr_scale"}
+    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": now, **NOW}) == {}
+    assert bench_qat.recipe_changes({"fixture": "tiny-moe", "steps": 1000, "recipe": before, **NOW}) == {
+        "attention_lr_scale": 1.0}
+    dense = dataclasses.asdict(QATRecipe(batch_size=8))
+    assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000, "recipe": dense, **NOW}) == {}
+    assert bench_qat.recipe_changes({"fixture": "tiny-dense", "steps": 1000,
+                                     "recipe": dense | {"attention_lr_scale": 0.25}, **NOW}) == {"attention_lr_scale": 0.25}

@@ -113,18 +113,23 @@ def test_micro_batches_accumulate_the_whole_batch_gradient():
         QATRecipe(batch_size=4, micro_batch=5)
 
 
-def test_the_default_batch_is_32_sequences_on_an_moe_model_and_8_otherwise(tmp_path, data):
-    """batch_size=None (the recipe's default) resolves per model: each expert learns only from the tokens routed
-    to it, so an MoE model gets four times the batch (docs/qat.md). The report records what ran."""
-    from gemmaquant.qat.train import QATRecipe, default_batch_size
+def test_an_moe_model_defaults_to_batch_32_and_attention_at_a_quarter_of_the_rates(tmp_path, data):
+    """batch_size=None and attention_lr_scale=None (the recipe's defaults) resolve per model (for_model): each
+    expert learns only from the tokens routed to it, so an MoE model gets four times the batch, and its attention
+    matrices train at 0.25x the rates (docs/qat.md); a dense model keeps batch 8 and 1x. The report records what
+    ran."""
+    from gemmaquant.qat.train import QATRecipe, default_attention_lr_scale, default_batch_size, for_model
     from gemmaquant.workflow import model_config
 
-    assert QATRecipe().batch_size is None
-    assert default_batch_size(model_config("tiny-moe")) == 32
-    assert default_batch_size(model_config("tiny-dense")) == 8 and default_batch_size(model_config("tiny-edge")) == 8
+    assert QATRecipe().batch_size is None and QATRecipe().attention_lr_scale is None
+    assert default_batch_size(model_config("tiny-moe")) == 32 and default_attention_lr_scale(model_config("tiny-moe")) == 0.25
+    for dense in ("tiny-dense", "tiny-edge"):
+        assert default_batch_size(model_config(dense)) == 8 and default_attention_lr_scale(model_config(dense)) == 1.0
+    resolved = for_model(QATRecipe(batch_size=4, attention_lr_scale=2.0), model_config("tiny-moe"))
+    assert (resolved.batch_size, resolved.attention_lr_scale) == (4, 2.0)  # what the recipe says wins
     small = {k: v for k, v in SMALL.items() if k != "batch_size"} | {"eval_seqs": 0}
     rep = qat_train("tiny-moe", data=data, steps=1, out=tmp_path / "a", export=False, progress=False, **small)
-    assert rep["recipe"]["batch_size"] == 32
+    assert rep["recipe"]["batch_size"] == 32 and rep["recipe"]["attention_lr_scale"] == 0.25
     with pytest.raises(QATError, match=r"micro_batch must be in 1\.\.batch_size \(32\)"):
         qat_train("tiny-moe", data=data, steps=1, out=tmp_path / "b", micro_batch=33, progress=False, **small)
 
@@ -144,6 +149,26 @@ def test_expert_lr_scale_sets_the_expert_rates_only():
         assert s["lr"] == pytest.approx(b["lr"] * (3.0 if b["name"] in experts else 1.0), rel=1e-12), b["name"]
     with pytest.raises(QATError, match="expert_lr_scale"):
         QATRecipe(expert_lr_scale=-1.0)
+
+
+def test_attention_lr_scale_sets_the_attention_rates_only():
+    """param_groups: attention_lr_scale multiplies the q/k/v/o projections' latent-weight and scale rates (the
+    named groups of every layer's self_attn), nothing else; an unresolved recipe (None) leaves them at 1x."""
+    from gemmaquant.qat import prepare_qat
+    from gemmaquant.qat.train import QATRecipe, param_groups
+
+    model = gemmaquant.load("tiny-moe", dtype=torch.float32)
+    prepare_qat(model, "int4_g32_sym", learnable_scales=True)
+    base, scaled, unresolved = (param_groups(model, QATRecipe(attention_lr_scale=k)) for k in (1.0, 0.25, None))
+    assert [g["name"] for g in base] == [g["name"] for g in scaled]
+    attention = [g["name"] for g in base if ".self_attn." in g["name"]]
+    projections = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
+    assert len(attention) == 2 * len(projections) >= 2 * 3 * model.config.num_hidden_layers  # latent and scales
+    for b, s, u in zip(base, scaled, unresolved):
+        assert s["lr"] == pytest.approx(b["lr"] * (0.25 if b["name"] in attention else 1.0), rel=1e-12), b["name"]
+        assert u["lr"] == b["lr"]
+    with pytest.raises(QATError, match="attention_lr_scale"):
+        QATRecipe(attention_lr_scale=-1.0)
 
 
 @pytest.mark.parametrize("fmt_name", ["int4_g32_sym", "int2_g32_asym", "q4_1", "q4_k", "q6_k"])
@@ -411,7 +436,7 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     monkeypatch.setattr(gemmaquant.qat, "qat_train", fake_train)
     args = ["qat", "tiny-edge", "--data", str(tmp_path / "d.txt"), "--steps", "3", "--out", str(tmp_path / "o")]
     res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4", "--micro-batch", "2",
-                                          "--format", "q4_0", "--expert-lr-scale", "2",
+                                          "--format", "q4_0", "--expert-lr-scale", "2", "--attention-lr-scale", "0.5",
                                           "--average", "0.99", "--gguf-type", "Q4_K_M",
                                           "--embedding-type", "Q6_K", "--fixed-ints",
                                           "--per-layer-embed-lr", "0"])
@@ -420,6 +445,7 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
     assert seen["weight_format"] == "q4_0" and seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
     assert seen["embedding_type"] == "Q6_K" and seen["micro_batch"] == 2 and seen["expert_lr_scale"] == 2.0
+    assert seen["attention_lr_scale"] == 0.5
     seen.clear()
     res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
