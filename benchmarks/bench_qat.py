@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -185,7 +186,8 @@ def table(runs: list[dict]) -> str:
     toks = sorted({r["eval_tokens"] for r in runs})
     note = (f"\n\n\"recipe\": how the run differs from today's default recipe ({_default_text()}). "
             f"{', '.join(map(str, steps))} QAT steps of batch_size x 128 tokens "
-            f"(by default 32 on tiny-moe, an MoE model, and 8 on the others; \"batch_size=8\" on a tiny-moe row: "
+            f"(by default 32 on tiny-moe, an MoE model, with its attention at 0.25x the rates, and 8 on the others at 1x; "
+            f"\"batch_size=8\" or \"attention_lr_scale=1.0\" on a tiny-moe row: "
             f"the earlier default); KL(float ‖ quantized) per token, mean over "
             f"{', '.join(map(str, toks))} held-out predictions (\"vs GPTQ\" (a-b): the 95% confidence interval over "
             f"the held-out windows, a paired bootstrap, where the run recorded it); one CPU thread "
@@ -257,7 +259,8 @@ def main():
     RUNS.mkdir(parents=True, exist_ok=True)
     if not a.table_only:
         for fx in a.fixtures:
-            for bits in a.bits:
+            # a named format is one grid: one run, labelled with its nominal bits (q4_0: 4), not one per --bits
+            for bits in ([int(re.search(r"\d", a.format).group())] if a.format else a.bits):
                 t = time.time()
                 res = run_one(fx, bits, a.steps, a.eval_seqs, overrides, a.format)
                 stem = f"{fx}-{a.format}" if a.format else f"{fx}-int{bits}"
