@@ -140,6 +140,11 @@ class QATRecipe:
         return EXPORTS.get(self.format_name)
 
 
+def has_experts(config) -> bool:
+    """A model with routed experts; `config` is gemmaquant's, or a transformers one (its text_config)."""
+    return bool(getattr(getattr(config, "text_config", None) or config, "enable_moe_block", False))
+
+
 def default_batch_size(config) -> int:
     """Sequences per step when the recipe does not say: 32 on a model with routed experts, 8 otherwise. Each
     expert's gradient comes only from the tokens routed to it (a quarter of the batch on tiny-moe, top-2 of 8;
@@ -147,7 +152,7 @@ def default_batch_size(config) -> int:
     removes 49.9% of GPTQ's KL on average over five seeds (48.2-51.9%) against 48.4% over three at batch 8
     (docs/qat.md), at four times the compute per step. The dense fixtures reach half at batch 8 and were not
     run at 32."""
-    return 32 if getattr(config, "enable_moe_block", False) else 8
+    return 32 if has_experts(config) else 8
 
 
 def default_attention_lr_scale(config) -> float:
@@ -155,7 +160,7 @@ def default_attention_lr_scale(config) -> float:
     routed experts, 1 otherwise. On tiny-moe int4 (batch 32) every attention matrix at 0.25x removes 51.1% of
     GPTQ's KL on average over five seeds (50.4-51.6%) against 49.9% at 1x (48.2-51.9%), mostly on the tokens whose
     expert choice flips (docs/qat.md, session 20); the dense fixtures were not run with it."""
-    return 0.25 if getattr(config, "enable_moe_block", False) else 1.0
+    return 0.25 if has_experts(config) else 1.0
 
 
 def for_model(r: QATRecipe, config) -> QATRecipe:
@@ -234,7 +239,7 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
     from gemmaquant.qat.prepare import fake_quantizers
 
     groups, taken = [], set()
-    attention = 1.0 if r.attention_lr_scale is None else r.attention_lr_scale  # (None: a recipe not for_model yet)
+    attention = for_model(r, model.config).attention_lr_scale  # (as qat_train resolves it, where the recipe is silent)
     for mod, pname, fq in fake_quantizers(model):
         latent = mod.parametrizations[pname].original
         step = grid_step(fq)
