@@ -200,9 +200,9 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
 
     check_count(n_seq, "--n-seq")
     check_count(seq_len, "--seq-len", minimum=2)  # KL and top-1 compare next-token predictions: 2 tokens at least
+    test = load_for_inference(quantized, device="cpu")  # a quantizer output runs packed, through gemmaquant.ops
     ref = gemmaquant.load(model)
     check_count(seq_len, "--seq-len", 2, ref.config.max_position_embeddings, " (the model's context length)")
-    test = load_for_inference(quantized, device="cpu")  # a quantizer output runs packed, through gemmaquant.ops
     ids = heldout_ids(resolve(model), heldout or default_heldout(), n_seq, seq_len)
     m = compare_logits(ref, test, ids, routing=True)
     text = (f"KL divergence mean {m['kl_mean']:.5f}, p99 {m['kl_p99']:.5f}, max {m['kl_max']:.5f}; "

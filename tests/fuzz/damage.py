@@ -1,7 +1,7 @@
 """Damaged inputs made from the bundled fixtures: each builder writes one broken checkpoint, GGUF, text or recipe file.
 
 Every entry is `name: (builder, what the error must name)`. Builders take the path to write and the `Good` inputs
-(the fixture, a GGUF and a compressed-tensors export of it) to start from; none needs more than a few MB.
+(the fixture, a GGUF and a compressed-tensors export) to start from; none needs more than a few MB.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import pickle
 import shutil
 import struct
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -25,11 +25,30 @@ Q = "model.layers.0.self_attn.q_proj.weight"
 MARKER = "PICKLE_RAN"  # a file the malicious pickle would create if anything unpickled it
 
 
-@dataclass
+CT_FIXTURE = "tiny-dense"  # its W4A16 export takes a second or two (tiny-moe's experts: ten)
+
+
 class Good:
-    ckpt: Path  # the fixture (read-only)
-    gguf: Path  # a Q8_0 export of it
-    ct: Path  # a W4A16 compressed-tensors export of it
+    """The undamaged inputs: the fixture (read-only), and, made on first use, a BF16 GGUF of it and a W4A16
+    compressed-tensors export of CT_FIXTURE."""
+
+    def __init__(self, root: Path):
+        self.root, self.ckpt = root, fixture_path(FIXTURE)
+
+    @cached_property
+    def gguf(self) -> Path:
+        from gemmaquant.export import export_gguf
+        from gemmaquant.export.source import FloatSource
+
+        return Path(export_gguf(FloatSource(self.ckpt), self.root / "good-BF16.gguf", type="BF16"))
+
+    @cached_property
+    def ct(self) -> Path:
+        from gemmaquant.export import export_compressed_tensors
+        from gemmaquant.export.source import FloatSource
+
+        return Path(export_compressed_tensors(FloatSource(fixture_path(CT_FIXTURE)), self.root / "good-ct",
+                                              scheme="W4A16"))
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------
@@ -232,15 +251,15 @@ def _gguf_bytes(edit):
     return build
 
 
-def _gguf_tensor_data(name: str, value: float):
-    """Overwrite the first element of an F32 tensor."""
+def _gguf_tensor_data(name: str, data: bytes):
+    """Overwrite the first bytes of a tensor's data."""
     def build(p: Path, good: Good):
         import gguf
 
         r = gguf.GGUFReader(str(good.gguf))
         t = next(t for t in r.tensors if t.name == name)
         raw = bytearray(good.gguf.read_bytes())
-        raw[t.data_offset:t.data_offset + 4] = struct.pack("<f", value)
+        raw[t.data_offset:t.data_offset + len(data)] = data
         p.write_bytes(bytes(raw))
     return build
 
@@ -276,8 +295,10 @@ GGUFS = {
     "gguf_kv_count_huge": (_poke(16, struct.pack("<Q", 1 << 60)), ".gguf"),
     "gguf_garbled_metadata": (_poke(40, bytes(range(200, 256)) * 4), ".gguf"),
     "gguf_text_file": (lambda p, good: p.write_text("this is not a GGUF file\n"), ".gguf"),
-    "gguf_nan_norm": (_gguf_tensor_data("output_norm.weight", float("nan")), "output_norm.weight"),
-    "gguf_inf_norm": (_gguf_tensor_data("blk.0.attn_norm.weight", float("inf")), "blk.0.attn_norm.weight"),
+    "gguf_nan_norm": (_gguf_tensor_data("output_norm.weight", struct.pack("<f", float("nan"))), "output_norm.weight"),
+    "gguf_inf_norm": (_gguf_tensor_data("blk.0.attn_norm.weight", struct.pack("<f", float("inf"))),
+                      "blk.0.attn_norm.weight"),
+    "gguf_nan_bf16_embedding": (_gguf_tensor_data("token_embd.weight", b"\xc0\x7f"), "token_embd.weight"),
     "gguf_llama_architecture": (_gguf_written("llama", {}), "llama"),
     "gguf_gemma4_no_metadata": (_gguf_written("gemma4", {}), "gemma4.block_count"),
     "gguf_gemma4_zero_layers": (_gguf_written("gemma4", {"gemma4.block_count": 0}), ".gguf"),
@@ -402,14 +423,3 @@ def write_recipe_case(name: str, root: Path) -> Path:
     p = d / "recipe.toml"
     p.write_bytes(body if isinstance(body, bytes) else body.encode())
     return p
-
-
-def make_good(root: Path) -> Good:
-    """A Q8_0 GGUF and a W4A16 compressed-tensors export of the fixture (RTN; a second or two)."""
-    from gemmaquant.export import export_compressed_tensors, export_gguf
-    from gemmaquant.export.source import FloatSource
-
-    ckpt = fixture_path(FIXTURE)
-    gguf_path = export_gguf(FloatSource(ckpt), root / "good-Q8_0.gguf", type="Q8_0")
-    ct = export_compressed_tensors(FloatSource(ckpt), root / "good-ct", scheme="W4A16")
-    return Good(ckpt, Path(gguf_path), Path(ct))

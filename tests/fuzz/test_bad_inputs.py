@@ -28,14 +28,8 @@ class Corpus:
     """Builds each damaged input once, on first use."""
 
     def __init__(self, root: Path):
-        self.root, self._good, self._made = root, None, {}
-
-    @property
-    def good(self) -> damage.Good:
-        if self._good is None:
-            (self.root / "good").mkdir()
-            self._good = damage.make_good(self.root / "good")
-        return self._good
+        (root / "good").mkdir()
+        self.root, self.good, self._made = root, damage.Good(root / "good"), {}
 
     def get(self, table: str, name: str) -> Path:
         key = (table, name)
@@ -96,6 +90,18 @@ def assert_nothing_final(out: Path):
 
 
 # ---- which entry points each damaged input goes through -----------------------------------------------------
+def spread(inputs: list[str], entries_of) -> list:
+    """(input, entry) params: in the default run each input goes through one entry point (the n-th input through
+    the n-th of its entries, round-robin, so every entry point is exercised); under `-m slow`, through all."""
+    params = []
+    for i, name in enumerate(inputs):
+        entries = entries_of(name)
+        for j, e in enumerate(entries):
+            marks = () if j == i % len(entries) else (pytest.mark.slow,)
+            params.append(pytest.param(name, e, marks=marks, id=f"{name}-{e}"))
+    return params
+
+
 def ckpt_entries(name: str) -> list[str]:
     weights = ["quantize", "eval", "bench", "qat", "load", "lib_quantize", "export"]
     if name in damage.TOKENIZERS:
@@ -108,7 +114,7 @@ def ckpt_entries(name: str) -> list[str]:
 
 
 SHAPE_CONFIGS = {"cfg_hidden_size_wrong", "cfg_vocab_wrong", "cfg_more_layers", "cfg_fewer_layers"}
-CKPT_CASES = [(n, e) for n in damage.CHECKPOINTS for e in ckpt_entries(n)]
+CKPT_CASES = spread(list(damage.CHECKPOINTS), ckpt_entries)
 
 
 def run_ckpt_entry(entry: str, ckpt: Path, names: str, out: Path):
@@ -139,7 +145,7 @@ def run_ckpt_entry(entry: str, ckpt: Path, names: str, out: Path):
         assert_refused_lib(lib[entry], names, out)
 
 
-@pytest.mark.parametrize("name, entry", CKPT_CASES, ids=[f"{n}-{e}" for n, e in CKPT_CASES])
+@pytest.mark.parametrize("name, entry", CKPT_CASES)
 def test_damaged_checkpoint(name, entry, corpus, work):
     ckpt = corpus.get("checkpoints", name)
     run_ckpt_entry(entry, ckpt, damage.CHECKPOINTS[name][1], work)
@@ -148,11 +154,11 @@ def test_damaged_checkpoint(name, entry, corpus, work):
 
 GGUF_HEADER = [n for n in damage.GGUFS if n.startswith(("gguf_truncated", "gguf_empty", "gguf_bad", "gguf_tensor",
                                                          "gguf_kv", "gguf_garbled", "gguf_text"))]
-GGUF_CASES = [(n, e) for n in damage.GGUFS
-              for e in ["load", "eval", "bench"] + (["inspect", "metadata"] if n in GGUF_HEADER else [])]
+GGUF_CASES = spread(list(damage.GGUFS), lambda n: ["load", "bench", "eval"] + (["inspect", "metadata"]
+                                                                                 if n in GGUF_HEADER else []))
 
 
-@pytest.mark.parametrize("name, entry", GGUF_CASES, ids=[f"{n}-{e}" for n, e in GGUF_CASES])
+@pytest.mark.parametrize("name, entry", GGUF_CASES)
 def test_damaged_gguf(name, entry, corpus, work):
     from gemmaquant.export.gguf_reader import gguf_metadata
 
@@ -168,15 +174,14 @@ def test_damaged_gguf(name, entry, corpus, work):
         assert_refused_lib(lambda: gguf_metadata(path), names)
 
 
-CT_CASES = [(n, e) for n in damage.COMPRESSED
-            for e in ["load", "eval", "bench"] + (["inspect"] if n in ("ct_truncated_half",
-                                                                       "ct_config_invalid_json") else [])]
+CT_CASES = spread(list(damage.COMPRESSED), lambda n: ["load", "bench", "eval"] + (
+    ["inspect"] if n in ("ct_truncated_half", "ct_config_invalid_json") else []))
 
 
-@pytest.mark.parametrize("name, entry", CT_CASES, ids=[f"{n}-{e}" for n, e in CT_CASES])
+@pytest.mark.parametrize("name, entry", CT_CASES)
 def test_damaged_compressed_tensors(name, entry, corpus, work):
     path, names = corpus.get("ct", name), damage.COMPRESSED[name][1]
-    fixture = damage.fixture_path(damage.FIXTURE)
+    fixture = damage.fixture_path(damage.CT_FIXTURE)
     cli = {"eval": ["eval", fixture, path, "--n-seq", "2", "--seq-len", "32"],
            "bench": ["bench", path, "--prompt-len", "8", "--new-tokens", "2"], "inspect": ["inspect", path]}
     if entry in cli:
@@ -185,11 +190,11 @@ def test_damaged_compressed_tensors(name, entry, corpus, work):
         assert_refused_lib(lambda: gemmaquant.load(path), names)
 
 
-TEXT_CASES = [(n, e) for n in damage.TEXTS for e in ["quantize", "eval", "qat", "read_texts"]
-              if not (e == "read_texts" and n == "txt_too_short")]
+TEXT_CASES = spread(list(damage.TEXTS), lambda n: ["quantize", "qat", "eval"] + (
+    ["read_texts"] if n != "txt_too_short" else []))  # a short text reads well; it is too short to calibrate
 
 
-@pytest.mark.parametrize("name, entry", TEXT_CASES, ids=[f"{n}-{e}" for n, e in TEXT_CASES])
+@pytest.mark.parametrize("name, entry", TEXT_CASES)
 def test_damaged_text(name, entry, corpus, work):
     from gemmaquant.calibration import read_texts
 
@@ -204,11 +209,12 @@ def test_damaged_text(name, entry, corpus, work):
         assert_refused_lib(lambda: read_texts(path), names)
 
 
-RECIPE_CASES = [(n, e) for n in damage.RECIPES for e in ["quantize", "lib_quantize", "from_file"]
-                if not (e == "from_file" and n in ("calibration_missing_file", "group_not_fitting"))]
+RECIPE_CASES = spread(list(damage.RECIPES), lambda n: ["quantize", "lib_quantize"] + (
+    ["from_file"] if n not in ("calibration_missing_file", "group_not_fitting") else []))  # valid recipes; the
+# model or the file system makes them fail
 
 
-@pytest.mark.parametrize("name, entry", RECIPE_CASES, ids=[f"{n}-{e}" for n, e in RECIPE_CASES])
+@pytest.mark.parametrize("name, entry", RECIPE_CASES)
 def test_bad_recipe(name, entry, corpus, work):
     path, names = corpus.get("recipes", name), damage.RECIPES[name][1]
     fixture = damage.fixture_path(damage.FIXTURE)
@@ -306,18 +312,24 @@ def _script(*args, cwd):
     return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-def test_console_script_one_line_error_and_debug(corpus, tmp_path):
+def test_console_script_one_line_error(corpus, tmp_path):
     ckpt = corpus.get("checkpoints", "st_truncated_half")
     p = _script("bench", ckpt, cwd=tmp_path)
     assert p.returncode == 2 and p.stdout == "", (p.returncode, p.stdout, p.stderr)
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and "model.safetensors" in p.stderr
-    p = _script("--debug", "bench", ckpt, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_console_script_debug_and_bad_number(corpus, tmp_path):
+    p = _script("--debug", "bench", corpus.get("checkpoints", "st_truncated_half"), cwd=tmp_path)
     assert p.returncode == 1 and "Traceback" in p.stderr and "CheckpointError" in p.stderr
-
-
-def test_console_script_bad_number(tmp_path):
     p = _script("eval", F, F, "--n-seq", "0", cwd=tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--n-seq" in p.stderr
+
+
+def test_debug_shows_the_error_itself(corpus):
+    r = runner.invoke(app, ["--debug", "bench", str(corpus.get("checkpoints", "st_truncated_half"))])
+    assert isinstance(r.exception, GemmaquantError) and "model.safetensors" in str(r.exception)
 
 
 def test_an_unexpected_exception_is_reported_as_a_bug(monkeypatch):
