@@ -257,7 +257,7 @@ def list_variants() -> dict:
 def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, overwrite: bool = False,
             **recipe_overrides) -> dict:
     try:
-        from gemmaquant.qat import qat_train
+        from gemmaquant.qat import QATRecipe, qat_train
     except ImportError:
         raise UsageError("quantization-aware training is not available in this version of gemmaquant") from None
 
@@ -267,8 +267,9 @@ def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, 
         nominal = re.search(r"\d", grid or "")
         if bits is not None and nominal and int(nominal.group()) != bits:  # Q4_K_M, q5_0, int3_g32_sym: 4, 5, 3
             raise UsageError(f"--bits {bits} conflicts with {flag} {grid}, a {nominal.group()}-bit grid")
-    prepare_out(Path(out), overwrite)
     bits = 4 if bits is None else bits
+    QATRecipe(bits=bits, steps=steps, **overrides)  # every option checked before the output directory is made
+    prepare_out(Path(out), overwrite)
     res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
     res = dict(res) if isinstance(res, dict) else {"result": str(res)}
     res.setdefault("text", f"QAT finished: {out}")

@@ -1,7 +1,7 @@
 """`gemmaquant inspect FILE`: what a GGUF file or a compressed-tensors / safetensors directory holds: every tensor's
 type, shape, size and bits per weight, totals per type, and the metadata (hyperparameters, recipe, tokenizer).
 
-    print(inspect_file("model-Q4_K_M.gguf"))
+    print(inspect_file("model-Q4_K_M.gguf"))          # or a directory, or one .safetensors file
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ def inspect_gguf(path: Path) -> str:
     return "\n".join(lines)
 
 
-def _safetensors_headers(d: Path) -> dict[str, dict]:
-    """name -> {dtype, shape, file, metadata} over the directory's safetensors files, each header checked against
-    its file's length (a truncated file is refused, not listed)."""
+def _safetensors_headers(files: list[Path]) -> dict[str, dict]:
+    """name -> {dtype, shape, file, metadata} over safetensors files, each header checked against its file's
+    length (a truncated file is refused, not listed)."""
     from gemmaquant.checkpoint import read_safetensors_header
 
     out = {}
-    for f in sorted(d.glob("*.safetensors")):
+    for f in files:
         header = read_safetensors_header(f)
         for name, info in header["tensors"].items():
             out[name] = {"dtype": info["dtype_name"], "shape": info["shape"], "file": f.name,
@@ -81,12 +81,17 @@ def _safetensors_headers(d: Path) -> dict[str, dict]:
     return out
 
 
-def inspect_dir(path: Path) -> str:
+def inspect_dir(path: Path, files: list[Path] | None = None) -> str:
+    """A checkpoint directory's safetensors files (or only `files` of it) with its config's quantization."""
+    from gemmaquant.export.compressed_tensors_reader import quantization_config
+
     cfg = read_json(path / "config.json", "config") if (path / "config.json").is_file() else {}
-    qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
-    headers = _safetensors_headers(path)
+    qc = quantization_config(cfg)
+    headers = _safetensors_headers(files if files is not None else sorted(path.glob("*.safetensors")))
     if not headers:
         raise ExportError(f"{path}: no *.safetensors files")
+    if files is not None:
+        path = files[0]
     lines = [f"{path}: safetensors, {len(headers)} tensors in {len({h['file'] for h in headers.values()})} file(s)"]
     if qc:
         g = next(iter(qc.get("config_groups", {}).values()), {}).get("weights", {})
@@ -133,4 +138,6 @@ def inspect_file(path: str | os.PathLike) -> str:
         return inspect_gguf(p)
     if p.is_dir():
         return inspect_dir(p)
-    raise ExportError(f"{p}: expected a .gguf file or a checkpoint directory")
+    if p.is_file() and p.suffix == ".safetensors":
+        return inspect_dir(p.parent, [p])
+    raise ExportError(f"{p}: expected a .gguf or .safetensors file or a checkpoint directory")

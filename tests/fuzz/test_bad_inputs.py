@@ -107,7 +107,7 @@ def ckpt_entries(name: str) -> list[str]:
     if name in damage.TOKENIZERS:
         return ["quantize", "eval", "qat", "lib_quantize"]
     if name in damage.SAFETENSORS:
-        return weights + ["checkpoint"] + (["inspect"] if name.startswith("st_") else [])
+        return weights + ["checkpoint"] + (["inspect", "inspect_file", "lib_inspect"] if name.startswith("st_") else [])
     if name in damage.CONFIGS and name not in SHAPE_CONFIGS:
         return weights + ["checkpoint", "dry_run"]
     return weights
@@ -131,6 +131,7 @@ def run_ckpt_entry(entry: str, ckpt: Path, names: str, out: Path):
         "bench": ["bench", ckpt, "--prompt-len", "8", "--new-tokens", "2"],
         "qat": ["qat", ckpt, "--data", TRAIN, "--steps", "1", "--out", out],
         "inspect": ["inspect", ckpt],
+        "inspect_file": ["inspect", ckpt / "model.safetensors"],
     }
     lib = {
         "load": lambda: gemmaquant.load(ckpt),
@@ -154,13 +155,14 @@ def test_damaged_checkpoint(name, entry, corpus, work):
 
 GGUF_HEADER = [n for n in damage.GGUFS if n.startswith(("gguf_truncated", "gguf_empty", "gguf_bad", "gguf_tensor",
                                                          "gguf_kv", "gguf_garbled", "gguf_text"))]
-GGUF_CASES = spread(list(damage.GGUFS), lambda n: ["load", "bench", "eval"] + (["inspect", "metadata"]
-                                                                                 if n in GGUF_HEADER else []))
+GGUF_CASES = spread(list(damage.GGUFS), lambda n: ["load", "bench", "eval"] + (
+    ["inspect", "lib_inspect", "metadata"] if n in GGUF_HEADER else []))
 
 
 @pytest.mark.parametrize("name, entry", GGUF_CASES)
 def test_damaged_gguf(name, entry, corpus, work):
     from gemmaquant.export.gguf_reader import gguf_metadata
+    from gemmaquant.export.inspect import inspect_file
 
     path, names = corpus.get("ggufs", name), damage.GGUFS[name][1]
     fixture = damage.fixture_path(damage.FIXTURE)
@@ -170,6 +172,8 @@ def test_damaged_gguf(name, entry, corpus, work):
         assert_refused_cli(cli[entry], names, work)
     elif entry == "load":
         assert_refused_lib(lambda: gemmaquant.load(path), names)
+    elif entry == "lib_inspect":
+        assert_refused_lib(lambda: inspect_file(path), names)
     else:
         assert_refused_lib(lambda: gguf_metadata(path), names)
 
