@@ -24,16 +24,18 @@ from gemmaquant.calibration import calibration_tokens
 from gemmaquant.capture import LayerStats, capture, force_route_rare_experts
 from gemmaquant.checkpoint import Checkpoint
 from gemmaquant.config import Gemma4Config
+from gemmaquant.errors import GemmaquantError
 from gemmaquant.layer_quant import quantize_layer
 from gemmaquant.model.gemma4 import DecoderLayer, Gemma4, LayerKV, make_forward_state, rope_inv_freqs
 from gemmaquant.plan import TensorPlan, make_plan
 from gemmaquant.quantized import finished_layers, save_atomic, save_layer, write_json_atomic
 from gemmaquant.recipe import Recipe
+from gemmaquant.validate import check_float_checkpoint, check_float_values
 
 WORK_DIR = ".gemmaquant-work"
 
 
-class QuantizeError(ValueError):
+class QuantizeError(GemmaquantError, ValueError):
     pass
 
 
@@ -172,6 +174,9 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
         recipe = Recipe.from_file(recipe) if Path(recipe).suffix == ".toml" else Recipe.from_name(str(recipe))
     torch.manual_seed(0)
     src = open_source(model, tokenizer_dir)
+    if isinstance(src, Checkpoint):  # names, shapes, dtypes and values of every tensor, before any work
+        check_float_checkpoint(src)
+        check_float_values(src)
     cfg = src.config
     if calib is not None:
         recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": str(calib)})

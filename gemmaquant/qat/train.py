@@ -107,6 +107,9 @@ class QATRecipe:
     average: float = 0.99  # decay of the moving average that is exported (0: the last step); see average_decay
 
     def __post_init__(self):
+        from gemmaquant.validate import check_fields
+
+        check_fields(self, QATError, qat_ranges())
         for k in ("gguf_type", "embedding_type"):
             if getattr(self, k) is not None:
                 object.__setattr__(self, k, getattr(self, k).upper())
@@ -138,6 +141,21 @@ class QATRecipe:
         if self.gguf_type is not None:  # a mix: the GGUF of that type, whose block types are the trained ones
             return self.gguf_type, None
         return EXPORTS.get(self.format_name)
+
+
+def qat_ranges() -> dict:
+    """What each QATRecipe value may be beyond its annotated type (gemmaquant.validate.check_fields); the checks
+    that relate two values are in QATRecipe.__post_init__."""
+    from gemmaquant.export.gguf_mix import BLOCK_TYPES, FLOAT_TYPES
+    from gemmaquant.recipe import recipe_ranges
+    from gemmaquant.validate import at_least, one_of, positive
+
+    rates = {k: at_least(0.0, ">= 0 (0 freezes what it trains)") for k in ("lr", "scale_lr", "float_lr", "embed_lr")}
+    return {**rates, "weight_format": recipe_ranges()["weight_format"], "gguf_type": recipe_ranges()["gguf_type"],
+            "embedding_type": (lambda v: v.upper() in BLOCK_TYPES + FLOAT_TYPES,
+                               f"a GGUF type: {', '.join(BLOCK_TYPES + FLOAT_TYPES)}"),
+            "grad_clip": positive(), "hidden_weight": at_least(0.0), "router_weight": at_least(0.0),
+            "scale_grad": one_of(("codes", "lsq")), "seed": at_least(0)}
 
 
 def has_experts(config) -> bool:
