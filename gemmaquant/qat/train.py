@@ -400,11 +400,9 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     qat_plan(teacher, ptq_recipe)  # a recipe that does not fit the model fails here, before any work
     if r.embedding_type:
         embedding_formats(teacher.config, r.embedding_type)  # so does an embedding type that does not fit
-    # (a copy: quantize() on a model object writes the dequantized weights into that object's tensors, the
-    # planned matrices only, so the per-layer table need not be copied)
+    # (quantize() reads the teacher layer by layer and leaves it as it was: no copy needed)
     shared = shared_tables(teacher)  # the student's are the teacher's own tensors: not copied, not saved
-    ptq = quantize(copy.deepcopy(teacher, memo={id(t): t for t in shared}), ptq_recipe, out=out,
-                   tokenizer_dir=tok_dir, progress=False)
+    ptq = quantize(teacher, ptq_recipe, out=out, tokenizer_dir=tok_dir, progress=False)
     ptq_src = QuantizedSource(ptq.work_dir)
 
     # 2. the student: GPTQ's weights and block parameters under fake quantization
