@@ -510,6 +510,9 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     report["seconds"] = round(time.time() - t0, 2)
     report["text"] = _summary(report, out)
     (out / "qat-report.json").write_text(json.dumps(report, indent=2, default=str))
+    from gemmaquant.eval.qat_report import save_qat_report
+
+    save_qat_report(report, out)  # qat-report.md and qat-report.html, like the PTQ report
     return report
 
 
@@ -555,5 +558,5 @@ def _summary(rep: dict, out: Path) -> str:
                      f"{100 * g['ci95'][1]:.1f}% over {g['windows']} held-out windows)")
     for kind, path in rep["files"].items():
         lines.append(f"  {kind:12s} {path}")
-    lines.append(f"  report       {out / 'qat-report.json'}")
+    lines.append(f"  report       {out / 'qat-report.json'} (.md, .html)")
     return "\n".join(lines)
