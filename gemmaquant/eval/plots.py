@@ -136,7 +136,7 @@ def expert_heatmap(layers: list[dict]) -> str:
         if len(rows) > 16:
             ticks = ticks[::math.ceil(len(rows) / 16)]
         ax.set_yticks(ticks, [str(rows[i]["layer"]) for i in ticks])
-        fig.colorbar(img, ax=ax, label="calibration tokens", pad=0.01)
+        fig.colorbar(img, ax=ax, label="calibration tokens", pad=0.01, aspect=max(20, 3 * len(rows)))  # a thin bar
         if forced:
             ax.legend(handles=[Patch(fill=False, edgecolor="red", label="forced routing")],
                       loc="upper left", bbox_to_anchor=(0, -0.25 if len(rows) < 6 else -0.1), fontsize=8,
