@@ -63,7 +63,7 @@ def qat_sections(rep: dict) -> list[Section]:
         secs.append(Section("Held-out quality against the float model", quality_lines(rep)))
     log = rep.get("log") or []
     secs.append(Section("Training", [f"Training KL (mean of the first and last {min(20, len(log))} steps): "
-                                     f"{rep.get('kl_head')} -> {rep.get('kl_tail')}."],
+                                     f"{_value(rep.get('kl_head'))} -> {_value(rep.get('kl_tail'))}."],
                         plots.training_curve(log)))
     routing = routing_table(rep)
     if routing:
