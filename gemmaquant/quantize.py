@@ -80,6 +80,16 @@ class ModuleSource:
     def global_state(self, dtype=None):
         return {k: (v if dtype is None else v.to(dtype)) for k, v in self._state.items() if not k.startswith("layers.")}
 
+    @torch.no_grad()
+    def write_layer(self, i: int, values: dict) -> None:
+        """`quantize(..., inplace=True)`: layer i's quantized values (dequantized, in each tensor's own dtype)
+        copied into the model object's tensors."""
+        from gemmaquant.quantized import dequantize_value
+
+        for name, v in values.items():
+            t = self._state[f"layers.{i}.{name}"]
+            t.copy_(dequantize_value(v).to(t.dtype))
+
 
 def open_source(model, tokenizer_dir=None):
     if isinstance(model, torch.nn.Module):
@@ -93,7 +103,9 @@ def open_source(model, tokenizer_dir=None):
 def build_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor]) -> DecoderLayer:
     with torch.device("meta"):
         layer = DecoderLayer(cfg, i)
-    layer.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    # copies: quantize_layer writes into the layer's weights (AWQ's folds, the dequantized values), and `state`
+    # may be the tensors of a model object the caller holds (`v.float()` of an fp32 tensor is that tensor)
+    layer.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state.items()}, strict=True, assign=True)
     return layer.eval()
 
 
@@ -161,19 +173,27 @@ class QuantizeResult:
 
 def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike, calib: str | None = None,
              tokenizer_dir: str | os.PathLike | None = None, progress: bool | None = None,
-             stop_after_layer: int | None = None) -> QuantizeResult:
+             stop_after_layer: int | None = None, inplace: bool = False) -> QuantizeResult:
     """Quantize `model` (alias, checkpoint directory, or a Gemma 4 model object) with `recipe`: a `Recipe`, a recipe
     file (.toml), or a bundled recipe's name (`26b-a4b/int4-gptq`, see `gemmaquant.recipe.bundled_recipes()`).
 
     Writes the work directory `out/.gemmaquant-work`; running the same call again after an interruption
     resumes after the last finished layer, and the result is byte-identical to an uninterrupted run.
     `stop_after_layer` stops early (for tests of resumption).
+
+    A model object is read one layer at a time and left as it was. With `inplace=True` the quantized model is
+    written into it instead: after the run, every tensor of every finished layer holds its quantized value
+    (dequantized, cast to the tensor's dtype; norms that AWQ folded scales into hold the folded values), so the
+    object computes what the exported model computes. Embeddings, the final norm and the PLE tables (kept float)
+    are not touched. `inplace=True` needs a model object.
     """
     t0 = time.time()
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_file(recipe) if Path(recipe).suffix == ".toml" else Recipe.from_name(str(recipe))
     torch.manual_seed(0)
     src = open_source(model, tokenizer_dir)
+    if inplace and not isinstance(src, ModuleSource):
+        raise QuantizeError("inplace=True writes into a model object; a checkpoint path is never written to")
     if isinstance(src, Checkpoint):  # names, shapes, dtypes and values of every tensor, before any work
         check_float_checkpoint(src)
         check_float_values(src)
@@ -255,4 +275,9 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
         if stop_after_layer is not None and i >= stop_after_layer:
             break
     layers = [json.loads((work / f"layer_{i:05d}.json").read_text()) for i in range(finished_layers(work))]
+    if inplace:  # from the work directory, so that a resumed run writes the layers an earlier run finished too
+        from gemmaquant.quantized import read_values
+
+        for i in range(len(layers)):
+            src.write_layer(i, read_values(work / f"layer_{i:05d}.safetensors"))
     return QuantizeResult(work, plan, calib_hash, layers, time.time() - t0)

@@ -6,9 +6,9 @@ transformers runs when it loads the export in float32, in bf16 what vLLM and com
 Per-expert tensors (`layers.i.experts.{e}.{gate,up,down}_proj.*`) are fused back into `experts.gate_up_proj` /
 `experts.down_proj`.
 
-transformers has no checkpoint conversion for Gemma 4's per-expert names (its Gemma4 experts are fused parameters),
-so `register_transformers_gemma4_experts()` registers one (the same merge transformers ships for Qwen2-MoE-style
-checkpoints) before `from_pretrained` on an MoE export.
+transformers has no checkpoint conversion for Gemma 4's per-expert names (its Gemma4 experts are fused parameters):
+load an MoE export with `gemmaquant.export.load_transformers(dir)` (transformers_loader.py), which registers the
+merge for that call and fails loudly on weights transformers did not load.
 """
 
 from __future__ import annotations
@@ -125,19 +125,15 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
 
 
 def register_transformers_gemma4_experts() -> None:
-    """Teach transformers to merge Gemma 4's per-expert checkpoint names into its fused expert parameters
-    (with compressed-tensors, the dequantize step runs on every expert first). Idempotent."""
+    """Teach transformers, for the rest of the process, to merge Gemma 4's per-expert checkpoint names into its fused
+    expert parameters. Idempotent. Prefer `gemmaquant.export.load_transformers(dir)`: registered globally, the
+    merge also runs backwards when a Gemma 4 model built in the process (from_config, not from_pretrained) is saved,
+    and `save_pretrained` then writes its experts unfused."""
     from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
                                                  register_checkpoint_conversion_mapping)
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
-    if get_checkpoint_conversion_mapping("gemma4_text") is not None:
-        return
-    mapping = [
-        WeightConverter(source_patterns=["experts.*.gate_proj.weight", "experts.*.up_proj.weight"],
-                        target_patterns="experts.gate_up_proj",
-                        operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
-        WeightConverter(source_patterns="experts.*.down_proj.weight", target_patterns="experts.down_proj",
-                        operations=[MergeModulelist(dim=0)]),
-    ]
-    register_checkpoint_conversion_mapping("gemma4_text", mapping)
+    from gemmaquant.export.transformers_loader import MODEL_TYPES, expert_mapping
+
+    for t in MODEL_TYPES:
+        if get_checkpoint_conversion_mapping(t) is None:
+            register_checkpoint_conversion_mapping(t, expert_mapping())

@@ -418,11 +418,9 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     qat_plan(teacher, ptq_recipe)  # a recipe that does not fit the model fails here, before any work
     if r.embedding_type:
         embedding_formats(teacher.config, r.embedding_type)  # so does an embedding type that does not fit
-    # (a copy: quantize() on a model object writes the dequantized weights into that object's tensors, the
-    # planned matrices only, so the per-layer table need not be copied)
+    # (quantize() reads the teacher layer by layer and leaves it as it was: no copy needed)
     shared = shared_tables(teacher)  # the student's are the teacher's own tensors: not copied, not saved
-    ptq = quantize(copy.deepcopy(teacher, memo={id(t): t for t in shared}), ptq_recipe, out=out,
-                   tokenizer_dir=tok_dir, progress=False)
+    ptq = quantize(teacher, ptq_recipe, out=out, tokenizer_dir=tok_dir, progress=False)
     ptq_src = QuantizedSource(ptq.work_dir)
 
     # 2. the student: GPTQ's weights and block parameters under fake quantization
@@ -530,6 +528,9 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     report["seconds"] = round(time.time() - t0, 2)
     report["text"] = _summary(report, out)
     (out / "qat-report.json").write_text(json.dumps(report, indent=2, default=str))
+    from gemmaquant.eval.qat_report import save_qat_report
+
+    save_qat_report(report, out)  # qat-report.md and qat-report.html, like the PTQ report
     return report
 
 
@@ -575,5 +576,5 @@ def _summary(rep: dict, out: Path) -> str:
                      f"{100 * g['ci95'][1]:.1f}% over {g['windows']} held-out windows)")
     for kind, path in rep["files"].items():
         lines.append(f"  {kind:12s} {path}")
-    lines.append(f"  report       {out / 'qat-report.json'}")
+    lines.append(f"  report       {out / 'qat-report.json'} (.md, .html)")
     return "\n".join(lines)
