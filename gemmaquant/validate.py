@@ -1,7 +1,7 @@
 """Checks at the front door: every input is checked before any work is done, and a bad one ends in a typed
 `GemmaquantError` naming the file, the tensor or the option at fault.
 
-    check_fields(recipe, RecipeError, RECIPE_RANGES)     dataclass values: their annotated types, then their ranges
+    check_fields(recipe, RecipeError, recipe_ranges())   dataclass values: their annotated types, then their ranges
     check_float_checkpoint(ckpt)                         names, shapes and dtypes of a float checkpoint vs its config
     check_count(n_seq, "--n-seq", minimum=1)             a CLI number
 
@@ -114,7 +114,8 @@ def check_float_checkpoint(ckpt) -> None:
 
     want = expected_shapes(ckpt.config)
     have = ckpt.text_names()
-    missing = [n for n in want if n not in set(have)]
+    have_set = set(have)
+    missing = [n for n in want if n not in have_set]
     if missing:
         raise CheckpointError(f"{ckpt.path}: tensor {ckpt.full_name(missing[0])!r} missing "
                               f"({len(missing)} missing in all; config.json says {ckpt.config.num_hidden_layers} "

@@ -30,7 +30,7 @@ def test_inspect_compressed_tensors(tmp_path):
 
 
 def test_inspect_bad_path(tmp_path):
-    with pytest.raises(ExportError, match="expected a .gguf file"):
+    with pytest.raises(ExportError, match="expected a .gguf or .safetensors file"):
         inspect_file(tmp_path / "nothing.bin")
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(ExportError, match="not a readable GGUF"):

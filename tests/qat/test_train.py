@@ -261,7 +261,7 @@ def test_qat_on_a_gguf_mix_trains_each_tensor_on_its_block_type_and_exports_it_e
         assert torch.equal(m[name], want.reshape(m[name].shape)), name
     with pytest.raises(QATError, match="not both"):
         qat_train("tiny-moe", data=data, steps=2, out=tmp_path / "x", weight_format="q4_0", gguf_type="Q4_K_M")
-    with pytest.raises(QATError, match="unknown GGUF type or mix 'Q9_X'"):
+    with pytest.raises(QATError, match="gguf_type = 'q9_x': must be a GGUF type or mix"):
         qat_train("tiny-moe", data=data, steps=2, out=tmp_path / "y", gguf_type="q9_x")
     assert not (tmp_path / "y").exists()  # refused before any work
 
@@ -439,17 +439,22 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     monkeypatch.setattr(gemmaquant.qat, "qat_train", fake_train)
     args = ["qat", "tiny-edge", "--data", str(tmp_path / "d.txt"), "--steps", "3", "--out", str(tmp_path / "o")]
     res = CliRunner().invoke(app, args + ["--lr", "0", "--scale-lr", "0.01", "--batch-size", "4", "--micro-batch", "2",
-                                          "--format", "q4_0", "--expert-lr-scale", "2", "--attention-lr-scale", "0.5",
+                                          "--expert-lr-scale", "2", "--attention-lr-scale", "0.5",
                                           "--average", "0.99", "--gguf-type", "Q4_K_M",
                                           "--embedding-type", "Q6_K", "--fixed-ints",
                                           "--per-layer-embed-lr", "0"])
     assert res.exit_code == 0, res.output
     assert seen["learnable_ints"] is False and seen["per_layer_embed_lr"] == 0.0
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
-    assert seen["weight_format"] == "q4_0" and seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
+    assert seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
     assert seen["embedding_type"] == "Q6_K" and seen["micro_batch"] == 2 and seen["expert_lr_scale"] == 2.0
     assert seen["attention_lr_scale"] == 0.5
     seen.clear()
+    res = CliRunner().invoke(app, args + ["--format", "q4_0", "--overwrite"])  # --format and --gguf-type exclude
+    assert res.exit_code == 0 and seen["weight_format"] == "q4_0", res.output  # each other: checked before training
+    seen.clear()
+    res = CliRunner().invoke(app, args + ["--format", "q4_0", "--gguf-type", "Q4_K_M", "--overwrite"])
+    assert res.exit_code == 2 and "not both" in res.output and not seen
     res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
     assert "learnable_ints" not in seen
