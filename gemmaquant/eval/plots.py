@@ -159,7 +159,11 @@ def training_curve(log: list[dict], window: int = 20) -> str:
             ax.plot(steps[window - 1:], mean, color="#c0392b", linewidth=1.6, label=f"mean of {window} steps")
         ax.set_xlabel("step")
         ax.set_ylabel("KL divergence to the float model")
-        ax.set_yscale("log")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if min(kl) > 0 and max(kl) / min(kl) > 10:  # a log axis only where the KL spans decades
+            ax.set_yscale("log")
         ax.legend(fontsize=8, frameon=False)
         return to_svg(fig, "plot-training")
 
