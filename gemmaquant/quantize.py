@@ -185,8 +185,9 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
     work.mkdir(parents=True, exist_ok=True)
     state = {"recipe": recipe.to_dict(), "config": cfg.to_hf_dict(), "calibration_sha256": calib_hash,
              "source_dir": str(Path(tok_dir).resolve()),
-             "metadata": {"gemmaquant.recipe": json.dumps(recipe.to_dict(), sort_keys=True),
-                          "gemmaquant.calibration_sha256": calib_hash, "gemmaquant.version": "0.1.0"}}
+             # the exporters add the "gemmaquant." prefix (GGUF keys, safetensors metadata)
+             "metadata": {"recipe": json.dumps(recipe.to_dict(), sort_keys=True),
+                          "calibration_sha256": calib_hash, "version": "0.1.0"}}
     state_file = work / "state.json"
     if state_file.is_file():
         old = json.loads(state_file.read_text())
