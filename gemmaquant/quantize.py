@@ -31,6 +31,7 @@ from gemmaquant.quantized import finished_layers, save_atomic, save_layer, write
 from gemmaquant.recipe import Recipe
 
 WORK_DIR = ".gemmaquant-work"
+LAYERS_RECORD = "layers.json"  # written when every layer is finished; kept when the layer files are pruned
 
 
 class QuantizeError(ValueError):
@@ -77,6 +78,9 @@ class ModuleSource:
 
     def global_state(self, dtype=None):
         return {k: (v if dtype is None else v.to(dtype)) for k, v in self._state.items() if not k.startswith("layers.")}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name]
 
 
 def open_source(model, tokenizer_dir=None):
@@ -159,13 +163,15 @@ class QuantizeResult:
 
 def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike, calib: str | None = None,
              tokenizer_dir: str | os.PathLike | None = None, progress: bool | None = None,
-             stop_after_layer: int | None = None) -> QuantizeResult:
+             stop_after_layer: int | None = None, layers_needed: bool = True) -> QuantizeResult:
     """Quantize `model` (alias, checkpoint directory, or a Gemma 4 model object) with `recipe`: a `Recipe`, a recipe
     file (.toml), or a bundled recipe's name (`26b-a4b/int4-gptq`, see `gemmaquant.recipe.bundled_recipes()`).
 
     Writes the work directory `out/.gemmaquant-work`; running the same call again after an interruption
     resumes after the last finished layer, and the result is byte-identical to an uninterrupted run.
-    `stop_after_layer` stops early (for tests of resumption).
+    `stop_after_layer` stops early (for tests of resumption). A resumed run first checks that the finished layers'
+    source weights are unchanged (gemmaquant.fingerprint). `layers_needed=False`: a work directory whose layer files
+    were pruned after its exports were written (the CLI does so) is not recomputed, and the result has none.
     """
     t0 = time.time()
     if not isinstance(recipe, Recipe):
@@ -194,13 +200,30 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
         if not recipe.same_as(old.get("recipe")) or \
                 {k: old.get(k) for k in ("config", "calibration_sha256")} != \
                 {k: state[k] for k in ("config", "calibration_sha256")}:
-            raise QuantizeError(f"{work}: holds an unfinished run with another recipe, model or calibration set; "
-                                f"remove it or choose another --out")
+            raise QuantizeError(f"{work}: holds a run with another recipe, model or calibration set; "
+                                f"remove it (gemmaquant quantize --overwrite) or choose another --out")
     else:
         write_json_atomic(state, state_file)
+    from gemmaquant.fingerprint import SourceChanged, SourceFingerprint
+    from gemmaquant.resume import prune_layers
+
+    fp = SourceFingerprint(work, src)
+    record = work / LAYERS_RECORD
+    done = json.loads(record.read_text()) if record.is_file() else None  # the layer stage finished before
+    try:
+        fp.verify(cfg.num_hidden_layers if done else finished_layers(work),
+                  globals_done=done is not None or (work / "globals.safetensors").is_file())
+    except SourceChanged as e:
+        raise QuantizeError(str(e)) from None
+    if done is not None:
+        if not layers_needed or finished_layers(work) == cfg.num_hidden_layers:
+            return QuantizeResult(work, plan, calib_hash, done, time.time() - t0)
+        prune_layers(work)  # pruned (or half-pruned) after an earlier run; needed again: start the layers over
+        record.unlink()
 
     # embeddings and PLE inputs for the calibration set (globals stay float: see plan.FLOAT_REASONS)
     globals_ = src.global_state()
+    fp.add(globals_)
     for name, t in globals_.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise QuantizeError(f"tensor {name!r} contains NaN or Inf")
@@ -225,7 +248,10 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
                total=cfg.num_hidden_layers, disable=(not show) if show is not None else None)
     for i in bar:
         lt = time.time()
-        layer = build_layer(cfg, i, src.layer_state(i))
+        weights = src.layer_state(i)
+        fp.add(weights, f"layers.{i}.")  # before the layer is saved: a finished layer's weights are on record
+        layer = build_layer(cfg, i, weights)
+        del weights
         for name, t in layer.state_dict().items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise QuantizeError(f"tensor 'layers.{i}.{name}' contains NaN or Inf")
@@ -251,4 +277,6 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
         if stop_after_layer is not None and i >= stop_after_layer:
             break
     layers = [json.loads((work / f"layer_{i:05d}.json").read_text()) for i in range(finished_layers(work))]
+    if len(layers) == cfg.num_hidden_layers:
+        write_json_atomic(layers, record)
     return QuantizeResult(work, plan, calib_hash, layers, time.time() - t0)

@@ -4,6 +4,10 @@ plots are inline SVG drawn here (no JavaScript, no external files: it opens offl
 Plots: (a) size (bits per weight) against KL divergence for the variants compared, (b) per-layer weight error
 (SQNR, dB) for each tensor kind, (c) expert coverage: calibration tokens routed to each expert of each layer, with
 experts that needed forced routing outlined.
+
+Timings (latency, seconds per layer) differ from run to run, so they sit apart: the `timings` key, last in
+report.json, and the last section of report.md / report.html, headed TIMINGS_HEADING. The rest of a report is a
+function of the model, recipe and calibration set: the same command writes it byte for byte again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 
 HEADLINE = ("KL divergence to the float model and top-1 agreement are the headline figures: Gemma 4 checkpoints "
             "are instruction-tuned, so their perplexity on plain text says little about what quantization lost.")
+TIMINGS_HEADING = "## Timings (this machine, this run)"
+TIMINGS_NOTE = "Everything above this section is the same whenever the same command is run; the timings are not."
 ROUTING_NOTE = ("Share of held-out tokens each MoE layer sends to another set of experts than the float model does "
                 "(each model on its own residual stream), and the KL left when the quantized model is given the float "
                 "model's expert choices and gate weights (gemmaquant.eval.routing).")
@@ -32,8 +38,8 @@ class Report:
     metrics: dict  # compare_logits of the exported model
     compared: list = field(default_factory=list)  # [{label, bits_per_weight, kl_mean, top1}]
     layers: list = field(default_factory=list)  # per-layer info: sqnr_db, expert_tokens, forced_experts
-    latency: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # kind -> {path, bytes}
+    timings: dict = field(default_factory=dict)  # {"latency": {model: measure_latency}, "layer_seconds": [...]}
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
         out = Path(out)
@@ -92,14 +98,19 @@ class Report:
                 lines.append(f"- layer {info['layer']}: {info['expert_tokens']}"
                              + (f"; forced routing for experts {forced}" if forced else "")
                              + (f"; worst expert SQNR dB {worst}" if worst else ""))
-        if self.latency:
-            lat = self.latency
-            lines += ["", "## Latency (side by side, this machine)", "", "| model | prefill tok/s | decode tok/s |",
-                      "|---|---|---|"]
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()), ""]
+        lat = self.timings.get("latency") or {}
+        secs = [s for s in self.timings.get("layer_seconds") or [] if s is not None]
+        if lat or secs:
+            lines += [TIMINGS_HEADING, "", TIMINGS_NOTE, ""]
+        if lat:
+            lines += ["Latency, side by side:", "", "| model | prefill tok/s | decode tok/s |", "|---|---|---|"]
             for k, v in lat.items():
                 if isinstance(v, dict) and "prefill_tokens_per_s" in v:
                     lines.append(f"| {k} | {v['prefill_tokens_per_s']:.1f} | {v['decode_tokens_per_s']:.1f} |")
-        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()), ""]
+            lines.append("")
+        if secs:
+            lines += [f"Quantization: {sum(secs):.1f} s over {len(secs)} layers (slowest {max(secs):.1f} s).", ""]
         return "\n".join(lines)
 
     # ---- html ----
