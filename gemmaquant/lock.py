@@ -30,9 +30,14 @@ class OutputLocked(UsageError):
 def hold(out: str | os.PathLike):
     """Hold the lock on `out` (created if missing) for the body; raise OutputLocked if another process holds it."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
     path = out / LOCK_NAME
-    fd = _acquire(path, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, out)
+    except OSError as e:
+        raise UsageError(f"{out}: not writable ({e.strerror})") from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

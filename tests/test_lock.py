@@ -47,3 +47,12 @@ def test_cli_refuses_a_directory_another_process_is_writing(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_file_in_the_way_is_named(tmp_path):
+    from gemmaquant.workflow import UsageError
+
+    (tmp_path / "o").write_text("")
+    with pytest.raises(UsageError, match="o: exists and is not a directory"):
+        with hold(tmp_path / "o"):
+            pass
