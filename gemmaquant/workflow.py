@@ -160,9 +160,9 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
 
 
 def export_steps(name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, tuple[dict, str, dict]]:
-    """format -> (step key, output name in out, exporter arguments), in `fmts` order."""
+    """format -> (step key, output name in out, exporter arguments): the GGUF first, as `FORMATS` lists them."""
     steps = {}
-    for fmt in fmts:
+    for fmt in (f for f in FORMATS if f in fmts):
         if fmt == "gguf":
             args = {"type": scheme_name(recipe)}
             rel = f"{name}-{args['type']}.gguf"
