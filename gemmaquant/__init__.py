@@ -3,10 +3,11 @@
 from gemmaquant.api import load
 from gemmaquant.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from gemmaquant.config import VARIANTS, Gemma4Config, get_variant
+from gemmaquant.errors import GemmaquantError
 from gemmaquant.model.gemma4 import Gemma4, KVCache
 from gemmaquant.quantize import quantize  # the function; the module stays importable as gemmaquant.quantize
 from gemmaquant.recipe import Recipe
 
 __all__ = ["load", "Checkpoint", "CheckpointError", "save_checkpoint", "Gemma4Config", "VARIANTS", "get_variant",
-           "Gemma4", "KVCache", "quantize", "Recipe"]
+           "Gemma4", "KVCache", "quantize", "Recipe", "GemmaquantError"]
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from gemmaquant.config import ConfigError, Gemma4Config
+from gemmaquant.errors import GemmaquantError
 from gemmaquant.safetensors_write import save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -33,7 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "chat_template.jinja", "generation_config.json", "processor_config.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GemmaquantError, ValueError):
     """A checkpoint that cannot be read as a Gemma 4 model; the message names the file and tensor."""
 
 
@@ -45,15 +46,10 @@ class Checkpoint:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face checkpoint directory)")
         cfg_file = self.path / "config.json"
-        if not cfg_file.is_file():
-            raise CheckpointError(f"{cfg_file}: missing (every Hugging Face checkpoint has a config.json)")
-        try:
-            self.raw_config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        self.raw_config = read_config_json(self.path)
         try:
             self.config = Gemma4Config.from_hf_dict(self.raw_config, source=str(cfg_file))
-        except (ConfigError, TypeError) as e:
+        except ConfigError as e:
             raise CheckpointError(str(e)) from None
         self._files: dict[str, object] = {}
         self.weight_map = self._index()  # full checkpoint name -> shard file name
@@ -69,10 +65,9 @@ class Checkpoint:
         index_file = self.path / "model.safetensors.index.json"
         shards = sorted(self.path.glob("*.safetensors"))
         if index_file.is_file():
-            try:
-                weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_file}: unreadable index ({e!r})") from None
+            weight_map = read_json(index_file, "index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_file}: unreadable index (no weight_map of tensor name -> shard file)")
             for name, shard in weight_map.items():
                 if not (self.path / shard).is_file():
                     raise CheckpointError(f"{self.path / shard}: shard missing (listed in {index_file.name} "
@@ -152,6 +147,9 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)[1]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name)[1]["dtype"]
+
     def layer_state(self, i: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Layer i's tensors with names relative to the layer (`self_attn.q_proj.weight`, ...)."""
         pre = f"layers.{i}."
@@ -166,32 +164,91 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def read_json(path: Path, what: str = "file") -> dict:
+    """A JSON object from `path` (UTF-8); CheckpointError naming the file for anything else."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); JSON files are UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def read_config_json(directory: Path) -> dict:
+    """A checkpoint directory's config.json as a dict; CheckpointError naming the file when it is missing or bad."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
+    cfg_file = directory / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file}: missing (every Hugging Face checkpoint has a config.json)")
+    return read_json(cfg_file, "config")
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def read_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors header (8-byte little-endian length, then JSON); validate it; read no tensor data."""
+    """Parse a safetensors header (8-byte little-endian length, then JSON); validate it against the file as the
+    safetensors library does (every tensor's bytes match its dtype and shape, the tensors tile the data exactly,
+    which is the rest of the file); read no tensor data."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > min(size - 8, 100 << 20):
+            if size < 8 or n <= 0 or n > min(size - 8, 100 << 20):
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    tensors = {}
+    tensors, spans = {}, []
     data_len = size - 8 - n
     for name, e in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype = SAFETENSORS_DTYPES[e["dtype"]]
-            begin, end = e["data_offsets"]
+            begin, end = (int(x) for x in e["data_offsets"])
             shape = [int(d) for d in e["shape"]]
+            if any(d < 0 for d in shape) or not isinstance(e["shape"], list):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({str(e)[:200]})") from None
         if not 0 <= begin <= end <= data_len:
-            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file (truncated or corrupt)")
-        tensors[name] = {"dtype": dtype, "shape": shape, "data_offsets": (begin, end)}
-    return {"tensors": tensors, "data_start": 8 + n, "metadata": header.get("__metadata__") or {}}
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file (bytes {begin}..{end} of "
+                                  f"{data_len}: truncated or corrupt)")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * DTYPE_BYTES[e["dtype"]]:
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} "
+                                  f"{e['dtype']} ({numel * DTYPE_BYTES[e['dtype']]} expected)")
+        tensors[name] = {"dtype": dtype, "dtype_name": e["dtype"], "shape": shape, "data_offsets": (begin, end)}
+        spans.append((begin, end, name))
+    at, before = 0, None
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data, expected {at} "
+                                  f"{f'where {before!r} ends ' if before else ''}(overlapping or corrupt offsets)")
+        at, before = end, name
+    if at != data_len:
+        raise CheckpointError(f"{path}: the tensors end at byte {at} of {data_len} bytes of data (corrupt header "
+                              f"or a file with trailing bytes)")
+    metadata = header.get("__metadata__") or {}
+    return {"tensors": tensors, "data_start": 8 + n, "metadata": metadata if isinstance(metadata, dict) else {}}
 
 
 def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
@@ -205,26 +262,16 @@ def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
 
 def load_state_into(model: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, device="cpu",
                     check_finite: bool = True) -> torch.nn.Module:
-    """Materialise a meta-device model tensor by tensor from `ckpt`, checking names, shapes and values."""
-    want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    have = set(ckpt.text_names())
-    missing = sorted(n for n in want if n not in have and not (n == "lm_head.weight"))
-    if missing:
-        raise CheckpointError(f"{ckpt.path}: tensor {ckpt.full_name(missing[0])!r} missing "
-                              f"({len(missing)} missing in all)")
-    unexpected = sorted(have - set(want))
-    if unexpected:
-        raise CheckpointError(f"{ckpt.path}: unexpected tensor {ckpt.full_name(unexpected[0])!r} for this config")
+    """Materialise a meta-device model tensor by tensor from `ckpt`, checking names, shapes, dtypes and values."""
+    from gemmaquant.validate import check_float_checkpoint, require_finite
+
+    check_float_checkpoint(ckpt)
     state = {}
-    for name, shape in want.items():
-        got = ckpt.shape(name)
-        if got != shape:
-            raise CheckpointError(f"{ckpt.path / ckpt.weight_map[ckpt.full_name(name)]}: tensor "
-                                  f"{ckpt.full_name(name)!r} has shape {list(got)}, expected {list(shape)}")
+    for name in model.state_dict():
         t = ckpt.get(name).to(device=device, dtype=dtype)
-        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{ckpt.path / ckpt.weight_map[ckpt.full_name(name)]}: tensor "
-                                  f"{ckpt.full_name(name)!r} contains NaN or Inf")
+        if check_finite:
+            require_finite(t, ckpt.full_name(name), ckpt.path / ckpt.weight_map[ckpt.full_name(name)],
+                           CheckpointError)
         state[name] = t
     model.load_state_dict(state, strict=True, assign=True)
     return model

@@ -20,26 +20,27 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Exact quantization of Gemma 4 to GGUF (llama.cpp) and compressed-tensors (vLLM).")
 
 
-def _user_errors():
-    """Errors that are the user's to fix: one line, exit code 2, no traceback."""
-    from gemmaquant.calibration import CalibrationError
-    from gemmaquant.checkpoint import CheckpointError
-    from gemmaquant.config import ConfigError
-    from gemmaquant.hub import ModelNotFound
-    from gemmaquant.quantize import QuantizeError
-    from gemmaquant.recipe import RecipeError
-    from gemmaquant.workflow import UsageError
+_debug = {"on": False}  # --debug, set for each invocation
 
-    return (UsageError, RecipeError, ModelNotFound, CheckpointError, CalibrationError, QuantizeError, ConfigError,
-            FileExistsError, PermissionError)
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="on an error, show the full traceback")):
+    """Exact quantization of Gemma 4 to GGUF (llama.cpp) and compressed-tensors (vLLM)."""
+    _debug["on"] = debug
 
 
 def _run(fn, *args, **kwargs):
+    """Call the library; its errors end the command with one line (exit 2 for the user's errors, 1 for a bug)."""
     try:
         return fn(*args, **kwargs)
-    except _user_errors() as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    except Exception as e:
+        from gemmaquant.errors import describe
+
+        if _debug["on"]:
+            raise
+        code, message = describe(e)
+        typer.echo(message, err=True)
+        raise typer.Exit(code) from None
 
 
 def _emit(result: dict, as_json: bool, text: str) -> None:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from gemmaquant.errors import GemmaquantError
+
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
-class ConfigError(ValueError):
+class ConfigError(GemmaquantError, ValueError):
     """A config.json that does not describe a Gemma 4 text decoder we can run."""
 
 
@@ -56,6 +58,9 @@ class Gemma4Config:
     hidden_activation: str = "gelu_pytorch_tanh"
 
     def __post_init__(self):
+        from gemmaquant.validate import check_fields
+
+        check_fields(self, ConfigError, config_ranges(self))
         L = self.num_hidden_layers
         types = tuple(self.layer_types) or tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(L))
         if len(types) != L:
@@ -73,7 +78,8 @@ class Gemma4Config:
         if self.num_kv_shared_layers:
             first = L - self.num_kv_shared_layers
             if first <= 0 or set(types[first:]) - set(types[:first]):
-                raise ConfigError("every KV-shared layer type needs an unshared producer layer of that type")
+                raise ConfigError(f"num_kv_shared_layers = {self.num_kv_shared_layers}: every KV-shared layer type "
+                                  f"needs an unshared producer layer of that type")
 
     # ---- per-layer geometry (GEMMA4_SPEC.md §1.1 "Derived per layer") ----
     def is_sliding(self, i: int) -> bool:
@@ -115,10 +121,24 @@ class Gemma4Config:
     # ---- (de)serialization ----
     @classmethod
     def from_hf_dict(cls, raw: dict, source: str = "config.json") -> "Gemma4Config":
-        """Build from a raw config.json dict: a `gemma4` (multimodal, with `text_config`) or `gemma4_text` one."""
+        """Build from a raw config.json dict: a `gemma4` (multimodal, with `text_config`) or `gemma4_text` one.
+        ConfigError, naming `source` and the key, for anything else."""
+        try:
+            return cls._from_hf_dict(raw, source)
+        except ConfigError as e:
+            raise ConfigError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
+        except (AttributeError, TypeError, ValueError) as e:  # a value of the wrong JSON type where a table is read
+            raise ConfigError(f"{source}: malformed config ({e})") from None
+
+    @classmethod
+    def _from_hf_dict(cls, raw: dict, source: str) -> "Gemma4Config":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
         if model_type == "gemma4":
             raw = raw.get("text_config") or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{source}: text_config is {type(raw).__name__}, expected a JSON object")
             model_type = raw.get("model_type", "gemma4_text")
         if model_type != "gemma4_text":
             raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'gemma4' or 'gemma4_text'")
@@ -127,16 +147,18 @@ class Gemma4Config:
         if raw.get("layer_types"):
             kw["layer_types"] = tuple(raw["layer_types"])
         rope = raw.get("rope_parameters") or {}
+        if not isinstance(rope, dict) or not all(isinstance(v, dict) for v in rope.values()):
+            raise ConfigError(f"{source}: rope_parameters must map layer types to tables, got {rope!r}")
         for kind, key in ((SLIDING, "rope_theta_sliding"), (FULL, "rope_theta_full")):
             params = rope.get(kind)
             if params:
-                kw[key] = float(params.get("rope_theta", getattr(cls, key)))
+                kw[key] = params.get("rope_theta", getattr(cls, key))
                 want = "default" if kind == SLIDING else "proportional"
                 got = params.get("rope_type", want)
                 if got != want:
                     raise ConfigError(f"{source}: rope_type {got!r} for {kind} is not supported (expected {want!r})")
         if rope.get(FULL) and "partial_rotary_factor" in rope[FULL]:
-            kw["partial_rotary_factor_full"] = float(rope[FULL]["partial_rotary_factor"])
+            kw["partial_rotary_factor_full"] = rope[FULL]["partial_rotary_factor"]
         # transformers >= 5.23 writes these into per_layer_config instead (spec §3.5 P1)
         for k in ("global_head_dim", "num_global_key_value_heads"):
             if kw.get(k) is None:
@@ -167,6 +189,29 @@ class Gemma4Config:
         d["model_type"] = "gemma4_text"
         d["attention_bias"] = False
         return d
+
+
+def config_ranges(cfg: Gemma4Config) -> dict:
+    """What each config value may be beyond its annotated type (gemmaquant.validate.check_fields)."""
+    from gemmaquant.validate import at_least, between, one_of, positive
+
+    even = (lambda v: v > 0 and v % 2 == 0, "a positive even number (RoPE rotates pairs)")
+    token = (lambda v: all(0 <= t < cfg.vocab_size for t in (v if isinstance(v, list) else [v])),
+             f"a token id in [0, vocab_size = {cfg.vocab_size})")
+    return {
+        **{k: positive() for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "num_global_key_value_heads",
+                                   "sliding_window", "rope_theta_sliding", "rope_theta_full", "rms_norm_eps",
+                                   "final_logit_softcapping", "vocab_size_per_layer_input", "num_experts",
+                                   "top_k_experts", "moe_intermediate_size", "max_position_embeddings")},
+        "head_dim": even, "global_head_dim": even,
+        "partial_rotary_factor_full": between(0.0, 1.0),
+        "hidden_size_per_layer_input": at_least(0), "num_kv_shared_layers": at_least(0),
+        "pad_token_id": token, "eos_token_id": token, "bos_token_id": token,
+        "hidden_activation": one_of(("gelu_pytorch_tanh",), "'gelu_pytorch_tanh' (the only activation Gemma 4 uses)"),
+        **({"top_k_experts": (lambda v: 0 < v <= (cfg.num_experts or 0), f"in 1..num_experts = {cfg.num_experts}")}
+           if cfg.enable_moe_block and cfg.num_experts is not None else {}),
+    }
 
 
 def _pattern(n_layers: int, period: int) -> tuple[str, ...]:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from gemmaquant.errors import GemmaquantError
+
 from gemmaquant.quantized import write_json_atomic
 
 RECORD = "source.json"
@@ -35,7 +37,7 @@ RACY_NS = 2_000_000_000
 STAT_KEYS = ("size", "mtime_ns", "ctime_ns", "ino", "dev")
 
 
-class SourceChanged(ValueError):
+class SourceChanged(GemmaquantError, ValueError):
     """The source's weights differ from those a work directory was computed from (names file and tensor)."""
 
 

@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 
 from gemmaquant.config import HF_REPOS
+from gemmaquant.errors import GemmaquantError
 
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(GemmaquantError, FileNotFoundError):
     pass
 
 

@@ -17,7 +17,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from gemmaquant.workflow import UsageError
+from gemmaquant.errors import UsageError
 
 LOCK_NAME = ".gemmaquant.lock"
 

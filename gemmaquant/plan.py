@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from gemmaquant.checkpoint import expected_shapes
 from gemmaquant.config import Gemma4Config
-from gemmaquant.recipe import Recipe
+from gemmaquant.recipe import Recipe, RecipeError
 
 FLOAT_REASONS = {
     "norm": "norm weight: kept in float (F32 in GGUF), too small to matter and absorbs AWQ scales",
@@ -76,8 +76,8 @@ def make_plan(cfg: Gemma4Config, recipe: Recipe) -> dict[str, TensorPlan]:
         K = shape[-1]
         reason = ""
         if fmt.name != "int8" and K % fmt.block:  # int8 is one block per row, whatever K is
-            raise ValueError(f"{name}: {K} input features do not fit {fmt.name}'s {fmt.block}-element blocks "
-                             f"and the recipe names no fallback")
+            raise RecipeError(f"{name}: {K} input features do not fit {fmt.name}'s {fmt.block}-element blocks "
+                              f"and the recipe names no fallback")
         plan[name] = TensorPlan(name, shape, fmt, reason)
     return plan
 

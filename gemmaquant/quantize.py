@@ -24,17 +24,19 @@ from gemmaquant.calibration import calibration_tokens
 from gemmaquant.capture import LayerStats, capture, force_route_rare_experts
 from gemmaquant.checkpoint import Checkpoint
 from gemmaquant.config import Gemma4Config
+from gemmaquant.errors import GemmaquantError
 from gemmaquant.layer_quant import quantize_layer
 from gemmaquant.model.gemma4 import DecoderLayer, Gemma4, LayerKV, make_forward_state, rope_inv_freqs
 from gemmaquant.plan import TensorPlan, make_plan
 from gemmaquant.quantized import finished_layers, save_atomic, save_layer, write_json_atomic
 from gemmaquant.recipe import Recipe
+from gemmaquant.validate import check_float_checkpoint, check_float_values
 
 WORK_DIR = ".gemmaquant-work"
 LAYERS_RECORD = "layers.json"  # written when every layer is finished; kept when the layer files are pruned
 
 
-class QuantizeError(ValueError):
+class QuantizeError(GemmaquantError, ValueError):
     pass
 
 
@@ -82,6 +84,16 @@ class ModuleSource:
     def get(self, name: str) -> torch.Tensor:
         return self._state[name]
 
+    @torch.no_grad()
+    def write_layer(self, i: int, values: dict) -> None:
+        """`quantize(..., inplace=True)`: layer i's quantized values (dequantized, in each tensor's own dtype)
+        copied into the model object's tensors."""
+        from gemmaquant.quantized import dequantize_value
+
+        for name, v in values.items():
+            t = self._state[f"layers.{i}.{name}"]
+            t.copy_(dequantize_value(v).to(t.dtype))
+
 
 def open_source(model, tokenizer_dir=None):
     if isinstance(model, torch.nn.Module):
@@ -95,7 +107,9 @@ def open_source(model, tokenizer_dir=None):
 def build_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor]) -> DecoderLayer:
     with torch.device("meta"):
         layer = DecoderLayer(cfg, i)
-    layer.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    # copies: quantize_layer writes into the layer's weights (AWQ's folds, the dequantized values), and `state`
+    # may be the tensors of a model object the caller holds (`v.float()` of an fp32 tensor is that tensor)
+    layer.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state.items()}, strict=True, assign=True)
     return layer.eval()
 
 
@@ -163,21 +177,34 @@ class QuantizeResult:
 
 def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike, calib: str | None = None,
              tokenizer_dir: str | os.PathLike | None = None, progress: bool | None = None,
-             stop_after_layer: int | None = None, layers_needed: bool = True) -> QuantizeResult:
+             stop_after_layer: int | None = None, inplace: bool = False,
+             layers_needed: bool = True) -> QuantizeResult:
     """Quantize `model` (alias, checkpoint directory, or a Gemma 4 model object) with `recipe`: a `Recipe`, a recipe
     file (.toml), or a bundled recipe's name (`26b-a4b/int4-gptq`, see `gemmaquant.recipe.bundled_recipes()`).
 
     Writes the work directory `out/.gemmaquant-work`; running the same call again after an interruption
     resumes after the last finished layer, and the result is byte-identical to an uninterrupted run.
-    `stop_after_layer` stops early (for tests of resumption). A resumed run first checks that the finished layers'
-    source weights are unchanged (gemmaquant.fingerprint). `layers_needed=False`: a work directory whose layer files
-    were pruned after its exports were written (the CLI does so) is not recomputed, and the result has none.
+    `stop_after_layer` stops early (for tests of resumption).
+
+    A model object is read one layer at a time and left as it was. With `inplace=True` the quantized model is
+    written into it instead: after the run, every tensor of every finished layer holds its quantized value
+    (dequantized, cast to the tensor's dtype; norms that AWQ folded scales into hold the folded values), so the
+    object computes what the exported model computes. Embeddings, the final norm and the PLE tables (kept float)
+    are not touched. `inplace=True` needs a model object. A resumed run first
+    checks that the finished layers' source weights are unchanged (gemmaquant.fingerprint). `layers_needed=False`:
+    a work directory whose layer files were pruned after its exports were written (the CLI does so) is not
+    recomputed, and the result has none.
     """
     t0 = time.time()
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_file(recipe) if Path(recipe).suffix == ".toml" else Recipe.from_name(str(recipe))
     torch.manual_seed(0)
     src = open_source(model, tokenizer_dir)
+    if inplace and not isinstance(src, ModuleSource):
+        raise QuantizeError("inplace=True writes into a model object; a checkpoint path is never written to")
+    if isinstance(src, Checkpoint):  # names, shapes, dtypes and values of every tensor, before any work
+        check_float_checkpoint(src)
+        check_float_values(src)
     cfg = src.config
     if calib is not None:
         recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": str(calib)})
@@ -215,10 +242,10 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
                   globals_done=done is not None or (work / "globals.safetensors").is_file())
     except SourceChanged as e:
         raise QuantizeError(str(e)) from None
-    if done is not None:
-        if not layers_needed or finished_layers(work) == cfg.num_hidden_layers:
+    if done is not None and finished_layers(work) < cfg.num_hidden_layers:  # pruned (or half-pruned) by the CLI
+        if not layers_needed:
             return QuantizeResult(work, plan, calib_hash, done, time.time() - t0)
-        prune_layers(work)  # pruned (or half-pruned) after an earlier run; needed again: start the layers over
+        prune_layers(work)  # needed again: start the layers over
         record.unlink()
 
     # embeddings and PLE inputs for the calibration set (globals stay float: see plan.FLOAT_REASONS)
@@ -279,4 +306,9 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
     layers = [json.loads((work / f"layer_{i:05d}.json").read_text()) for i in range(finished_layers(work))]
     if len(layers) == cfg.num_hidden_layers:
         write_json_atomic(layers, record)
+    if inplace:  # from the work directory, so that a resumed run writes the layers an earlier run finished too
+        from gemmaquant.quantized import read_values
+
+        for i in range(len(layers)):
+            src.write_layer(i, read_values(work / f"layer_{i:05d}.safetensors"))
     return QuantizeResult(work, plan, calib_hash, layers, time.time() - t0)

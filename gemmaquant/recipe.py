@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from gemmaquant.errors import GemmaquantError
+
 METHODS = ("rtn", "imatrix", "gptq", "awq")
 
 
-class RecipeError(ValueError):
+class RecipeError(GemmaquantError, ValueError):
     pass
 
 
@@ -45,11 +47,11 @@ class Recipe:
     moe_min_tokens: int = 32  # experts routed fewer calibration tokens get forced-routing statistics
 
     def __post_init__(self):
+        from gemmaquant.validate import check_fields
+
         if self.method not in METHODS:
             raise RecipeError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
-        for k in ("n_samples", "seq_len", "batch_size", "block_size"):
-            if getattr(self, k) <= 0:
-                raise RecipeError(f"{k} must be positive")
+        check_fields(self, RecipeError, recipe_ranges())
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "recipe") -> "Recipe":
@@ -57,15 +59,22 @@ class Recipe:
         unknown = sorted(set(d) - names)
         if unknown:
             raise RecipeError(f"{source}: unknown keys {unknown}; valid: {sorted(names)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except RecipeError as e:
+            raise RecipeError(f"{source}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
         path = Path(path)
         try:
-            d = tomllib.loads(path.read_text())
+            d = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise RecipeError(f"{path}: recipe file not found") from None
+        except OSError as e:
+            raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise RecipeError(f"{path}: not valid TOML ({e})") from None
         return cls.from_dict(d, str(path))
@@ -90,6 +99,29 @@ class Recipe:
             return saved is not None and Recipe.from_dict({**ADDED_KEYS, **saved}).to_dict() == self.to_dict()
         except (RecipeError, TypeError):
             return False
+
+
+def recipe_ranges() -> dict:
+    """What each Recipe value may be (gemmaquant.validate.check_fields), beyond its annotated type."""
+    from gemmaquant.algorithms.gptq import MAX_DAMP
+    from gemmaquant.export.gguf_mix import BLOCK_TYPES, FILE_TYPES, FLOAT_TYPES, MixError, file_type
+    from gemmaquant.formats import FORMATS
+    from gemmaquant.validate import at_least, between, one_of, positive
+
+    def is_mix(v: str) -> bool:
+        try:
+            return bool(file_type(v))
+        except MixError:
+            return False
+
+    return {
+        "weight_format": (lambda v: v.lower() in FORMATS, f"one of {', '.join(FORMATS)}"),
+        "gguf_type": (is_mix, f"a GGUF type or mix: {', '.join(FILE_TYPES)}"),
+        "embedding_gguf_type": one_of(BLOCK_TYPES + FLOAT_TYPES),
+        "n_samples": positive(), "seq_len": positive(), "batch_size": positive(), "block_size": positive(),
+        "damp": between(0.0, MAX_DAMP, f"in [0, {MAX_DAMP}] (a fraction of the Hessian's mean diagonal)"),
+        "awq_grid": positive(), "moe_min_tokens": at_least(0),
+    }
 
 
 def bundled_recipes() -> list[str]:

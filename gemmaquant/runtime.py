@@ -142,7 +142,9 @@ def load_quantized(work, dtype: torch.dtype = torch.bfloat16, device: str | torc
         try:
             v = src.get(name)
         except KeyError:
-            raise ValueError(f"{src.work}: tensor {name!r} is missing") from None
+            from gemmaquant.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{src.work}: tensor {name!r} is missing") from None
         if isinstance(v, Tensor):
             _set_tensor(model, name, v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype))
         elif isinstance(v, Packed):
@@ -174,17 +176,13 @@ class CompressedTensorsSource:
     Per-expert tensors (experts.{e}.{gate,up,down}_proj) are fused back: gate_up = gate rows, then up rows."""
 
     def __init__(self, path: str | os.PathLike):
-        import json
-
         from gemmaquant.checkpoint import Checkpoint
-        from gemmaquant.config import Gemma4Config
         from gemmaquant.export.compressed_tensors_reader import _bits, quantization_config
 
         self.work = Path(path)
-        raw = json.loads((self.work / "config.json").read_text())
-        self.bits = _bits(quantization_config(raw), self.work)
-        self.config = Gemma4Config.from_hf_dict(raw, source=str(self.work / "config.json"))
         self.ckpt = Checkpoint(self.work)
+        self.bits = _bits(quantization_config(self.ckpt.raw_config), self.work)
+        self.config = self.ckpt.config
 
     def names(self) -> list[str]:
         from gemmaquant.checkpoint import expected_shapes
@@ -192,11 +190,10 @@ class CompressedTensorsSource:
         return list(expected_shapes(self.config))
 
     def _packed(self, base: str) -> Packed:
-        from gemmaquant.export.ct_pack import unpack_int32
+        from gemmaquant.export.compressed_tensors_reader import read_packed
 
-        shape = tuple(int(x) for x in self.ckpt.get(f"{base}.weight_shape").tolist())
-        q = unpack_int32(self.ckpt.get(f"{base}.weight_packed"), self.bits, shape[1])
-        scale = self.ckpt.get(f"{base}.weight_scale")
+        q, scale = read_packed(self.ckpt, base, self.bits)  # checked: dtypes, shapes, finite scales
+        shape = tuple(q.shape)
         if self.bits == 8:
             return Int8Channel(scale.dtype).pack(q, {"scale": scale[:, 0]})
         return IntGroup(4, shape[1] // scale.shape[1], True, scale.dtype).pack(q, {"scale": scale})  # u = q + 8
@@ -216,7 +213,12 @@ class CompressedTensorsSource:
             return out
         if is_quantized(name):
             return self._packed(name.removesuffix(".weight"))
-        return self.ckpt.get(name)
+        from gemmaquant.checkpoint import CheckpointError
+        from gemmaquant.validate import require_finite
+
+        t = self.ckpt.get(name)
+        require_finite(t, self.ckpt.full_name(name), self.work, CheckpointError)
+        return t
 
 
 def work_dir_of(path: str | os.PathLike) -> Path | None:

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file as _save_file
 
+from gemmaquant.errors import GemmaquantError
 
-class HeaderError(ValueError):
+
+class HeaderError(GemmaquantError, ValueError):
     """The safetensors library wrote a header this module cannot reorder (names the file)."""
 
 

@@ -5,7 +5,6 @@ Each `run_*` returns a dict (the `--json` output) whose "text" entry is the huma
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -14,11 +13,9 @@ from pathlib import Path
 import torch
 
 from gemmaquant.config import HF_REPOS, VARIANTS, Gemma4Config, get_variant
+from gemmaquant.errors import UsageError
 from gemmaquant.recipe import Recipe, RecipeError, default_recipe
-
-
-class UsageError(ValueError):
-    """Conflicting or invalid options: the user's to fix."""
+from gemmaquant.validate import check_count
 
 
 FORMATS = ("gguf", "safetensors")
@@ -67,9 +64,14 @@ def model_config(model: str | os.PathLike) -> Gemma4Config:
         return VARIANTS[str(model)]
     from gemmaquant.hub import resolve
 
+    from gemmaquant.checkpoint import CheckpointError, read_config_json
+    from gemmaquant.config import ConfigError
+
     path = resolve(model)
-    raw = json.loads((path / "config.json").read_text())
-    return Gemma4Config.from_hf_dict(raw, str(path / "config.json"))
+    try:
+        return Gemma4Config.from_hf_dict(read_config_json(path), str(path / "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def parse_formats(formats: str | tuple) -> tuple[str, ...]:
@@ -222,8 +224,11 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
     from gemmaquant.hub import resolve
     from gemmaquant.runtime import load_for_inference
 
-    ref = gemmaquant.load(model)
+    check_count(n_seq, "--n-seq")
+    check_count(seq_len, "--seq-len", minimum=2)  # KL and top-1 compare next-token predictions: 2 tokens at least
     test = load_for_inference(quantized, device="cpu")  # a quantizer output runs packed, through gemmaquant.ops
+    ref = gemmaquant.load(model)
+    check_count(seq_len, "--seq-len", 2, ref.config.max_position_embeddings, " (the model's context length)")
     ids = heldout_ids(resolve(model), heldout or default_heldout(), n_seq, seq_len)
     m = compare_logits(ref, test, ids, routing=True)
     text = (f"KL divergence mean {m['kl_mean']:.5f}, p99 {m['kl_p99']:.5f}, max {m['kl_max']:.5f}; "
@@ -244,7 +249,13 @@ def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32) -> dic
     from gemmaquant.eval.latency import measure_latency
     from gemmaquant.runtime import load_for_inference
 
+    check_count(prompt_len, "--prompt-len")
+    check_count(new_tokens, "--new-tokens")
     m = load_for_inference(model)
+    context = m.config.max_position_embeddings
+    check_count(prompt_len, "--prompt-len", 1, context - 1, " (the model's context length less one new token)")
+    check_count(new_tokens, "--new-tokens", 1, context - prompt_len,
+                f" (the model's context length {context} less --prompt-len)")
     res = measure_latency(m, prompt_len=prompt_len, new_tokens=new_tokens)
     res["text"] = (f"{model}: prefill {res['prefill_tokens_per_s']:.1f} tok/s, decode {res['decode_tokens_per_s']:.1f} "
                    f"tok/s on {res['device']} ({res.get('threads', '?')} threads)")
@@ -272,7 +283,7 @@ def list_variants() -> dict:
 def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, overwrite: bool = False,
             **recipe_overrides) -> dict:
     try:
-        from gemmaquant.qat import qat_train
+        from gemmaquant.qat import QATRecipe, qat_train
     except ImportError:
         raise UsageError("quantization-aware training is not available in this version of gemmaquant") from None
 
@@ -282,8 +293,9 @@ def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, 
         nominal = re.search(r"\d", grid or "")
         if bits is not None and nominal and int(nominal.group()) != bits:  # Q4_K_M, q5_0, int3_g32_sym: 4, 5, 3
             raise UsageError(f"--bits {bits} conflicts with {flag} {grid}, a {nominal.group()}-bit grid")
-    prepare_out(Path(out), overwrite)
     bits = 4 if bits is None else bits
+    QATRecipe(bits=bits, steps=steps, **overrides)  # every option checked before the output directory is made
+    prepare_out(Path(out), overwrite)
     res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
     res = dict(res) if isinstance(res, dict) else {"result": str(res)}
     res.setdefault("text", f"QAT finished: {out}")

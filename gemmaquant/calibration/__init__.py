@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from gemmaquant.errors import GemmaquantError
 
-class CalibrationError(ValueError):
+
+class CalibrationError(GemmaquantError, ValueError):
     pass
 
 
@@ -25,16 +27,24 @@ def read_texts(source: str | Path | None = None) -> list[str]:
     plain text file whose documents are separated by blank lines (or by lines holding only `<eos>`)."""
     path = default_calibration_file() if source in (None, "default") else Path(source)
     if not path.is_file():
-        raise CalibrationError(f"{path}: calibration file not found")
-    raw = path.read_text(encoding="utf-8", errors="strict")
+        raise CalibrationError(f"{path}: {'a directory, not a text file' if path.is_dir() else 'file not found'}")
+    try:
+        raw = path.read_text(encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot read ({e.strerror})") from None
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):
             if line.strip():
                 try:
-                    texts.append(json.loads(line)["text"])
+                    text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise CalibrationError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+                if not isinstance(text, str):
+                    raise CalibrationError(f"{path}:{n}: the 'text' field is {type(text).__name__}, not a string")
+                texts.append(text)
     else:
         sep = "\n<eos>\n" if "\n<eos>\n" in raw else "\n\n"  # the bundled .txt files mark documents with <eos>
         texts = [t.strip() for t in raw.split(sep) if t.strip()]
@@ -49,7 +59,10 @@ def load_tokenizer(tokenizer_dir: str | Path):
     f = Path(tokenizer_dir) / "tokenizer.json"
     if not f.is_file():
         raise CalibrationError(f"{f}: no tokenizer.json beside the checkpoint; calibration needs the model's tokenizer")
-    return Tokenizer.from_file(str(f))
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:  # the tokenizers library raises its own untyped Exception for any unreadable file
+        raise CalibrationError(f"{f}: not a readable tokenizer.json ({str(e)[:200]})") from None
 
 
 def calibration_tokens(tokenizer_dir: str | Path, source: str | Path | None, n_samples: int, seq_len: int,

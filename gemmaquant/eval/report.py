@@ -1,9 +1,9 @@
-"""The quantization report: report.json (machine-readable), report.md, and a self-contained report.html whose
-plots are inline SVG drawn here (no JavaScript, no external files: it opens offline).
+"""The quantization report: report.json (machine-readable), report.md, and a self-contained report.html: the same
+sections, each with its plot (matplotlib, inline SVG: no JavaScript, no external files, it opens offline).
 
-Plots: (a) size (bits per weight) against KL divergence for the variants compared, (b) per-layer weight error
-(SQNR, dB) for each tensor kind, (c) expert coverage: calibration tokens routed to each expert of each layer, with
-experts that needed forced routing outlined.
+Plots (gemmaquant.eval.plots): (a) size (bits per weight) against KL divergence for the variants compared, (b)
+per-layer weight error (SQNR, dB) for each tensor kind, (c) expert coverage: calibration tokens routed to each
+expert of each layer, with experts that needed forced routing outlined.
 
 Timings (latency, seconds per layer) differ from run to run, so they sit apart: the `timings` key, last in
 report.json, and the last section of report.md / report.html, headed TIMINGS_HEADING. The rest of a report is a
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,80 +48,122 @@ class Report:
         _write(paths["html"], self.html())
         return paths
 
-    # ---- markdown ----
-    def markdown(self) -> str:
-        m = self.metrics
-        r = self.recipe
-        lines = [f"# gemmaquant report: {self.model}", "",
-                 f"Recipe: {r.get('method')} onto {r.get('gguf_type') or r.get('weight_format')}, "
-                 f"{r.get('n_samples')} x {r.get('seq_len')} calibration tokens "
-                 f"(sha256 {self.calibration_sha256[:16]}...).",
-                 "", HEADLINE, "",
-                 "| KL mean | KL p99 | KL max | top-1 agreement | perplexity (float -> quantized) | held-out tokens |",
-                 "|---|---|---|---|---|---|",
-                 f"| {m['kl_mean']:.5f} | {m['kl_p99']:.5f} | {m['kl_max']:.5f} | {100 * m['top1']:.2f}% | "
-                 f"{m['ppl_ref']:.3f} -> {m['ppl_test']:.3f} | {m['tokens']} |", ""]
+    # ---- sections: the markdown and the html are the same text; the html adds each section's plot ----
+    def sections(self) -> list[Section]:
+        from gemmaquant.eval import plots
+
+        m, r = self.metrics, self.recipe
+        out = [Section("", [
+            f"# gemmaquant report: {self.model}", "",
+            f"Recipe: {r.get('method')} onto {r.get('gguf_type') or r.get('weight_format')}, "
+            f"{r.get('n_samples')} x {r.get('seq_len')} calibration tokens "
+            f"(sha256 {self.calibration_sha256[:16]}...).",
+            "", HEADLINE, "",
+            "| KL mean | KL p99 | KL max | top-1 agreement | perplexity (float -> quantized) | held-out tokens |",
+            "|---|---|---|---|---|---|",
+            f"| {m['kl_mean']:.5f} | {m['kl_p99']:.5f} | {m['kl_max']:.5f} | {100 * m['top1']:.2f}% | "
+            f"{m['ppl_ref']:.3f} -> {m['ppl_test']:.3f} | {m['tokens']} |"])]
         if m.get("routing"):
-            rt = m["routing"]
-            lines += ["## Routing (MoE)", "", ROUTING_NOTE, "",
-                      "| MoE layer | " + " | ".join(map(str, range(len(rt["flips"])))) + " |",
-                      "|---|" + "---|" * len(rt["flips"]),
-                      "| expert choices that differ | " + " | ".join(f"{100 * f:.1f}%" for f in rt["flips"]) + " |", "",
-                      f"KL with the float model's routing: {rt['kl_ref_routing']:.5f} of {m['kl_mean']:.5f} "
-                      f"({100 * rt['routing_share']:.0f}% of the KL is routing).", ""]
+            out.append(Section("Routing (MoE)", routing_lines(m)))
         if self.compared:
-            lines += ["## Size against quality", "", "| variant | bits/weight | KL mean | top-1 |", "|---|---|---|---|"]
-            lines += [f"| {c['label']} | {c['bits_per_weight']:.3f} | {c['kl_mean']:.5f} | {100 * c['top1']:.2f}% |"
-                      for c in self.compared]
-            lines.append("")
-        lines += ["## Files", "", "| kind | path | size |", "|---|---|---|"]
-        lines += [f"| {k} | {v['path']} | {v['bytes'] / 2**20:.2f} MiB |" for k, v in self.files.items()]
-        lines += ["", f"Bits per weight of the plan: {self.plan['bits_per_weight']:.3f}", "",
-                  "## Kept in float", "", "| tensors | reason |", "|---|---|"]
+            out.append(Section("Size against quality", [
+                "| variant | bits/weight | KL mean | top-1 |", "|---|---|---|---|",
+                *(f"| {c['label']} | {c['bits_per_weight']:.3f} | {c['kl_mean']:.5f} | {100 * c['top1']:.2f}% |"
+                  for c in self.compared)], plots.size_kl(self.compared)))
         reasons: dict[str, int] = {}
         for why in self.plan["float_tensors"].values():
             reasons[why] = reasons.get(why, 0) + 1
-        lines += [f"| {n} | {why} |" for why, n in reasons.items()]
-        lines += ["", "## Per-layer weight SQNR (dB)", "", "| layer | min | mean | worst tensor |", "|---|---|---|---|"]
+        out += [Section("Files", ["| kind | path | size |", "|---|---|---|",
+                                  *(f"| {k} | {v['path']} | {v['bytes'] / 2**20:.2f} MiB |"
+                                    for k, v in self.files.items()),
+                                  "", f"Bits per weight of the plan: {self.plan['bits_per_weight']:.3f}"]),
+                Section("Kept in float", ["| tensors | reason |", "|---|---|",
+                                          *(f"| {n} | {why} |" for why, n in reasons.items())])]
+        sq = ["| layer | min | mean | worst tensor |", "|---|---|---|---|"]
         for info in self.layers:
             s = info["sqnr_db"]
             if s:
                 worst = min(s, key=s.get)
-                lines.append(f"| {info['layer']} | {s[worst]:.2f} | {sum(s.values()) / len(s):.2f} | {worst} |")
+                sq.append(f"| {info['layer']} | {s[worst]:.2f} | {sum(s.values()) / len(s):.2f} | {worst} |")
+        out.append(Section("Per-layer weight SQNR (dB)", sq, plots.sqnr(self.layers)))
         if any(info.get("expert_tokens") for info in self.layers):
-            lines += ["", "## Expert coverage (calibration tokens routed per expert)", ""]
-            for info in self.layers:
-                forced = info.get("forced_experts") or []
-                per_expert = info.get("expert_sqnr_db") or {}
-                worst = {k.split(".")[-1]: f"{min(v):.1f}" for k, v in per_expert.items() if v}
-                lines.append(f"- layer {info['layer']}: {info['expert_tokens']}"
-                             + (f"; forced routing for experts {forced}" if forced else "")
-                             + (f"; worst expert SQNR dB {worst}" if worst else ""))
-        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()), ""]
-        lat = self.timings.get("latency") or {}
+            out.append(Section("Expert coverage (calibration tokens routed per expert)", expert_lines(self.layers),
+                               plots.expert_heatmap(self.layers)))
+        out.append(Section("", ["Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items())]))
+        lat = [f"| {k} | {v['prefill_tokens_per_s']:.1f} | {v['decode_tokens_per_s']:.1f} |"
+               for k, v in (self.timings.get("latency") or {}).items()
+               if isinstance(v, dict) and "prefill_tokens_per_s" in v]
         secs = [s for s in self.timings.get("layer_seconds") or [] if s is not None]
-        if lat or secs:
-            lines += [TIMINGS_HEADING, "", TIMINGS_NOTE, ""]
+        lines = [TIMINGS_NOTE, ""]
         if lat:
-            lines += ["Latency, side by side:", "", "| model | prefill tok/s | decode tok/s |", "|---|---|---|"]
-            for k, v in lat.items():
-                if isinstance(v, dict) and "prefill_tokens_per_s" in v:
-                    lines.append(f"| {k} | {v['prefill_tokens_per_s']:.1f} | {v['decode_tokens_per_s']:.1f} |")
-            lines.append("")
+            lines += ["Latency, side by side:", "", "| model | prefill tok/s | decode tok/s |", "|---|---|---|", *lat, ""]
         if secs:
-            lines += [f"Quantization: {sum(secs):.1f} s over {len(secs)} layers (slowest {max(secs):.1f} s).", ""]
-        return "\n".join(lines)
+            lines.append(f"Quantization: {sum(secs):.1f} s over {len(secs)} layers (slowest {max(secs):.1f} s).")
+        if lat or secs:  # last: everything before it is the same whenever the same command runs
+            out.append(Section(TIMINGS_HEADING.removeprefix("## "), lines))
+        return out
 
-    # ---- html ----
+    def markdown(self) -> str:
+        return sections_markdown(self.sections())
+
     def html(self) -> str:
-        body = _md_to_html(self.markdown())
-        plots = [("Size against KL divergence", svg_scatter(self.compared)),
-                 ("Per-layer weight error (SQNR)", svg_sqnr(self.layers)),
-                 ("Expert coverage", svg_heatmap(self.layers))]
-        figs = "".join(f"<h2>{html.escape(t)}</h2>{s}" for t, s in plots if s)
-        return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>gemmaquant report</title><style>"
-                "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
-                "td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>" + figs + body + "</body></html>")
+        return sections_html(self.sections(), f"gemmaquant report: {self.model}")
+
+
+@dataclass
+class Section:
+    """One part of a report: a title ("" for none), its markdown lines, and the plot drawn for it (inline SVG)."""
+
+    title: str
+    lines: list[str]
+    plot: str = ""
+
+
+def routing_lines(m: dict) -> list[str]:
+    """The routing table of compare_logits' metrics `m` (MoE: expert choices that flip, their share of the KL)."""
+    rt = m["routing"]
+    return [ROUTING_NOTE, "",
+            "| MoE layer | " + " | ".join(map(str, range(len(rt["flips"])))) + " |",
+            "|---|" + "---|" * len(rt["flips"]),
+            "| expert choices that differ | " + " | ".join(f"{100 * f:.1f}%" for f in rt["flips"]) + " |", "",
+            f"KL with the float model's routing: {rt['kl_ref_routing']:.5f} of {m['kl_mean']:.5f} "
+            f"({100 * rt['routing_share']:.0f}% of the KL is routing)."]
+
+
+def expert_lines(layers: list[dict]) -> list[str]:
+    lines = ["| layer | tokens per expert | forced routing | worst expert SQNR (dB) |", "|---|---|---|---|"]
+    for info in layers:
+        if not info.get("expert_tokens"):
+            continue
+        forced = ", ".join(map(str, info.get("forced_experts") or [])) or "none"
+        worst = ", ".join(f"{k.split('.')[-1]} {min(v):.1f}" for k, v in (info.get("expert_sqnr_db") or {}).items()
+                          if v)
+        lines.append(f"| {info['layer']} | {', '.join(map(str, info['expert_tokens']))} | {forced} | {worst or '-'} |")
+    return lines
+
+
+def sections_markdown(sections: list[Section]) -> str:
+    lines = []
+    for sec in sections:
+        lines += ([f"## {sec.title}", ""] if sec.title else []) + sec.lines + [""]
+    return "\n".join(lines)
+
+
+CSS = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.4}"
+       "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
+       "th{background:#f3f3f3}svg{max-width:100%;height:auto;display:block;margin:0.5em 0}")
+
+
+def sections_html(sections: list[Section], title: str) -> str:
+    """One self-contained page: each section's title, its plot, then its text and tables."""
+    parts = []
+    for sec in sections:
+        if sec.title:
+            parts.append(f"<h2>{html.escape(sec.title)}</h2>")
+        parts.append(sec.plot)
+        parts.append(md_to_html(sec.lines))
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(p for p in parts if p) + "\n</body></html>\n")
 
 
 def _write(path: Path, text: str) -> None:
@@ -131,99 +172,40 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _md_to_html(md: str) -> str:
-    out, in_table = [], False
-    for line in md.splitlines():
+def md_to_html(lines: list[str]) -> str:
+    """The little markdown the reports write: headings, paragraphs, `- ` lists and pipe tables (first row: header)."""
+    out: list[str] = []
+    block = None  # "table" | "ul" | None
+
+    def close():
+        nonlocal block
+        if block:
+            out.append(f"</{block}>")
+        block = None
+
+    for line in lines:
         if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-"):
+            cells = [html.escape(c.strip()) for c in line.strip().strip("|").split("|")]
+            if set("".join(cells)) <= set("-:"):
                 continue
-            if not in_table:
+            tag = "td"
+            if block != "table":
+                close()
                 out.append("<table>")
-                in_table = True
-            out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        out.append("</table>")
+                block, tag = "table", "th"
+            out.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+        elif line.startswith("- "):
+            if block != "ul":
+                close()
+                out.append("<ul>")
+                block = "ul"
+            out.append(f"<li>{html.escape(line[2:])}</li>")
+        else:
+            close()
+            if line.startswith("#"):
+                level = len(line) - len(line.lstrip("#"))
+                out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+            elif line.strip():
+                out.append(f"<p>{html.escape(line)}</p>")
+    close()
     return "\n".join(out)
-
-
-W, H, PAD = 640, 320, 48
-
-
-def _axes(xlabel: str, ylabel: str) -> str:
-    return (f"<line x1='{PAD}' y1='{H - PAD}' x2='{W - 10}' y2='{H - PAD}' stroke='black'/>"
-            f"<line x1='{PAD}' y1='10' x2='{PAD}' y2='{H - PAD}' stroke='black'/>"
-            f"<text x='{W / 2}' y='{H - 10}' text-anchor='middle' font-size='12'>{html.escape(xlabel)}</text>"
-            f"<text x='12' y='{H / 2}' font-size='12' transform='rotate(-90 12 {H / 2})' "
-            f"text-anchor='middle'>{html.escape(ylabel)}</text>")
-
-
-def _scale(v, lo, hi, a, b):
-    return a + (b - a) * (0.5 if hi == lo else (v - lo) / (hi - lo))
-
-
-def svg_scatter(points: list) -> str:
-    if not points:
-        return ""
-    xs = [p["bits_per_weight"] for p in points]
-    ys = [math.log10(max(p["kl_mean"], 1e-8)) for p in points]
-    marks = []
-    for p, x, y in zip(points, xs, ys):
-        cx, cy = _scale(x, min(xs), max(xs), PAD + 20, W - 60), _scale(y, min(ys), max(ys), H - PAD - 15, 20)
-        marks.append(f"<circle cx='{cx:.1f}' cy='{cy:.1f}' r='5' fill='#c33'/><text x='{cx + 7:.1f}' y='{cy - 6:.1f}' "
-                     f"font-size='11'>{html.escape(p['label'])} ({p['kl_mean']:.4f})</text>")
-    return (f"<svg width='{W}' height='{H}' id='plot-size-kl'>"
-            + _axes("bits per weight", "KL divergence (log10)") + "".join(marks) + "</svg>")
-
-
-def svg_sqnr(layers: list) -> str:
-    kinds = sorted({k.split(".")[-2] if k.count(".") else k for info in layers for k in info.get("sqnr_db", {})})
-    if not kinds:
-        return ""
-    vals = [v for info in layers for v in info["sqnr_db"].values() if math.isfinite(v)]
-    lo, hi = min(vals), max(vals)
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
-    lines = []
-    for j, kind in enumerate(kinds):
-        pts = []
-        for info in layers:
-            v = [s for k, s in info["sqnr_db"].items() if (k.split(".")[-2] if k.count(".") else k) == kind]
-            if v and math.isfinite(min(v)):
-                x = _scale(info["layer"], 0, max(len(layers) - 1, 1), PAD + 10, W - 120)
-                pts.append(f"{x:.1f},{_scale(min(v), lo, hi, H - PAD - 5, 15):.1f}")
-        c = colors[j % len(colors)]
-        lines.append(f"<polyline fill='none' stroke='{c}' points='{' '.join(pts)}'/>"
-                     f"<text x='{W - 110}' y='{20 + 14 * j}' font-size='11' fill='{c}'>{html.escape(kind)}</text>")
-    return (f"<svg width='{W}' height='{H}' id='plot-sqnr'>"
-            + _axes("layer", f"SQNR dB ({lo:.1f} .. {hi:.1f})") + "".join(lines) + "</svg>")
-
-
-def svg_heatmap(layers: list) -> str:
-    rows = [info for info in layers if info.get("expert_tokens")]
-    if not rows:
-        return ""
-    E = len(rows[0]["expert_tokens"])
-    top = max(max(r["expert_tokens"]) for r in rows) or 1
-    cw, ch = min(24, (W - PAD) / E), 20
-    cells = []
-    for i, r in enumerate(rows):
-        for e, n in enumerate(r["expert_tokens"]):
-            shade = int(255 - 200 * n / top)
-            forced = e in (r.get("forced_experts") or [])
-            cells.append(f"<rect x='{PAD + e * cw:.1f}' y='{10 + i * ch}' width='{cw:.1f}' height='{ch}' "
-                         f"fill='rgb({shade},{shade},255)' stroke='{'red' if forced else 'white'}'>"
-                         f"<title>layer {r['layer']} expert {e}: {n} tokens{' (forced)' if forced else ''}"
-                         "</title></rect>")
-        cells.append(f"<text x='4' y='{25 + i * ch}' font-size='11'>L{r['layer']}</text>")
-    height = 20 + ch * len(rows)
-    return (f"<svg width='{W}' height='{height}' id='plot-experts'>"
-            + "".join(cells) + "</svg>")

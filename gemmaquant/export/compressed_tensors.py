@@ -10,7 +10,7 @@ Experts: the checkpoint's fused `experts.gate_up_proj [E, 2*Ie, H]` / `experts.d
 unfused, per expert, under the names vLLM's Gemma 4 loader maps onto FusedMoE (vllm/model_executor/models/gemma4.py
 `expert_params_mapping`: `experts.{e}.gate_proj.` -> w1, `.up_proj.` -> w3, `.down_proj.` -> w2), e.g.
 `model.language_model.layers.0.experts.3.gate_proj.weight_packed`. transformers needs a conversion mapping to
-merge them back (`register_transformers_gemma4_experts` in compressed_tensors_reader.py).
+merge them back: `gemmaquant.export.load_transformers(dir)` (transformers_loader.py).
 
 Values: a `Packed` in the scheme's own format (Int4Group symmetric with this group size / Int8Channel) is written
 bit-for-bit; a float tensor is quantized by RTN with that format. Output: sharded safetensors + index (streamed, one

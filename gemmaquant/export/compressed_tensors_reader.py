@@ -6,21 +6,19 @@ transformers runs when it loads the export in float32, in bf16 what vLLM and com
 Per-expert tensors (`layers.i.experts.{e}.{gate,up,down}_proj.*`) are fused back into `experts.gate_up_proj` /
 `experts.down_proj`.
 
-transformers has no checkpoint conversion for Gemma 4's per-expert names (its Gemma4 experts are fused parameters),
-so `register_transformers_gemma4_experts()` registers one (the same merge transformers ships for Qwen2-MoE-style
-checkpoints) before `from_pretrained` on an MoE export.
+transformers has no checkpoint conversion for Gemma 4's per-expert names (its Gemma4 experts are fused parameters):
+load an MoE export with `gemmaquant.export.load_transformers(dir)` (transformers_loader.py), which registers the
+merge for that call and fails loudly on weights transformers did not load.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from gemmaquant.checkpoint import Checkpoint, CheckpointError, expected_shapes
-from gemmaquant.config import Gemma4Config
+from gemmaquant.checkpoint import Checkpoint, CheckpointError, expected_shapes, read_json
 from gemmaquant.export.compressed_tensors import EXPERTS, is_quantized
 from gemmaquant.export.ct_pack import dequantize, unpack_int32
 from gemmaquant.export.errors import ExportError
@@ -32,14 +30,18 @@ class CompressedTensorsError(ExportError):
 
 def quantization_config(raw: dict) -> dict:
     """The quantization_config of an HF config dict (top level, or text_config's for a multimodal export)."""
-    return raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config") or {}
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    qc = raw.get("quantization_config") or text.get("quantization_config") or {}
+    return qc if isinstance(qc, dict) else {}
 
 
 def is_compressed_tensors(path: Path) -> bool:
     """True for a checkpoint directory whose config.json declares quant_method compressed-tensors."""
     cfg = Path(path) / "config.json"
-    return (cfg.is_file()
-            and quantization_config(json.loads(cfg.read_text())).get("quant_method") == "compressed-tensors")
+    if not cfg.is_file():
+        return False
+    qc = quantization_config(read_json(cfg, "config"))
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
 def _bits(qc: dict, path: Path) -> int:
@@ -47,18 +49,42 @@ def _bits(qc: dict, path: Path) -> int:
         raise CompressedTensorsError(f"{path}: compressed-tensors format {qc.get('format')!r} is not read "
                                      f"(gemmaquant writes pack-quantized)")
     groups = list((qc.get("config_groups") or {}).values())
-    if len(groups) != 1 or not groups[0].get("weights") or not groups[0]["weights"].get("symmetric", False):
+    if len(groups) != 1 or not isinstance(groups[0], dict) or not isinstance(groups[0].get("weights"), dict) \
+            or not groups[0]["weights"].get("symmetric", False):
         raise CompressedTensorsError(f"{path}: expected one symmetric weight-only config group")
-    return int(groups[0]["weights"]["num_bits"])
+    bits = groups[0]["weights"].get("num_bits")
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise CompressedTensorsError(f"{path}: quantization_config num_bits = {bits!r}; gemmaquant reads 4 or 8")
+    return bits
+
+
+def read_packed(ckpt: Checkpoint, name: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes [N, K], scale [N, G]) of one packed weight, checked: int32 words, a 2-element weight_shape the
+    packed words hold, a finite float scale whose groups divide K. CompressedTensorsError naming the tensor."""
+    where = ckpt.path / ckpt.weight_map.get(ckpt.full_name(f"{name}.weight_packed"), "")
+    base = ckpt.full_name(name)  # in messages: the name in the file
+    try:
+        packed, shape_t, scale = (ckpt.get(f"{name}.{k}") for k in ("weight_packed", "weight_shape", "weight_scale"))
+    except CheckpointError as e:
+        raise CompressedTensorsError(str(e)) from None
+    shape = [int(x) for x in shape_t.tolist()] if shape_t.dim() == 1 and not shape_t.is_floating_point() else None
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise CompressedTensorsError(f"{where}: {base}.weight_packed is {packed.dtype} {list(packed.shape)}, "
+                                     f"expected 2-D int32 words")
+    per = 32 // bits  # codes per int32 word
+    if shape is None or len(shape) != 2 or shape[0] != packed.shape[0] or shape[1] <= 0 or \
+            -(-shape[1] // per) != packed.shape[1]:
+        raise CompressedTensorsError(f"{where}: {base}.weight_shape {shape_t.tolist()} does not match "
+                                     f"{base}.weight_packed {list(packed.shape)} at {bits} bits")
+    if not scale.is_floating_point() or scale.dim() != 2 or scale.shape[0] != shape[0] or scale.shape[1] == 0 or \
+            shape[1] % scale.shape[1] or not bool(torch.isfinite(scale).all()):
+        raise CompressedTensorsError(f"{where}: {base}.weight_scale ({scale.dtype} {list(scale.shape)}) is not a "
+                                     f"finite float scale of {shape[0]} rows dividing {shape[1]} inputs")
+    return unpack_int32(packed, bits, shape[1]), scale
 
 
 def _weight(ckpt: Checkpoint, base: str, bits: int) -> torch.Tensor:
-    shape = [int(x) for x in ckpt.get(f"{base}.weight_shape").tolist()]
-    q = unpack_int32(ckpt.get(f"{base}.weight_packed"), bits, shape[1])
-    if list(q.shape) != shape:
-        raise CompressedTensorsError(f"{ckpt.path}: {base}.weight_packed unpacks to {list(q.shape)}, "
-                                     f"weight_shape says {shape}")
-    return dequantize(q, ckpt.get(f"{base}.weight_scale"))
+    return dequantize(*read_packed(ckpt, base, bits))
 
 
 def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -66,10 +92,9 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
     from gemmaquant.model.gemma4 import Gemma4, rope_inv_freqs
 
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
-    bits = _bits(quantization_config(raw), path)
-    cfg = Gemma4Config.from_hf_dict(raw, source=str(path / "config.json"))
     ckpt = Checkpoint(path)
+    raw, cfg = ckpt.raw_config, ckpt.config
+    bits = _bits(quantization_config(raw), path)
     state = {}
     for name, shape in expected_shapes(cfg).items():
         try:
@@ -88,6 +113,8 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
             raise CompressedTensorsError(str(e)) from None
         if tuple(w.shape) != tuple(shape):
             raise CompressedTensorsError(f"{path}: {name} has shape {list(w.shape)}, expected {list(shape)}")
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise CompressedTensorsError(f"{path}: {name} contains NaN or Inf")
         state[name] = w.to(device=device, dtype=dtype)
     with torch.device("meta"):
         model = Gemma4(cfg)
@@ -98,19 +125,15 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
 
 
 def register_transformers_gemma4_experts() -> None:
-    """Teach transformers to merge Gemma 4's per-expert checkpoint names into its fused expert parameters
-    (with compressed-tensors, the dequantize step runs on every expert first). Idempotent."""
+    """Teach transformers, for the rest of the process, to merge Gemma 4's per-expert checkpoint names into its fused
+    expert parameters. Idempotent. Prefer `gemmaquant.export.load_transformers(dir)`: registered globally, the
+    merge also runs backwards when a Gemma 4 model built in the process (from_config, not from_pretrained) is saved,
+    and `save_pretrained` then writes its experts unfused."""
     from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
                                                  register_checkpoint_conversion_mapping)
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
-    if get_checkpoint_conversion_mapping("gemma4_text") is not None:
-        return
-    mapping = [
-        WeightConverter(source_patterns=["experts.*.gate_proj.weight", "experts.*.up_proj.weight"],
-                        target_patterns="experts.gate_up_proj",
-                        operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
-        WeightConverter(source_patterns="experts.*.down_proj.weight", target_patterns="experts.down_proj",
-                        operations=[MergeModulelist(dim=0)]),
-    ]
-    register_checkpoint_conversion_mapping("gemma4_text", mapping)
+    from gemmaquant.export.transformers_loader import MODEL_TYPES, expert_mapping
+
+    for t in MODEL_TYPES:
+        if get_checkpoint_conversion_mapping(t) is None:
+            register_checkpoint_conversion_mapping(t, expert_mapping())

@@ -22,6 +22,7 @@ that matter for Gemma 4 (GEMMA4_SPEC.md §3.4):
 from __future__ import annotations
 
 from gemmaquant.config import Gemma4Config
+from gemmaquant.errors import GemmaquantError
 from gemmaquant.export.gguf_names import always_f32, gguf_name, layer_of, never_requantized
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -40,7 +41,7 @@ ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as in llama-quantize's list of
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # tensor_type_fallback (256-block -> 32-block)
 
 
-class MixError(ValueError):
+class MixError(GemmaquantError, ValueError):
     pass
 
 

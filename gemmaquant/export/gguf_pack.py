@@ -14,12 +14,13 @@ import gguf
 import numpy as np
 import torch
 
+from gemmaquant.errors import GemmaquantError
 from gemmaquant.export.gguf_mix import BLOCK_SIZE, FLOAT_TYPES
 
 CHUNK_BYTES = 64 << 20  # float bytes quantized per step
 
 
-class PackError(ValueError):
+class PackError(GemmaquantError, ValueError):
     """A value that cannot be stored as asked (type/shape mismatch, overflow, lossy repack)."""
 
 

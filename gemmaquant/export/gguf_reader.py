@@ -25,6 +25,24 @@ class GGUFFormatError(ExportError):
     pass
 
 
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """gguf-py's reader on `path`, after checking what it does not: every tensor's bytes lie inside the file.
+    GGUFFormatError naming the file for anything unreadable (never gguf-py's bare IndexError / struct.error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFFormatError(f"{path}: {'a directory' if path.is_dir() else 'no such file'}, expected a GGUF file")
+    size = path.stat().st_size
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # a damaged header ends in whatever numpy or struct raised where parsing stopped
+        raise GGUFFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:200]})") from None
+    for t in r.tensors:
+        if t.data_offset + int(t.n_bytes) > size or t.data.nbytes != int(t.n_bytes):
+            raise GGUFFormatError(f"{path}: tensor {t.name} ({int(t.n_bytes)} bytes at offset {t.data_offset}) lies "
+                                  f"outside the {size}-byte file (truncated)")
+    return r
+
+
 def _field(r: gguf.GGUFReader, key: str, default=None, required: bool = True):
     f = r.fields.get(key)
     if f is None:
@@ -35,7 +53,17 @@ def _field(r: gguf.GGUFReader, key: str, default=None, required: bool = True):
 
 
 def read_config(r: gguf.GGUFReader, path: str = "gguf") -> Gemma4Config:
-    """Gemma4Config from the metadata (and the few facts only the tensor table holds)."""
+    """Gemma4Config from the metadata (and the few facts only the tensor table holds); GGUFFormatError naming
+    `path` when they do not describe a Gemma 4 model."""
+    try:
+        return _read_config(r, path)
+    except GGUFFormatError as e:
+        raise GGUFFormatError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # a key of the wrong type or shape; ConfigError
+        raise GGUFFormatError(f"{path}: metadata is not a Gemma 4 model's ({type(e).__name__}: {e})") from None
+
+
+def _read_config(r: gguf.GGUFReader, path: str) -> Gemma4Config:
     arch = _field(r, "general.architecture")
     if arch != "gemma4":
         raise GGUFFormatError(f"{path}: general.architecture is {arch!r}, expected 'gemma4'")
@@ -110,7 +138,7 @@ def dequantize(t) -> np.ndarray:
 
 def gguf_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The `gemmaquant.*` keys (recipe, calibration hash, ...) a GGUF was written with."""
-    r = gguf.GGUFReader(str(path))
+    r = open_gguf(path)
     return {k.removeprefix("gemmaquant."): f.contents() for k, f in r.fields.items() if k.startswith("gemmaquant.")}
 
 
@@ -119,10 +147,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     from gemmaquant.model.gemma4 import Gemma4, rope_inv_freqs
 
     path = Path(path)
-    try:
-        r = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise GGUFFormatError(f"{path}: not a readable GGUF file ({e})") from None
+    r = open_gguf(path)
     cfg = read_config(r, str(path))
     with torch.device("meta"):
         model = Gemma4(cfg)
@@ -135,6 +160,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
         if name not in want:
             raise GGUFFormatError(f"{path}: tensor {t.name} does not belong to this config")
         w = torch.from_numpy(dequantize(t))
+        if not bool(torch.isfinite(w).all()):
+            raise GGUFFormatError(f"{path}: tensor {t.name} contains NaN or Inf")
         if tuple(w.shape) != want[name]:
             raise GGUFFormatError(f"{path}: tensor {t.name} has shape {list(w.shape)}, expected {list(want[name])}")
         state[name] = w.to(device=device, dtype=dtype)

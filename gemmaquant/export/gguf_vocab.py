@@ -28,6 +28,8 @@ from pathlib import Path
 
 import gguf
 
+from gemmaquant.errors import GemmaquantError
+
 VISIBLE_TOKENS = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
                   "<tool_response|>", '<|"|>'}  # forced USER_DEFINED by the converter so they are rendered
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog.  Two  spaces, tabs\tand\n\nnewlines\n"
@@ -36,7 +38,7 @@ SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog.  Two  spaces, tabs\
 _BYTE_RE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-class VocabError(ValueError):
+class VocabError(GemmaquantError, ValueError):
     pass
 
 

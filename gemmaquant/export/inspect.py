@@ -1,18 +1,18 @@
 """`gemmaquant inspect FILE`: what a GGUF file or a compressed-tensors / safetensors directory holds: every tensor's
 type, shape, size and bits per weight, totals per type, and the metadata (hyperparameters, recipe, tokenizer).
 
-    print(inspect_file("model-Q4_K_M.gguf"))
+    print(inspect_file("model-Q4_K_M.gguf"))          # or a directory, or one .safetensors file
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from gemmaquant.checkpoint import DTYPE_BYTES, read_json
 from gemmaquant.export.errors import ExportError
 
 
@@ -37,9 +37,9 @@ def _summary(per_type: dict[str, list[int]], total_w: int, total_b: int) -> list
 
 
 def inspect_gguf(path: Path) -> str:
-    import gguf
+    from gemmaquant.export.gguf_reader import open_gguf
 
-    r = gguf.GGUFReader(str(path))
+    r = open_gguf(path)
     lines = [f"{path}: GGUF v{r.fields['GGUF.version'].contents()}, {len(r.tensors)} tensors, "
              f"{_size(path.stat().st_size)}",
              "", "metadata:"]
@@ -67,28 +67,31 @@ def inspect_gguf(path: Path) -> str:
     return "\n".join(lines)
 
 
-def _safetensors_headers(d: Path) -> dict[str, dict]:
+def _safetensors_headers(files: list[Path]) -> dict[str, dict]:
+    """name -> {dtype, shape, file, metadata} over safetensors files, each header checked against its file's
+    length (a truncated file is refused, not listed)."""
+    from gemmaquant.checkpoint import read_safetensors_header
+
     out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        meta = header.pop("__metadata__", {})
-        for name, info in header.items():
-            out[name] = {**info, "file": f.name, "metadata": meta}
+    for f in files:
+        header = read_safetensors_header(f)
+        for name, info in header["tensors"].items():
+            out[name] = {"dtype": info["dtype_name"], "shape": info["shape"], "file": f.name,
+                         "metadata": header["metadata"]}
     return out
 
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+def inspect_dir(path: Path, files: list[Path] | None = None) -> str:
+    """A checkpoint directory's safetensors files (or only `files` of it) with its config's quantization."""
+    from gemmaquant.export.compressed_tensors_reader import quantization_config
 
-
-def inspect_dir(path: Path) -> str:
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
-    headers = _safetensors_headers(path)
+    cfg = read_json(path / "config.json", "config") if (path / "config.json").is_file() else {}
+    qc = quantization_config(cfg)
+    headers = _safetensors_headers(files if files is not None else sorted(path.glob("*.safetensors")))
     if not headers:
         raise ExportError(f"{path}: no *.safetensors files")
+    if files is not None:
+        path = files[0]
     lines = [f"{path}: safetensors, {len(headers)} tensors in {len({h['file'] for h in headers.values()})} file(s)"]
     if qc:
         g = next(iter(qc.get("config_groups", {}).values()), {}).get("weights", {})
@@ -108,19 +111,20 @@ def inspect_dir(path: Path) -> str:
     bits = (next(iter((qc or {}).get("config_groups", {}).values()), {}).get("weights", {}) or {}).get("num_bits")
     rows, per_type = [], defaultdict(lambda: [0, 0])
     for base, parts in sorted(modules.items()):
-        nbytes = sum(int(np.prod(h["shape"])) * DTYPE_BYTES.get(h["dtype"], 1) for h in parts.values())
-        if "weight_packed" in parts:
+        if "weight_packed" in parts and "weight_scale" in parts and bits in (4, 8) and \
+                len(parts["weight_packed"]["shape"]) == 2:
             packed = parts["weight_packed"]["shape"]
-            shape = [packed[0], packed[1] * 32 // int(bits)]
-            kind = f"int{bits}+{parts['weight_scale']['dtype'].lower()} scale"
-            name = base + ".weight"
-        else:
-            h = parts[""]
-            shape, kind, name = h["shape"], h["dtype"], base
-        n = int(np.prod(shape)) if shape else 1
-        rows.append((name, kind, "x".join(map(str, shape)) or "scalar", _size(nbytes), f"{8 * nbytes / n:.2f}"))
-        per_type[kind][0] += n
-        per_type[kind][1] += nbytes
+            entries = [(base + ".weight", f"int{bits}+{parts['weight_scale']['dtype'].lower()} scale",
+                        [packed[0], packed[1] * 32 // bits], parts.values())]
+        else:  # a plain tensor, or the parts of a packed one that cannot be read as one (listed as they are)
+            entries = [(f"{base}.{leaf}" if leaf else base, h["dtype"], h["shape"], [h]) for leaf, h in parts.items()]
+        for name, kind, shape, stored in entries:
+            nbytes = sum(int(np.prod(h["shape"])) * DTYPE_BYTES.get(h["dtype"], 1) for h in stored)
+            n = int(np.prod(shape)) if shape else 1
+            rows.append((name, kind, "x".join(map(str, shape)) or "scalar", _size(nbytes),
+                         f"{8 * nbytes / max(n, 1):.2f}"))
+            per_type[kind][0] += n
+            per_type[kind][1] += nbytes
     lines += ["", "tensors:"] + ["  " + x for x in _table(rows, ("name", "type", "shape", "size", "bits/weight"))]
     lines += ["", "by type:"] + ["  " + x for x in _summary(per_type, sum(v[0] for v in per_type.values()),
                                                            sum(v[1] for v in per_type.values()))]
@@ -131,10 +135,9 @@ def inspect_file(path: str | os.PathLike) -> str:
     """A human-readable report of a GGUF file or a (compressed-tensors) safetensors checkpoint directory."""
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
-        try:
-            return inspect_gguf(p)
-        except (ValueError, OSError) as e:
-            raise ExportError(f"{p}: not a readable GGUF file ({e})") from None
+        return inspect_gguf(p)
     if p.is_dir():
         return inspect_dir(p)
-    raise ExportError(f"{p}: expected a .gguf file or a checkpoint directory")
+    if p.is_file() and p.suffix == ".safetensors":
+        return inspect_dir(p.parent, [p])
+    raise ExportError(f"{p}: expected a .gguf or .safetensors file or a checkpoint directory")

@@ -22,8 +22,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from gemmaquant.checkpoint import Checkpoint
+from gemmaquant.checkpoint import Checkpoint, CheckpointError
 from gemmaquant.config import Gemma4Config
+from gemmaquant.validate import check_float_checkpoint, require_finite
 
 
 @runtime_checkable
@@ -47,6 +48,7 @@ class FloatSource:
 
     def __init__(self, checkpoint: Checkpoint | str | os.PathLike, metadata: dict[str, str] | None = None):
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        check_float_checkpoint(self.checkpoint)  # names, shapes and dtypes, before the exporter starts
         self.config = self.checkpoint.config
         self.source_dir: Path | None = self.checkpoint.path
         self.metadata = dict(metadata or {})
@@ -55,7 +57,10 @@ class FloatSource:
         return self.checkpoint.text_names()
 
     def get(self, name: str) -> torch.Tensor:
-        return self.checkpoint.get(name)
+        t = self.checkpoint.get(name)
+        full = self.checkpoint.full_name(name)
+        require_finite(t, full, self.checkpoint.path / self.checkpoint.weight_map[full], CheckpointError)
+        return t
 
     def __repr__(self) -> str:
         return f"FloatSource({str(self.checkpoint.path)!r})"

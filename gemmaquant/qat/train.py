@@ -107,6 +107,9 @@ class QATRecipe:
     average: float = 0.99  # decay of the moving average that is exported (0: the last step); see average_decay
 
     def __post_init__(self):
+        from gemmaquant.validate import check_fields
+
+        check_fields(self, QATError, qat_ranges())
         for k in ("gguf_type", "embedding_type"):
             if getattr(self, k) is not None:
                 object.__setattr__(self, k, getattr(self, k).upper())
@@ -138,6 +141,21 @@ class QATRecipe:
         if self.gguf_type is not None:  # a mix: the GGUF of that type, whose block types are the trained ones
             return self.gguf_type, None
         return EXPORTS.get(self.format_name)
+
+
+def qat_ranges() -> dict:
+    """What each QATRecipe value may be beyond its annotated type (gemmaquant.validate.check_fields); the checks
+    that relate two values are in QATRecipe.__post_init__."""
+    from gemmaquant.export.gguf_mix import BLOCK_TYPES, FLOAT_TYPES
+    from gemmaquant.recipe import recipe_ranges
+    from gemmaquant.validate import at_least, one_of, positive
+
+    rates = {k: at_least(0.0, ">= 0 (0 freezes what it trains)") for k in ("lr", "scale_lr", "float_lr", "embed_lr")}
+    return {**rates, "weight_format": recipe_ranges()["weight_format"], "gguf_type": recipe_ranges()["gguf_type"],
+            "embedding_type": (lambda v: v.upper() in BLOCK_TYPES + FLOAT_TYPES,
+                               f"a GGUF type: {', '.join(BLOCK_TYPES + FLOAT_TYPES)}"),
+            "grad_clip": positive(), "hidden_weight": at_least(0.0), "router_weight": at_least(0.0),
+            "scale_grad": one_of(("codes", "lsq")), "seed": at_least(0)}
 
 
 def has_experts(config) -> bool:
@@ -400,11 +418,9 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     qat_plan(teacher, ptq_recipe)  # a recipe that does not fit the model fails here, before any work
     if r.embedding_type:
         embedding_formats(teacher.config, r.embedding_type)  # so does an embedding type that does not fit
-    # (a copy: quantize() on a model object writes the dequantized weights into that object's tensors, the
-    # planned matrices only, so the per-layer table need not be copied)
+    # (quantize() reads the teacher layer by layer and leaves it as it was: no copy needed)
     shared = shared_tables(teacher)  # the student's are the teacher's own tensors: not copied, not saved
-    ptq = quantize(copy.deepcopy(teacher, memo={id(t): t for t in shared}), ptq_recipe, out=out,
-                   tokenizer_dir=tok_dir, progress=False)
+    ptq = quantize(teacher, ptq_recipe, out=out, tokenizer_dir=tok_dir, progress=False)
     ptq_src = QuantizedSource(ptq.work_dir)
 
     # 2. the student: GPTQ's weights and block parameters under fake quantization
@@ -512,6 +528,9 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     report["seconds"] = round(time.time() - t0, 2)
     report["text"] = _summary(report, out)
     (out / "qat-report.json").write_text(json.dumps(report, indent=2, default=str))
+    from gemmaquant.eval.qat_report import save_qat_report
+
+    save_qat_report(report, out)  # qat-report.md and qat-report.html, like the PTQ report
     return report
 
 
@@ -557,5 +576,5 @@ def _summary(rep: dict, out: Path) -> str:
                      f"{100 * g['ci95'][1]:.1f}% over {g['windows']} held-out windows)")
     for kind, path in rep["files"].items():
         lines.append(f"  {kind:12s} {path}")
-    lines.append(f"  report       {out / 'qat-report.json'}")
+    lines.append(f"  report       {out / 'qat-report.json'} (.md, .html)")
     return "\n".join(lines)

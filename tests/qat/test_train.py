@@ -33,6 +33,8 @@ def test_qat_train_writes_exports_and_report(tmp_path, data):
     kls = [x["kl"] for x in rep["log"]]  # fewer steps than the window: both means are over the whole log
     assert rep["kl_head"] == rep["kl_tail"] == pytest.approx(sum(kls) / 3, abs=1e-6) and "(mean of" in rep["text"]
     assert json.loads((tmp_path / "qat-report.json").read_text())["qat"]["top1"] == rep["qat"]["top1"]
+    assert "QAT removes" in (tmp_path / "qat-report.md").read_text()  # and the same sections, with plots, in html
+    assert "id='plot-training'" in (tmp_path / "qat-report.html").read_text()
     gap = rep["gap_removed"]  # the share of GPTQ's KL removed, with its bootstrap interval over the 2 windows
     assert gap["share"] == pytest.approx(1 - rep["qat"]["kl_mean"] / rep["ptq"]["kl_mean"], rel=1e-9)
     assert gap["windows"] == 2 and gap["ci95"][0] <= gap["share"] <= gap["ci95"][1] and "95% CI" in rep["text"]
