@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from gemmaquant.config import ConfigError, Gemma4Config
 from gemmaquant.errors import GemmaquantError
+from gemmaquant.safetensors_write import save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOWER_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")

@@ -33,6 +33,7 @@ from gemmaquant.recipe import Recipe
 from gemmaquant.validate import check_float_checkpoint, check_float_values
 
 WORK_DIR = ".gemmaquant-work"
+LAYERS_RECORD = "layers.json"  # written when every layer is finished; kept when the layer files are pruned
 
 
 class QuantizeError(GemmaquantError, ValueError):
@@ -79,6 +80,9 @@ class ModuleSource:
 
     def global_state(self, dtype=None):
         return {k: (v if dtype is None else v.to(dtype)) for k, v in self._state.items() if not k.startswith("layers.")}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name]
 
     @torch.no_grad()
     def write_layer(self, i: int, values: dict) -> None:
@@ -173,7 +177,8 @@ class QuantizeResult:
 
 def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike, calib: str | None = None,
              tokenizer_dir: str | os.PathLike | None = None, progress: bool | None = None,
-             stop_after_layer: int | None = None, inplace: bool = False) -> QuantizeResult:
+             stop_after_layer: int | None = None, inplace: bool = False,
+             layers_needed: bool = True) -> QuantizeResult:
     """Quantize `model` (alias, checkpoint directory, or a Gemma 4 model object) with `recipe`: a `Recipe`, a recipe
     file (.toml), or a bundled recipe's name (`26b-a4b/int4-gptq`, see `gemmaquant.recipe.bundled_recipes()`).
 
@@ -185,7 +190,10 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
     written into it instead: after the run, every tensor of every finished layer holds its quantized value
     (dequantized, cast to the tensor's dtype; norms that AWQ folded scales into hold the folded values), so the
     object computes what the exported model computes. Embeddings, the final norm and the PLE tables (kept float)
-    are not touched. `inplace=True` needs a model object.
+    are not touched. `inplace=True` needs a model object. A resumed run first
+    checks that the finished layers' source weights are unchanged (gemmaquant.fingerprint). `layers_needed=False`:
+    a work directory whose layer files were pruned after its exports were written (the CLI does so) is not
+    recomputed, and the result has none.
     """
     t0 = time.time()
     if not isinstance(recipe, Recipe):
@@ -210,21 +218,39 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
     work.mkdir(parents=True, exist_ok=True)
     state = {"recipe": recipe.to_dict(), "config": cfg.to_hf_dict(), "calibration_sha256": calib_hash,
              "source_dir": str(Path(tok_dir).resolve()),
-             "metadata": {"gemmaquant.recipe": json.dumps(recipe.to_dict(), sort_keys=True),
-                          "gemmaquant.calibration_sha256": calib_hash, "gemmaquant.version": "0.1.0"}}
+             # the exporters add the "gemmaquant." prefix (GGUF keys, safetensors metadata)
+             "metadata": {"recipe": json.dumps(recipe.to_dict(), sort_keys=True),
+                          "calibration_sha256": calib_hash, "version": "0.1.0"}}
     state_file = work / "state.json"
     if state_file.is_file():
         old = json.loads(state_file.read_text())
         if not recipe.same_as(old.get("recipe")) or \
                 {k: old.get(k) for k in ("config", "calibration_sha256")} != \
                 {k: state[k] for k in ("config", "calibration_sha256")}:
-            raise QuantizeError(f"{work}: holds an unfinished run with another recipe, model or calibration set; "
-                                f"remove it or choose another --out")
+            raise QuantizeError(f"{work}: holds a run with another recipe, model or calibration set; "
+                                f"remove it (gemmaquant quantize --overwrite) or choose another --out")
     else:
         write_json_atomic(state, state_file)
+    from gemmaquant.fingerprint import SourceChanged, SourceFingerprint
+    from gemmaquant.resume import prune_layers
+
+    fp = SourceFingerprint(work, src)
+    record = work / LAYERS_RECORD
+    done = json.loads(record.read_text()) if record.is_file() else None  # the layer stage finished before
+    try:
+        fp.verify(cfg.num_hidden_layers if done else finished_layers(work),
+                  globals_done=done is not None or (work / "globals.safetensors").is_file())
+    except SourceChanged as e:
+        raise QuantizeError(str(e)) from None
+    if done is not None and finished_layers(work) < cfg.num_hidden_layers:  # pruned (or half-pruned) by the CLI
+        if not layers_needed:
+            return QuantizeResult(work, plan, calib_hash, done, time.time() - t0)
+        prune_layers(work)  # needed again: start the layers over
+        record.unlink()
 
     # embeddings and PLE inputs for the calibration set (globals stay float: see plan.FLOAT_REASONS)
     globals_ = src.global_state()
+    fp.add(globals_)
     for name, t in globals_.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise QuantizeError(f"tensor {name!r} contains NaN or Inf")
@@ -249,7 +275,10 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
                total=cfg.num_hidden_layers, disable=(not show) if show is not None else None)
     for i in bar:
         lt = time.time()
-        layer = build_layer(cfg, i, src.layer_state(i))
+        weights = src.layer_state(i)
+        fp.add(weights, f"layers.{i}.")  # before the layer is saved: a finished layer's weights are on record
+        layer = build_layer(cfg, i, weights)
+        del weights
         for name, t in layer.state_dict().items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise QuantizeError(f"tensor 'layers.{i}.{name}' contains NaN or Inf")
@@ -275,6 +304,8 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
         if stop_after_layer is not None and i >= stop_after_layer:
             break
     layers = [json.loads((work / f"layer_{i:05d}.json").read_text()) for i in range(finished_layers(work))]
+    if len(layers) == cfg.num_hidden_layers:
+        write_json_atomic(layers, record)
     if inplace:  # from the work directory, so that a resumed run writes the layers an earlier run finished too
         from gemmaquant.quantized import read_values
 

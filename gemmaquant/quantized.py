@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from gemmaquant.config import Gemma4Config
 from gemmaquant.formats.base import Packed
+from gemmaquant.safetensors_write import save_file
 
 Quantized = Packed | list  # a 2-D Packed, or one Packed per expert for fused [E, N, K] expert tensors
 
@@ -113,7 +113,8 @@ class QuantizedSource:
         state = json.loads((self.work / "state.json").read_text())
         self.config = Gemma4Config.from_hf_dict(state["config"])
         self.source_dir = Path(state["source_dir"]) if state.get("source_dir") else None
-        self.metadata = {k: str(v) for k, v in state["metadata"].items()}
+        # work directories written before the keys lost their prefix held "gemmaquant.recipe", ...
+        self.metadata = {k.removeprefix("gemmaquant."): str(v) for k, v in state["metadata"].items()}
         self._globals = read_values(self.work / "globals.safetensors")
         self._layer_cache: tuple[int, dict] | None = None
 

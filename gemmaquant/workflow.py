@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -87,19 +86,26 @@ def scheme_name(recipe: Recipe) -> str:
     return recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format)
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless --overwrite, except one holding only an unfinished run
-    (which the same command resumes)."""
+def prepare_out(out: Path, overwrite: bool, planned: tuple[str, ...] = ()) -> None:
+    """Refuse a non-empty output directory unless --overwrite (which empties it: the run starts over), except one
+    holding only this command's own work: a run's work directory, the outputs `planned` (names in out) or recorded
+    by its steps, and the temporary files of an interrupted step (removed here). The same command resumes it."""
+    from gemmaquant.lock import LOCK_NAME
     from gemmaquant.quantize import WORK_DIR
+    from gemmaquant.resume import Steps, is_leftover, remove
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
     if out.is_dir():
-        entries = [p.name for p in out.iterdir()]
-        if entries and set(entries) != {WORK_DIR}:
-            if not overwrite:
-                raise UsageError(f"{out}: not empty; pass --overwrite to replace it")
-            shutil.rmtree(out)
+        entries = {p.name for p in out.iterdir()} - {LOCK_NAME}  # the lock is the caller's, held while this runs
+        ours = {WORK_DIR} | set(planned) | Steps(out).roots() if WORK_DIR in entries else set()
+        leftovers = {e for e in entries if is_leftover(e, ours)}
+        foreign = entries - ours - leftovers
+        if foreign and not overwrite:
+            raise UsageError(f"{out}: not empty ({sorted(foreign)[0]} is not this command's output); "
+                             f"pass --overwrite to replace it")
+        for e in sorted(entries if overwrite else leftovers):
+            remove(out / e)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".gemmaquant-write-test"
@@ -127,45 +133,65 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
         return {"dry_run": True, "model": str(model), "recipe": recipe.to_dict(), **est, "text": est["text"]}
     name = Path(str(model)).name
     out = Path(out) if out is not None else Path(f"{name}-{scheme_name(recipe).lower()}")
-    prepare_out(out, overwrite)
+    from gemmaquant.evaluate_run import REPORT_FILES
+    from gemmaquant.lock import hold
     from gemmaquant.quantize import quantize
+    from gemmaquant.resume import Steps, prune_layers
 
-    t0 = time.time()
-    result = quantize(model, recipe, out=out, calib=calib, progress=progress)
-    files = export_outputs(result.work_dir, out, name, recipe, fmts)
-    summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
-               "calibration_sha256": result.calibration_sha256, "quantize_seconds": round(result.seconds, 2),
-               "plan": plan_summary(plan)}
-    if evaluate:
-        from gemmaquant.evaluate_run import evaluate_and_report
+    exports = export_steps(name, recipe, fmts)
+    with hold(out):  # one run per output directory
+        prepare_out(out, overwrite, tuple(e[1] for e in exports.values()) + (REPORT_FILES if evaluate else ()))
+        t0 = time.time()
+        steps = Steps(out)
+        done = all(steps.complete(step, key) for step, (key, _, _) in exports.items())
+        # a resumed run re-checks the recipe, calibration and source weights even when only the report is left
+        result = quantize(model, recipe, out=out, calib=calib, progress=progress, layers_needed=not done)
+        files = export_outputs(result.work_dir, out, name, recipe, fmts, steps=steps)
+        summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
+                   "calibration_sha256": result.calibration_sha256, "quantize_seconds": round(result.seconds, 2),
+                   "plan": plan_summary(plan)}
+        if evaluate:
+            from gemmaquant.evaluate_run import evaluate_and_report
 
-        summary["report"] = evaluate_and_report(model, result, recipe, files, out, progress=progress)
-    shutil.rmtree(result.work_dir, ignore_errors=True)  # only needed to resume an interrupted run
+            summary["report"] = evaluate_and_report(model, result, recipe, files, out, progress=progress,
+                                                    steps=steps)
+        prune_layers(result.work_dir)  # the records stay: a rerun of this command finds its finished outputs
     summary["total_seconds"] = round(time.time() - t0, 2)
     summary["text"] = _quantize_text(summary)
     return summary
 
 
-def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, str]:
+def export_steps(name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, tuple[dict, str, dict]]:
+    """format -> (step key, output name in out, exporter arguments): the GGUF first, as `FORMATS` lists them."""
+    steps = {}
+    for fmt in (f for f in FORMATS if f in fmts):
+        if fmt == "gguf":
+            args = {"type": scheme_name(recipe)}
+            rel = f"{name}-{args['type']}.gguf"
+        else:
+            group = int(recipe.weight_format.split("_g")[1].split("_")[0]) if "_g" in recipe.weight_format else None
+            args = {"scheme": "W8A16" if recipe.weight_format == "int8" else "W4A16", "group_size": group or 32}
+            rel = "safetensors"
+        steps[fmt] = ({"output": rel, **args}, rel, args)
+    return steps
+
+
+def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple[str, ...],
+                   steps=None) -> dict[str, str]:
+    """Write each format's file into out; with `steps` (gemmaquant.resume.Steps), a format whose recorded output
+    is complete and unchanged is skipped, and each one written is recorded."""
+    from gemmaquant.export import export_compressed_tensors, export_gguf
     from gemmaquant.quantized import QuantizedSource
 
     files = {}
-    if "gguf" in fmts:
-        from gemmaquant.export import export_gguf
-
-        gguf_type = scheme_name(recipe)
-        path = out / f"{name}-{gguf_type}.gguf"
-        export_gguf(QuantizedSource(work), path, type=gguf_type, overwrite=True)
-        files["gguf"] = str(path)
-    if "safetensors" in fmts:
-        from gemmaquant.export import export_compressed_tensors
-
-        scheme = "W8A16" if recipe.weight_format == "int8" else "W4A16"
-        path = out / "safetensors"
-        group = int(recipe.weight_format.split("_g")[1].split("_")[0]) if "_g" in recipe.weight_format else None
-        export_compressed_tensors(QuantizedSource(work), path, scheme=scheme,
-                                  group_size=group or 32, overwrite=True)
-        files["safetensors"] = str(path)
+    for fmt, (key, rel, args) in export_steps(name, recipe, fmts).items():
+        files[fmt] = str(out / rel)
+        if steps is not None and steps.complete(fmt, key):
+            continue
+        exporter = export_gguf if fmt == "gguf" else export_compressed_tensors
+        exporter(QuantizedSource(work), out / rel, overwrite=True, **args)
+        if steps is not None:
+            steps.record(fmt, key, [rel])
     return files
 
 

@@ -4,6 +4,10 @@ sections, each with its plot (matplotlib, inline SVG: no JavaScript, no external
 Plots (gemmaquant.eval.plots): (a) size (bits per weight) against KL divergence for the variants compared, (b)
 per-layer weight error (SQNR, dB) for each tensor kind, (c) expert coverage: calibration tokens routed to each
 expert of each layer, with experts that needed forced routing outlined.
+
+Timings (latency, seconds per layer) differ from run to run, so they sit apart: the `timings` key, last in
+report.json, and the last section of report.md / report.html, headed TIMINGS_HEADING. The rest of a report is a
+function of the model, recipe and calibration set: the same command writes it byte for byte again.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 
 HEADLINE = ("KL divergence to the float model and top-1 agreement are the headline figures: Gemma 4 checkpoints "
             "are instruction-tuned, so their perplexity on plain text says little about what quantization lost.")
+TIMINGS_HEADING = "## Timings (this machine, this run)"
+TIMINGS_NOTE = "Everything above this section is the same whenever the same command is run; the timings are not."
 ROUTING_NOTE = ("Share of held-out tokens each MoE layer sends to another set of experts than the float model does "
                 "(each model on its own residual stream), and the KL left when the quantized model is given the float "
                 "model's expert choices and gate weights (gemmaquant.eval.routing).")
@@ -31,8 +37,8 @@ class Report:
     metrics: dict  # compare_logits of the exported model
     compared: list = field(default_factory=list)  # [{label, bits_per_weight, kl_mean, top1}]
     layers: list = field(default_factory=list)  # per-layer info: sqnr_db, expert_tokens, forced_experts
-    latency: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # kind -> {path, bytes}
+    timings: dict = field(default_factory=dict)  # {"latency": {model: measure_latency}, "layer_seconds": [...]}
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
         out = Path(out)
@@ -83,12 +89,18 @@ class Report:
         if any(info.get("expert_tokens") for info in self.layers):
             out.append(Section("Expert coverage (calibration tokens routed per expert)", expert_lines(self.layers),
                                plots.expert_heatmap(self.layers)))
-        lat = [f"| {k} | {v['prefill_tokens_per_s']:.1f} | {v['decode_tokens_per_s']:.1f} |"
-               for k, v in self.latency.items() if isinstance(v, dict) and "prefill_tokens_per_s" in v]
-        if lat:
-            out.append(Section("Latency (side by side, this machine)",
-                               ["| model | prefill tok/s | decode tok/s |", "|---|---|---|", *lat]))
         out.append(Section("", ["Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items())]))
+        lat = [f"| {k} | {v['prefill_tokens_per_s']:.1f} | {v['decode_tokens_per_s']:.1f} |"
+               for k, v in (self.timings.get("latency") or {}).items()
+               if isinstance(v, dict) and "prefill_tokens_per_s" in v]
+        secs = [s for s in self.timings.get("layer_seconds") or [] if s is not None]
+        lines = [TIMINGS_NOTE, ""]
+        if lat:
+            lines += ["Latency, side by side:", "", "| model | prefill tok/s | decode tok/s |", "|---|---|---|", *lat, ""]
+        if secs:
+            lines.append(f"Quantization: {sum(secs):.1f} s over {len(secs)} layers (slowest {max(secs):.1f} s).")
+        if lat or secs:  # last: everything before it is the same whenever the same command runs
+            out.append(Section(TIMINGS_HEADING.removeprefix("## "), lines))
         return out
 
     def markdown(self) -> str:

@@ -26,11 +26,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from gemmaquant.checkpoint import TOKENIZER_FILES, Checkpoint, atomic_dir, hf_config_dict
 from gemmaquant.export.ct_pack import codes_from_packed, pack_int32
 from gemmaquant.export.errors import ExportError
+from gemmaquant.safetensors_write import save_file
 
 SCHEMES = {"W4A16": 4, "W8A16": 8}
 QUANTIZED = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",

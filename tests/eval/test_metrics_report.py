@@ -108,3 +108,27 @@ def test_report_files(tmp_path):
     assert c.svgs == ["plot-size-kl", "plot-sqnr", "plot-experts"]
     assert not c.urls  # nothing to fetch: opens offline
     assert "| 0.01000 |" in paths["md"].read_text()
+
+
+def test_report_timings_stand_apart(tmp_path):
+    """The same command writes the same report apart from its timings, which come last: the `timings` key of
+    report.json and the section under TIMINGS_HEADING in report.md / report.html."""
+    from gemmaquant.eval.report import TIMINGS_HEADING
+
+    metrics = {"kl_mean": 0.01, "kl_p99": 0.1, "kl_max": 0.5, "top1": 0.9, "ppl_ref": 10.0, "ppl_test": 10.2,
+               "tokens": 100}
+    saved = []
+    for k, speed in enumerate((100.0, 250.0)):
+        rep = Report(model="m", recipe={"method": "rtn"}, versions={}, calibration_sha256="ab" * 32,
+                     plan={"bits_per_weight": 4.5, "float_tensors": {}}, metrics=metrics,
+                     layers=[{"layer": 0, "sqnr_db": {"w": 20.0}}],
+                     timings={"latency": {"float": {"prefill_tokens_per_s": speed, "decode_tokens_per_s": speed}},
+                              "layer_seconds": [speed / 100]})
+        (tmp_path / str(k)).mkdir()
+        saved.append(rep.save(tmp_path / str(k)))
+    a, b = (json.loads(p["json"].read_text()) for p in saved)
+    assert list(a)[-1] == "timings" and a != b and {**a, "timings": None} == {**b, "timings": None}
+    for kind, head in (("md", TIMINGS_HEADING), ("html", f"<h2>{TIMINGS_HEADING.lstrip('# ')}</h2>")):
+        a, b = (p[kind].read_text() for p in saved)
+        assert a != b and a.split(head)[0] == b.split(head)[0] and a.count(head) == 1, kind
+        assert "250.0" in b.split(head)[1] and "250.0" not in b.split(head)[0]
