@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gemmaquant.config import HF_REPOS, VARIANTS, Gemma4Config, get_variant
+from gemmaquant.progress import stage
 from gemmaquant.recipe import Recipe, RecipeError, default_recipe
 
 
