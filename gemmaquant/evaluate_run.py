@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from gemmaquant.progress import stage
+
 MAX_EVAL_PARAMS = 2_000_000_000  # larger models: evaluate separately with `gemmaquant eval` on a big machine
 
 
@@ -46,35 +48,53 @@ def evaluate_and_report(model, result, recipe, files: dict, out: Path, progress=
     from gemmaquant.eval.latency import measure_latency
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.eval.report import Report
+    from gemmaquant.export.inspect import file_bits
     from gemmaquant.formats import get_format
     from gemmaquant.hub import resolve
     from gemmaquant.plan import plan_summary
     from gemmaquant.workflow import default_heldout
 
     summary = plan_summary(result.plan)
-    file_info = {k: {"path": v, "bytes": _size(Path(v))} for k, v in files.items()}
+    file_info = {k: {"path": v, "bytes": _size(Path(v)), "bits_per_weight": file_bits(v)["bits_per_weight"]}
+                 for k, v in files.items()}
     if summary["total_params"] > MAX_EVAL_PARAMS:
         return {"skipped": f"model has {summary['total_params'] / 1e9:.1f}B parameters; run `gemmaquant eval`",
                 "files": {}, "metrics": None}
+    kind = "gguf" if "gguf" in files else "safetensors"  # the file the figures describe
+    stage(f"evaluating {files[kind]} against the float model ({n_seq} x {seq_len} held-out tokens)", progress)
     ref = gemmaquant.load(model)
-    test = gemmaquant.load(files.get("gguf") or files["safetensors"])
+    test = gemmaquant.load(files[kind])
     ids = heldout_ids(resolve(model), default_heldout(), n_seq, seq_len)
     metrics = compare_logits(ref, test, ids, routing=True)  # MoE: expert choices that flip, and their share of the KL
     label = f"{recipe.method} {recipe.gguf_type or recipe.weight_format}"
-    compared = [{"label": label, "bits_per_weight": summary["bits_per_weight"], **metrics}]
+    compared = [{"label": label, "file": files[kind], "bits_per_weight": file_info[kind]["bits_per_weight"],
+                 **metrics}]
     for name in ("int8", "int4_g32_sym"):
+        stage(f"comparison: round-to-nearest {name} of the float model", progress)
         fmt = get_format(name)
         plan = {n: type(p)(p.name, p.shape, fmt if p.fmt is not None else None, p.reason)
                 for n, p in result.plan.items()}
         m = compare_logits(ref, rtn_copy(ref, plan, fmt), ids)
-        compared.append({"label": f"rtn {name}", "bits_per_weight": plan_summary(plan)["bits_per_weight"], **m})
+        compared.append({"label": f"rtn {name}", "bits_per_weight": _bits(kind, ref.config, plan, name), **m})
+    stage("latency of the float and the quantized model on this machine", progress)
     latency = {"float": measure_latency(ref, prompt_len=64, new_tokens=16),
                "quantized": measure_latency(test, prompt_len=64, new_tokens=16)}
     rep = Report(model=str(model), recipe=recipe.to_dict(), versions=_versions(),
                  calibration_sha256=result.calibration_sha256, plan=summary, metrics=metrics, compared=compared,
-                 layers=result.layers, latency=latency, files=file_info)
+                 layers=result.layers, latency=latency, files=file_info, measured_on=files[kind])
     paths = rep.save(out)
-    return {"metrics": metrics, "compared": compared, "files": {k: str(v) for k, v in paths.items()}}
+    return {"metrics": metrics, "compared": compared, "measured_on": files[kind],
+            "files": {k: str(v) for k, v in paths.items()}}
+
+
+def _bits(kind: str, cfg, plan: dict, weight_format: str) -> float:
+    """Bits per weight of the file of `kind` that `plan` (every matrix on `weight_format`) would export to."""
+    from gemmaquant.export.sizes import gguf_size, safetensors_size
+    from gemmaquant.recipe import Recipe
+
+    if kind == "gguf":
+        return gguf_size(cfg, plan, Recipe(weight_format=weight_format))["bits_per_weight"]
+    return safetensors_size(plan)["bits_per_weight"]
 
 
 def _size(p: Path) -> int:

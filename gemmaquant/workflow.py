@@ -154,7 +154,8 @@ def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple
 
         gguf_type = scheme_name(recipe)
         path = out / f"{name}-{gguf_type}.gguf"
-        export_gguf(QuantizedSource(work), path, type=gguf_type, overwrite=True)
+        export_gguf(QuantizedSource(work), path, type=gguf_type, overwrite=True,
+                    token_embd_type=recipe.embedding_gguf_type)
         files["gguf"] = str(path)
     if "safetensors" in fmts:
         from gemmaquant.export import export_compressed_tensors
@@ -172,16 +173,21 @@ def _quantize_text(s: dict) -> str:
     lines = [f"quantized {s['model']} with {s['recipe']['method']} onto "
              f"{s['recipe']['gguf_type'] or s['recipe']['weight_format']} "
              f"in {s['quantize_seconds']:.1f} s"]
+    from gemmaquant.export.inspect import file_bits
+
     for kind, path in s["files"].items():
         size = _size(Path(path))
-        lines.append(f"  {kind:12s} {path}  ({size / 2**20:.2f} MiB)")
+        lines.append(f"  {kind:12s} {path}  ({size / 2**20:.2f} MiB, "
+                     f"{file_bits(path)['bits_per_weight']:.3f} bits/weight)")
     rep = s.get("report")
-    if rep:
+    if rep and rep.get("metrics"):
         m = rep["metrics"]
-        lines.append(f"  KL divergence to the float model: mean {m['kl_mean']:.4f}, p99 {m['kl_p99']:.4f}, "
-                     f"max {m['kl_max']:.4f}; top-1 agreement {100 * m['top1']:.1f}%; "
+        lines.append(f"  KL divergence of {rep['measured_on']} to the float model: mean {m['kl_mean']:.4f}, "
+                     f"p99 {m['kl_p99']:.4f}, max {m['kl_max']:.4f}; top-1 agreement {100 * m['top1']:.1f}%; "
                      f"perplexity {m['ppl_test']:.2f} (float {m['ppl_ref']:.2f})")
         lines.append(f"  report: {rep['files']['md']}  {rep['files']['html']}")
+    elif rep and rep.get("skipped"):
+        lines.append(f"  evaluation skipped: {rep['skipped']}")
     return "\n".join(lines)
 
 

@@ -33,7 +33,8 @@ class Report:
     compared: list = field(default_factory=list)  # [{label, bits_per_weight, kl_mean, top1}]
     layers: list = field(default_factory=list)  # per-layer info: sqnr_db, expert_tokens, forced_experts
     latency: dict = field(default_factory=dict)
-    files: dict = field(default_factory=dict)  # kind -> {path, bytes}
+    files: dict = field(default_factory=dict)  # kind -> {path, bytes, bits_per_weight (read from the file)}
+    measured_on: str = ""  # the exported file the metrics were measured on (read back as a user loads it)
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
         out = Path(out)
@@ -56,6 +57,10 @@ class Report:
                  "|---|---|---|---|---|---|",
                  f"| {m['kl_mean']:.5f} | {m['kl_p99']:.5f} | {m['kl_max']:.5f} | {100 * m['top1']:.2f}% | "
                  f"{m['ppl_ref']:.3f} -> {m['ppl_test']:.3f} | {m['tokens']} |", ""]
+        if self.measured_on:
+            bits = next((f"; {v['bits_per_weight']:.3f} bits per weight" for v in self.files.values()
+                         if v.get("path") == self.measured_on and "bits_per_weight" in v), "")
+            lines += [f"Measured on {self.measured_on} (read back as a user loads it{bits}).", ""]
         if m.get("routing"):
             rt = m["routing"]
             lines += ["## Routing (MoE)", "", ROUTING_NOTE, "",
@@ -69,9 +74,12 @@ class Report:
             lines += [f"| {c['label']} | {c['bits_per_weight']:.3f} | {c['kl_mean']:.5f} | {100 * c['top1']:.2f}% |"
                       for c in self.compared]
             lines.append("")
-        lines += ["## Files", "", "| kind | path | size |", "|---|---|---|"]
-        lines += [f"| {k} | {v['path']} | {v['bytes'] / 2**20:.2f} MiB |" for k, v in self.files.items()]
-        lines += ["", f"Bits per weight of the plan: {self.plan['bits_per_weight']:.3f}", "",
+        lines += ["## Files", "", "| kind | path | size | bits/weight |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['path']} | {v['bytes'] / 2**20:.2f} MiB | "
+                  + (f"{v['bits_per_weight']:.3f}" if "bits_per_weight" in v else "") + " |"
+                  for k, v in self.files.items()]
+        lines += ["", "Bits per weight: every tensor's bytes in the file (scales and float tensors included) x 8 "
+                  "over its weights, as `gemmaquant inspect` reports it.", "",
                   "## Kept in float", "", "| tensors | reason |", "|---|---|"]
         reasons: dict[str, int] = {}
         for why in self.plan["float_tensors"].values():
