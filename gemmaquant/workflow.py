@@ -201,18 +201,20 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.eval.routing import routing_text
     from gemmaquant.hub import resolve
+    from gemmaquant.outputs import exported_model
     from gemmaquant.runtime import load_for_inference
 
+    quantized = exported_model(quantized)  # an output directory: its QAT result, work directory or exports
     ref = gemmaquant.load(model)
     test = load_for_inference(quantized, device="cpu")  # a quantizer output runs packed, through gemmaquant.ops
     ids = heldout_ids(resolve(model), heldout or default_heldout(), n_seq, seq_len)
     m = compare_logits(ref, test, ids, routing=True)
     text = (f"KL divergence mean {m['kl_mean']:.5f}, p99 {m['kl_p99']:.5f}, max {m['kl_max']:.5f}; "
             f"top-1 agreement {100 * m['top1']:.2f}%; perplexity {m['ppl_test']:.3f} (float {m['ppl_ref']:.3f}) "
-            f"on {n_seq}x{seq_len} held-out tokens")
+            f"on {n_seq}x{seq_len} held-out tokens, measured on {quantized}")
     if "routing" in m:
         text += "\n" + routing_text(m)
-    return {**m, "text": text}
+    return {**m, "measured_on": str(quantized), "text": text}
 
 
 def default_heldout() -> Path:
@@ -223,10 +225,13 @@ def default_heldout() -> Path:
 
 def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32) -> dict:
     from gemmaquant.eval.latency import measure_latency
+    from gemmaquant.outputs import exported_model
     from gemmaquant.runtime import load_for_inference
 
+    model = exported_model(model)  # an output directory: its QAT result, work directory or exports
     m = load_for_inference(model)
     res = measure_latency(m, prompt_len=prompt_len, new_tokens=new_tokens)
+    res["model"] = str(model)
     res["text"] = (f"{model}: prefill {res['prefill_tokens_per_s']:.1f} tok/s, decode {res['decode_tokens_per_s']:.1f} "
                    f"tok/s on {res['device']} ({res.get('threads', '?')} threads)")
     return res
