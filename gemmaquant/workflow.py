@@ -126,11 +126,14 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
         return {"dry_run": True, "model": str(model), "recipe": recipe.to_dict(), **est, "text": est["text"]}
     name = Path(str(model)).name
     out = Path(out) if out is not None else Path(f"{name}-{scheme_name(recipe).lower()}")
-    prepare_out(out, overwrite)
+    from gemmaquant.outputs import removed_if_left_empty
     from gemmaquant.quantize import quantize
 
     t0 = time.time()
-    result = quantize(model, recipe, out=out, calib=calib, progress=progress)
+    with removed_if_left_empty(out):  # a run that fails before writing anything leaves no empty directory
+        prepare_out(out, overwrite)
+        result = quantize(model, recipe, out=out, calib=calib, progress=progress)
+    stage(f"exporting {' and '.join(fmts)} into {out}", progress)
     files = export_outputs(result.work_dir, out, name, recipe, fmts)
     summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
                "calibration_sha256": result.calibration_sha256, "quantize_seconds": round(result.seconds, 2),
@@ -238,29 +241,40 @@ def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32) -> dic
 
 
 def list_variants() -> dict:
-    from gemmaquant.config import TINY_VARIANTS
+    """The names `quantize`, `eval`, `qat` ... accept: the four released variants (weights from the Hugging Face
+    cache) and the bundled fixtures (tiny trained models shipped inside the package, with their paths)."""
+    from gemmaquant.fixtures import fixture_path
     from gemmaquant.hub import fixture_names
     from gemmaquant.model.gemma4 import param_counts
 
     rows = []
-    for name, cfg in {**VARIANTS, **TINY_VARIANTS}.items():
+    fixtures = fixture_names()
+    for name in [*VARIANTS, *fixtures]:
+        cfg = model_config(name)
         c = param_counts(cfg)
-        rows.append({"name": name, "hf_repo": HF_REPOS.get(name), "layers": cfg.num_hidden_layers,
+        path = str(fixture_path(name)) if name in fixtures else None
+        rows.append({"name": name, "hf_repo": HF_REPOS.get(name), "path": path, "layers": cfg.num_hidden_layers,
                      "hidden": cfg.hidden_size, "moe": cfg.enable_moe_block, "ple": cfg.has_ple,
                      "params_total": c["total"], "params_active": c["active"]})
-    text = "\n".join(f"{r['name']:14s} {r['params_total'] / 1e9:8.3f}B total {r['params_active'] / 1e9:8.3f}B active  "
-                     f"{r['layers']:3d} layers  hidden {r['hidden']:5d}  {r['hf_repo'] or ''}" for r in rows)
-    fixtures = fixture_names()
-    text += "\nbundled trained fixtures: " + ", ".join(fixtures)
+
+    def line(r: dict) -> str:
+        return (f"  {r['name']:11s} {_params(r['params_total'])} total {_params(r['params_active'])} active  "
+                f"{r['layers']:3d} layers  hidden {r['hidden']:5d}  {r['hf_repo'] or r['path']}")
+
+    text = "\n".join(["Gemma 4 variants (weights from the Hugging Face cache, HF_HOME; `hf download <repo>` "
+                      "fetches them):", *map(line, rows[:len(VARIANTS)]),
+                      "bundled trained fixtures (tiny models inside the package, to try every command on):",
+                      *map(line, rows[len(VARIANTS):])])
     return {"variants": rows, "fixtures": fixtures, "text": text}
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:7.2f}B" if n >= 1e8 else f"{n / 1e6:7.2f}M"
 
 
 def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, overwrite: bool = False,
             **recipe_overrides) -> dict:
-    try:
-        from gemmaquant.qat import qat_train
-    except ImportError:
-        raise UsageError("quantization-aware training is not available in this version of gemmaquant") from None
+    from gemmaquant.qat import qat_train  # part of every install: an ImportError here is a packaging bug, not hidden
 
     overrides = {k: v for k, v in recipe_overrides.items() if v is not None}
     for flag, key in (("--gguf-type", "gguf_type"), ("--format", "weight_format")):
@@ -268,9 +282,12 @@ def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, 
         nominal = re.search(r"\d", grid or "")
         if bits is not None and nominal and int(nominal.group()) != bits:  # Q4_K_M, q5_0, int3_g32_sym: 4, 5, 3
             raise UsageError(f"--bits {bits} conflicts with {flag} {grid}, a {nominal.group()}-bit grid")
-    prepare_out(Path(out), overwrite)
+    from gemmaquant.outputs import removed_if_left_empty
+
     bits = 4 if bits is None else bits
-    res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
+    with removed_if_left_empty(out):  # a run that fails before writing anything leaves no empty directory
+        prepare_out(Path(out), overwrite)
+        res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
     res = dict(res) if isinstance(res, dict) else {"result": str(res)}
     res.setdefault("text", f"QAT finished: {out}")
     return res
