@@ -103,3 +103,14 @@ def test_a_run_started_before_the_embedding_type_reached_the_exporter_still_resu
     saved = {**Recipe().to_dict(), "embedding_gguf_type": "Q6_K"}  # every state.json written before had this
     assert Recipe().same_as(saved)
     assert not Recipe(method="rtn").same_as(saved)
+
+
+def test_a_qat_output_directory_runs_the_qat_result_not_the_gptq_start(tmp_path):
+    from gemmaquant.outputs import exported_model
+
+    for work in ("quantized", ".gemmaquant-work"):  # what qat --out holds: QAT's result and GPTQ's work directory
+        (tmp_path / work).mkdir()
+        (tmp_path / work / "state.json").write_text("{}")
+        (tmp_path / work / "globals.safetensors").write_bytes(b"")
+    assert exported_model(tmp_path) == tmp_path / "quantized"
+    assert exported_model(tmp_path / "quantized") == tmp_path / "quantized"
