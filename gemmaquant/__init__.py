@@ -9,5 +9,14 @@ from gemmaquant.quantize import quantize  # the function; the module stays impor
 from gemmaquant.recipe import Recipe
 
 __all__ = ["load", "Checkpoint", "CheckpointError", "save_checkpoint", "Gemma4Config", "VARIANTS", "get_variant",
-           "Gemma4", "KVCache", "quantize", "Recipe", "GemmaquantError"]
+           "Gemma4", "KVCache", "quantize", "Recipe", "GemmaquantError", "qat"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`gemmaquant.qat` after a plain `import gemmaquant`, imported on first use."""
+    if name == "qat":
+        import importlib
+
+        return importlib.import_module("gemmaquant.qat")
+    raise AttributeError(f"module 'gemmaquant' has no attribute {name!r}")

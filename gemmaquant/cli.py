@@ -29,10 +29,15 @@ def _options(debug: bool = typer.Option(False, "--debug", help="on an error, sho
     _debug["on"] = debug
 
 
-def _run(fn, *args, **kwargs):
-    """Call the library; its errors end the command with one line (exit 2 for the user's errors, 1 for a bug)."""
+def _run(fn, *args, resumes: str | None = None, **kwargs):
+    """Call the library; its errors end the command with one line (exit 2 for the user's errors, 1 for a bug).
+    `resumes`: what running the same command again after Ctrl-C does, said on the way out (exit code 130)."""
     try:
         return fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted" + (f"; run the same command again to resume {resumes}" if resumes else ""),
+                   err=True)
+        raise typer.Exit(130) from None
     except Exception as e:
         from gemmaquant.errors import describe
 
@@ -70,15 +75,16 @@ def quantize(
 
     res = _run(run_quantize, model, bits=bits, method=method, formats=format, gguf_type=gguf_type,
                group_size=group_size, recipe_file=recipe, calib=calib, out=out, dry_run=dry_run,
-               overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False)
+               overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False,
+               resumes="after the last finished layer")
     _emit(res, as_json, res["text"])
 
 
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="the unquantized model (alias or directory)"),
-    quantized: Path = typer.Argument(..., help="a GGUF file, compressed-tensors directory, or "
-                                   "a `quantize --out` directory (run packed)"),
+    quantized: Path = typer.Argument(..., help="a GGUF file, compressed-tensors directory, or a `quantize "
+                                   "--out` / `qat --out` directory (its safetensors run packed, else its GGUF)"),
     heldout: Optional[Path] = typer.Option(None, help="held-out text (default: the bundled held-out set)"),
     n_seq: int = typer.Option(16), seq_len: int = typer.Option(128),
     as_json: bool = typer.Option(False, "--json"),
@@ -101,7 +107,8 @@ def inspect(path: Path = typer.Argument(..., help="a GGUF file or a safetensors 
 @app.command()
 def bench(
     model: str = typer.Argument(..., help="alias, checkpoint directory, GGUF file, compressed-tensors "
-                                "directory, or a `quantize --out` directory (run packed, through gemmaquant.ops)"),
+                                "directory, or a `quantize --out` / `qat --out` directory (its safetensors run "
+                                "packed, through gemmaquant.ops, else its GGUF)"),
     prompt_len: int = typer.Option(128), new_tokens: int = typer.Option(32),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -166,7 +173,8 @@ def qat(
                scale_lr=scale_lr, expert_lr_scale=expert_lr_scale, attention_lr_scale=attention_lr_scale,
                batch_size=batch_size, micro_batch=micro_batch,
                weight_format=weight_format, gguf_type=gguf_type, embedding_type=embedding_type, average=average,
-               learnable_ints=learnable_ints, per_layer_embed_lr=per_layer_embed_lr)
+               learnable_ints=learnable_ints, per_layer_embed_lr=per_layer_embed_lr,
+               resumes="from the last saved step")
     _emit(res, as_json, res["text"])
 
 

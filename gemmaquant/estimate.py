@@ -1,9 +1,9 @@
 """`--dry-run`: what a quantization will produce and cost, from the config alone (no weights needed).
 
-Sizes are exact arithmetic on the plan (bits per weight of each block type, float tensors at their stored
-width). Memory and time are estimates: peak memory = one layer in fp32 (twice: float and dequantized) + its
-calibration statistics + the calibration activations; time = the run's floating-point work divided by a matmul
-throughput measured on this machine in a fraction of a second.
+Sizes are exact arithmetic on the plan (gemmaquant.export.sizes: every tensor's bytes in each file, the figure
+`gemmaquant inspect` reads back from the written file). Memory and time are estimates: peak memory = one layer
+in fp32 (twice: float and dequantized) + its calibration statistics + the calibration activations; time = the
+run's floating-point work divided by a matmul throughput measured on this machine in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -16,35 +16,12 @@ from gemmaquant.config import Gemma4Config
 from gemmaquant.plan import TensorPlan
 from gemmaquant.recipe import Recipe
 
-# bits per weight of each GGUF type (block bytes * 8 / block elements; ggml's type traits)
-GGUF_BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0,
-            "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q2_K": 2.625, "Q3_K": 3.4375}
-
 
 def _numel(shape) -> int:
     n = 1
     for s in shape:
         n *= s
     return n
-
-
-def gguf_type_of(p: TensorPlan, recipe: Recipe) -> str:
-    if p.fmt is None:
-        if p.name in ("embed_tokens.weight", "embed_tokens_per_layer.weight"):
-            return recipe.embedding_gguf_type
-        return "F32" if len(p.shape) < 2 or "router" in p.name else "BF16"
-    ggml = getattr(p.fmt, "ggml_type", None)
-    if ggml is not None:
-        return ggml.name
-    return {"int4_g32_sym": "Q4_0", "int8": "Q8_0"}.get(recipe.weight_format, "BF16")
-
-
-def safetensors_bits(p: TensorPlan) -> float:
-    if p.fmt is None:
-        return 32 if len(p.shape) < 2 else 16
-    if p.fmt.name == "int8":
-        return 8 + 16 / p.shape[-1]  # one bf16 scale per row
-    return p.fmt.bits
 
 
 def matmul_gflops(seconds: float = 0.3) -> float:
@@ -57,15 +34,9 @@ def matmul_gflops(seconds: float = 0.3) -> float:
 
 
 def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, formats: tuple[str, ...]) -> dict:
-    by_type: dict[str, int] = {}
-    gguf_bits = st_bits = 0.0
-    for p in plan.values():
-        n = _numel(p.shape)
-        t = gguf_type_of(p, recipe)
-        by_type[t] = by_type.get(t, 0) + n
-        gguf_bits += n * GGUF_BPW.get(t, 16)
-        st_bits += n * safetensors_bits(p)
-    total = sum(by_type.values())
+    from gemmaquant.export.sizes import gguf_size, safetensors_size
+
+    total = sum(_numel(p.shape) for p in plan.values())
     # one layer (the largest) in fp32, twice; its Hessians (fp64); activations in and out (fp32)
     layer_bytes = {}
     hess = {}
@@ -102,18 +73,16 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
     gib = 2**30
     res = {
         "params_total": total,
-        "gguf": {"bytes": int(gguf_bits / 8), "bits_per_weight": gguf_bits / total, "params_by_type": by_type}
-        if "gguf" in formats else None,
-        "safetensors": {"bytes": int(st_bits / 8), "bits_per_weight": st_bits / total}
-        if "safetensors" in formats else None,
+        "gguf": gguf_size(cfg, plan, recipe) if "gguf" in formats else None,
+        "safetensors": safetensors_size(plan) if "safetensors" in formats else None,
         "float_tensors": {n: p.reason for n, p in plan.items() if p.fmt is None},
         "peak_memory_bytes_estimate": int(peak),
         "time_seconds_estimate": seconds, "measured_matmul_gflops": gf,
     }
     lines = [f"plan: {recipe.method} onto {recipe.gguf_type or recipe.weight_format}, "
              f"{total / 1e9:.3f}B parameters, {len(plan)} tensors"]
-    for t, n in sorted(by_type.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {t:6s} {n / 1e9:9.4f}B params")
+    for t, n in sorted((res["gguf"] or {}).get("params_by_type", {}).items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {t:6s} {n / 1e9:9.4f}B params in the GGUF")
     if res["gguf"]:
         lines.append(f"GGUF: {res['gguf']['bytes'] / gib:.2f} GiB, {res['gguf']['bits_per_weight']:.3f} bits/weight")
     if res["safetensors"]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from gemmaquant.progress import stage
 from gemmaquant.quantized import write_json_atomic
 
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -64,7 +65,7 @@ def evaluate_and_report(model, result, recipe, files: dict, out: Path, progress=
     key = {"model": str(model), "tested": Path(tested).name, "n_seq": n_seq, "seq_len": seq_len,
            "files": steps.sha256("gguf" if "gguf" in files else "safetensors") if steps else None}
     if steps is None or not steps.complete("evaluate", key):
-        write_json_atomic(evaluate(model, result, recipe, tested, n_seq, seq_len), eval_file)
+        write_json_atomic(evaluate(model, result, recipe, tested, n_seq, seq_len, progress), eval_file)
         if steps is not None:
             steps.record("evaluate", key, [str(eval_file.relative_to(out))])
     figures = json.loads(eval_file.read_text())  # read back either way: the report is rendered from the file
@@ -75,33 +76,36 @@ def evaluate_and_report(model, result, recipe, files: dict, out: Path, progress=
         paths = write_report(model, result, recipe, files, out, figures)
         if steps is not None:
             steps.record("report", key, list(REPORT_FILES))
-    return {"metrics": figures["metrics"], "compared": figures["compared"],
+    return {"metrics": figures["metrics"], "compared": figures["compared"], "measured_on": tested,
             "files": {k: str(v) for k, v in paths.items()}}
 
 
-def evaluate(model, result, recipe, tested: str, n_seq: int = 16, seq_len: int = 128) -> dict:
+def evaluate(model, result, recipe, tested: str, n_seq: int = 16, seq_len: int = 128, progress=None) -> dict:
     """KL etc. of the exported file `tested` against the float model, RTN reference points, latency."""
     import gemmaquant
     from gemmaquant.eval.latency import measure_latency
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
+    from gemmaquant.export.inspect import file_bits
     from gemmaquant.formats import get_format
     from gemmaquant.hub import resolve
-    from gemmaquant.plan import plan_summary
     from gemmaquant.workflow import default_heldout
 
-    summary = plan_summary(result.plan)
+    kind = "gguf" if str(tested).endswith(".gguf") else "safetensors"
+    stage(f"evaluating {tested} against the float model ({n_seq} x {seq_len} held-out tokens)", progress)
     ref = gemmaquant.load(model)
     test = gemmaquant.load(tested)
     ids = heldout_ids(resolve(model), default_heldout(), n_seq, seq_len)
     metrics = compare_logits(ref, test, ids, routing=True)  # MoE: expert choices that flip, and their share of the KL
     label = f"{recipe.method} {recipe.gguf_type or recipe.weight_format}"
-    compared = [{"label": label, "bits_per_weight": summary["bits_per_weight"], **metrics}]
+    compared = [{"label": label, "file": tested, "bits_per_weight": file_bits(tested)["bits_per_weight"], **metrics}]
     for name in ("int8", "int4_g32_sym"):
+        stage(f"comparison: round-to-nearest {name} of the float model", progress)
         fmt = get_format(name)
         plan = {n: type(p)(p.name, p.shape, fmt if p.fmt is not None else None, p.reason)
                 for n, p in result.plan.items()}
         m = compare_logits(ref, rtn_copy(ref, plan, fmt), ids)
-        compared.append({"label": f"rtn {name}", "bits_per_weight": plan_summary(plan)["bits_per_weight"], **m})
+        compared.append({"label": f"rtn {name}", "bits_per_weight": _bits(kind, ref.config, plan, name), **m})
+    stage("latency of the float and the quantized model on this machine", progress)
     latency = {"float": measure_latency(ref, prompt_len=64, new_tokens=16),
                "quantized": measure_latency(test, prompt_len=64, new_tokens=16)}
     return {"metrics": metrics, "compared": compared, "latency": latency}
@@ -113,14 +117,27 @@ def write_report(model, result, recipe, files: dict, out: Path, figures: dict) -
     from gemmaquant.eval.report import Report
     from gemmaquant.plan import plan_summary
 
-    file_info = {k: {"path": v, "bytes": _size(Path(v))} for k, v in files.items()}
+    from gemmaquant.export.inspect import file_bits
+
+    file_info = {k: {"path": v, "bytes": _size(Path(v)), "bits_per_weight": file_bits(v)["bits_per_weight"]}
+                 for k, v in files.items()}
     layers = [{k: v for k, v in info.items() if k != "seconds"} for info in result.layers]
     timings = {"latency": figures["latency"], "layer_seconds": [info.get("seconds") for info in result.layers]}
     rep = Report(model=str(model), recipe=recipe.to_dict(), versions=_versions(),
                  calibration_sha256=result.calibration_sha256, plan=plan_summary(result.plan),
                  metrics=figures["metrics"], compared=figures["compared"], layers=layers, files=file_info,
-                 timings=timings)
+                 timings=timings, measured_on=files.get("gguf") or files["safetensors"])
     return rep.save(out)
+
+
+def _bits(kind: str, cfg, plan: dict, weight_format: str) -> float:
+    """Bits per weight of the file of `kind` that `plan` (every matrix on `weight_format`) would export to."""
+    from gemmaquant.export.sizes import gguf_size, safetensors_size
+    from gemmaquant.recipe import Recipe
+
+    if kind == "gguf":
+        return gguf_size(cfg, plan, Recipe(weight_format=weight_format))["bits_per_weight"]
+    return safetensors_size(plan)["bits_per_weight"]
 
 
 def _size(p: Path) -> int:

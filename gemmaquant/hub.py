@@ -53,7 +53,7 @@ def resolve(model: str | os.PathLike) -> Path:
         if found:
             return found[-1].parent
         raise ModelNotFound(f"weights for {name!r} ({repo}) are not in the Hugging Face cache (looked in {snaps}); "
-                            f"get them with `huggingface-cli download {repo}` (needs network access and the "
+                            f"get them with `hf download {repo}` (huggingface_hub's CLI; needs network access and the "
                             f"Gemma license accepted), or pass a local checkpoint directory")
     if os.sep in name or name.startswith("."):
         raise ModelNotFound(f"{name}: no such file or directory")

@@ -18,7 +18,8 @@ FLOAT_REASONS = {
     "router": "router (projection, input scale, per-expert scale): kept in float (F32 in GGUF, like llama.cpp); "
               "routing decisions are too sensitive to quantize",
     "embedding": "embedding table: bf16 in safetensors (compressed-tensors ignores it, as vLLM expects); "
-                 "GGUF gets {gguf} by round-to-nearest (llama.cpp's rule for the tied output/embedding tensor)",
+                 "GGUF gets {gguf} by round-to-nearest (llama.cpp's rule for the tied output/embedding tensor: "
+                 "Q6_K, Q8_0 when a row is not a multiple of Q6_K's 256-element blocks)",
     "ple_projection": "per_layer_model_projection: kept in float, as llama-quantize keeps it "
                       "('not too big so keep them as it is')",
     "lm_head": "lm_head: kept in float (untied output head)",
@@ -59,10 +60,11 @@ def make_plan(cfg: Gemma4Config, recipe: Recipe) -> dict[str, TensorPlan]:
 
         mix = gguf_mix_plan(cfg, recipe.gguf_type)
     plan = {}
+    embedding_types = _embedding_gguf_types(cfg, recipe)
     for name, shape in expected_shapes(cfg).items():
         why = float_reason(name)
         if why is not None or len(shape) < 2:
-            text = FLOAT_REASONS[why or "norm"].format(gguf=recipe.embedding_gguf_type)
+            text = FLOAT_REASONS[why or "norm"].format(gguf=embedding_types.get(name))
             plan[name] = TensorPlan(name, shape, None, text)
             continue
         if mix is not None:
@@ -80,6 +82,19 @@ def make_plan(cfg: Gemma4Config, recipe: Recipe) -> dict[str, TensorPlan]:
                               f"and the recipe names no fallback")
         plan[name] = TensorPlan(name, shape, fmt, reason)
     return plan
+
+
+def _embedding_gguf_types(cfg: Gemma4Config, recipe: Recipe) -> dict[str, str]:
+    """The GGUF type the exporter gives each embedding table ("no GGUF export" for a grid GGUF cannot hold)."""
+    from gemmaquant.export.gguf_mix import gguf_mix_plan
+    from gemmaquant.export.sizes import gguf_file_type
+
+    names = ("embed_tokens.weight", "embed_tokens_per_layer.weight")
+    file_type = gguf_file_type(recipe)
+    if file_type is None:
+        return dict.fromkeys(names, "no GGUF export")
+    mix = gguf_mix_plan(cfg, file_type, token_embd_type=recipe.embedding_gguf_type)
+    return {n: mix[n] for n in names if n in mix}
 
 
 def plan_summary(plan: dict[str, TensorPlan]) -> dict:

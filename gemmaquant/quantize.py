@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from gemmaquant.calibration import calibration_tokens
 from gemmaquant.capture import LayerStats, capture, force_route_rare_experts
@@ -28,6 +27,7 @@ from gemmaquant.errors import GemmaquantError
 from gemmaquant.layer_quant import quantize_layer
 from gemmaquant.model.gemma4 import DecoderLayer, Gemma4, LayerKV, make_forward_state, rope_inv_freqs
 from gemmaquant.plan import TensorPlan, make_plan
+from gemmaquant.progress import progress as progress_lines, stage
 from gemmaquant.quantized import finished_layers, save_atomic, save_layer, write_json_atomic
 from gemmaquant.recipe import Recipe
 from gemmaquant.validate import check_float_checkpoint, check_float_values
@@ -270,9 +270,10 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
     inv_freqs = rope_inv_freqs(cfg)
     layer_plans = [{k[len(f"layers.{i}."):]: v for k, v in plan.items() if k.startswith(f"layers.{i}.")}
                    for i in range(cfg.num_hidden_layers)]
-    show = progress if progress is not None else None
-    bar = tqdm(range(start, cfg.num_hidden_layers), desc="quantize", unit="layer", initial=start,
-               total=cfg.num_hidden_layers, disable=(not show) if show is not None else None)
+    if start > 0:
+        stage(f"resuming {work}: layers 0-{start - 1} were finished by an earlier run", progress)
+    bar = progress_lines(range(start, cfg.num_hidden_layers), desc="quantize", unit="layer", initial=start,
+                         total=cfg.num_hidden_layers, enabled=progress)
     for i in bar:
         lt = time.time()
         weights = src.layer_state(i)

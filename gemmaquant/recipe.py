@@ -26,6 +26,8 @@ class RecipeError(GemmaquantError, ValueError):
 
 # Keys added after work directories were first written, with the value that matches what runs did before them.
 ADDED_KEYS = {"importance_params": False}
+# Keys only the exporters read: a work directory's values do not depend on them, so a run resumes whatever they are.
+EXPORT_ONLY_KEYS = ("embedding_gguf_type",)
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,9 @@ class Recipe:
     method: str = "gptq"  # rtn | imatrix (importance-weighted RTN) | gptq | awq
     weight_format: str = "int4_g32_sym"  # a gemmaquant.formats name for every quantized matrix ...
     gguf_type: str | None = None  # ... unless a GGUF type or mix (Q4_K_M, Q6_K, ...) decides per tensor
-    embedding_gguf_type: str = "Q6_K"  # token_embd / per_layer_token_embd in GGUF (llama.cpp's output-tensor rule)
+    # token_embd / per_layer_token_embd in GGUF (llama-quantize's --token-embedding-type); None: llama.cpp's rule,
+    # Q6_K, or Q8_0 where a row does not fit Q6_K's 256-blocks (and Q8_0 in a Q8_0 file)
+    embedding_gguf_type: str | None = None
     calibration: str = "default"  # "default" (bundled set) or a file path
     n_samples: int = 32
     seq_len: int = 256
@@ -96,7 +100,11 @@ class Recipe:
         after the file was written reads as the behaviour the file was written under (ADDED_KEYS), so such a
         work directory still resumes, and is refused if a later default would change its result."""
         try:
-            return saved is not None and Recipe.from_dict({**ADDED_KEYS, **saved}).to_dict() == self.to_dict()
+            if saved is None:
+                return False
+            old = Recipe.from_dict({**ADDED_KEYS, **saved}).to_dict()
+            return {k: v for k, v in old.items() if k not in EXPORT_ONLY_KEYS} == \
+                {k: v for k, v in self.to_dict().items() if k not in EXPORT_ONLY_KEYS}
         except (RecipeError, TypeError):
             return False
 

@@ -14,6 +14,7 @@ import torch
 
 from gemmaquant.config import HF_REPOS, VARIANTS, Gemma4Config, get_variant
 from gemmaquant.errors import UsageError
+from gemmaquant.progress import stage
 from gemmaquant.recipe import Recipe, RecipeError, default_recipe
 from gemmaquant.validate import check_count
 
@@ -135,17 +136,19 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     out = Path(out) if out is not None else Path(f"{name}-{scheme_name(recipe).lower()}")
     from gemmaquant.evaluate_run import REPORT_FILES
     from gemmaquant.lock import hold
+    from gemmaquant.outputs import removed_if_left_empty
     from gemmaquant.quantize import quantize
     from gemmaquant.resume import Steps, prune_layers
 
     exports = export_steps(name, recipe, fmts)
-    with hold(out):  # one run per output directory
+    with removed_if_left_empty(out), hold(out):  # one run per output directory; a failure before any write
         prepare_out(out, overwrite, tuple(e[1] for e in exports.values()) + (REPORT_FILES if evaluate else ()))
         t0 = time.time()
         steps = Steps(out)
         done = all(steps.complete(step, key) for step, (key, _, _) in exports.items())
         # a resumed run re-checks the recipe, calibration and source weights even when only the report is left
         result = quantize(model, recipe, out=out, calib=calib, progress=progress, layers_needed=not done)
+        stage(f"exporting {' and '.join(fmts)} into {out}", progress)
         files = export_outputs(result.work_dir, out, name, recipe, fmts, steps=steps)
         summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
                    "calibration_sha256": result.calibration_sha256, "quantize_seconds": round(result.seconds, 2),
@@ -166,7 +169,7 @@ def export_steps(name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, 
     steps = {}
     for fmt in (f for f in FORMATS if f in fmts):
         if fmt == "gguf":
-            args = {"type": scheme_name(recipe)}
+            args = {"type": scheme_name(recipe), "token_embd_type": recipe.embedding_gguf_type}
             rel = f"{name}-{args['type']}.gguf"
         else:
             group = int(recipe.weight_format.split("_g")[1].split("_")[0]) if "_g" in recipe.weight_format else None
@@ -199,16 +202,21 @@ def _quantize_text(s: dict) -> str:
     lines = [f"quantized {s['model']} with {s['recipe']['method']} onto "
              f"{s['recipe']['gguf_type'] or s['recipe']['weight_format']} "
              f"in {s['quantize_seconds']:.1f} s"]
+    from gemmaquant.export.inspect import file_bits
+
     for kind, path in s["files"].items():
         size = _size(Path(path))
-        lines.append(f"  {kind:12s} {path}  ({size / 2**20:.2f} MiB)")
+        lines.append(f"  {kind:12s} {path}  ({size / 2**20:.2f} MiB, "
+                     f"{file_bits(path)['bits_per_weight']:.3f} bits/weight)")
     rep = s.get("report")
-    if rep:
+    if rep and rep.get("metrics"):
         m = rep["metrics"]
-        lines.append(f"  KL divergence to the float model: mean {m['kl_mean']:.4f}, p99 {m['kl_p99']:.4f}, "
-                     f"max {m['kl_max']:.4f}; top-1 agreement {100 * m['top1']:.1f}%; "
+        lines.append(f"  KL divergence of {rep['measured_on']} to the float model: mean {m['kl_mean']:.4f}, "
+                     f"p99 {m['kl_p99']:.4f}, max {m['kl_max']:.4f}; top-1 agreement {100 * m['top1']:.1f}%; "
                      f"perplexity {m['ppl_test']:.2f} (float {m['ppl_ref']:.2f})")
         lines.append(f"  report: {rep['files']['md']}  {rep['files']['html']}")
+    elif rep and rep.get("skipped"):
+        lines.append(f"  evaluation skipped: {rep['skipped']}")
     return "\n".join(lines)
 
 
@@ -222,10 +230,12 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.eval.routing import routing_text
     from gemmaquant.hub import resolve
+    from gemmaquant.outputs import exported_model
     from gemmaquant.runtime import load_for_inference
 
     check_count(n_seq, "--n-seq")
     check_count(seq_len, "--seq-len", minimum=2)  # KL and top-1 compare next-token predictions: 2 tokens at least
+    quantized = exported_model(quantized)  # an output directory: its QAT result, work directory or exports
     test = load_for_inference(quantized, device="cpu")  # a quantizer output runs packed, through gemmaquant.ops
     ref = gemmaquant.load(model)
     check_count(seq_len, "--seq-len", 2, ref.config.max_position_embeddings, " (the model's context length)")
@@ -233,10 +243,10 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
     m = compare_logits(ref, test, ids, routing=True)
     text = (f"KL divergence mean {m['kl_mean']:.5f}, p99 {m['kl_p99']:.5f}, max {m['kl_max']:.5f}; "
             f"top-1 agreement {100 * m['top1']:.2f}%; perplexity {m['ppl_test']:.3f} (float {m['ppl_ref']:.3f}) "
-            f"on {n_seq}x{seq_len} held-out tokens")
+            f"on {n_seq}x{seq_len} held-out tokens, measured on {quantized}")
     if "routing" in m:
         text += "\n" + routing_text(m)
-    return {**m, "text": text}
+    return {**m, "measured_on": str(quantized), "text": text}
 
 
 def default_heldout() -> Path:
@@ -247,45 +257,59 @@ def default_heldout() -> Path:
 
 def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32) -> dict:
     from gemmaquant.eval.latency import measure_latency
+    from gemmaquant.outputs import exported_model
     from gemmaquant.runtime import load_for_inference
 
     check_count(prompt_len, "--prompt-len")
     check_count(new_tokens, "--new-tokens")
+    model = exported_model(model)  # an output directory: its QAT result, work directory or exports
     m = load_for_inference(model)
     context = m.config.max_position_embeddings
     check_count(prompt_len, "--prompt-len", 1, context - 1, " (the model's context length less one new token)")
     check_count(new_tokens, "--new-tokens", 1, context - prompt_len,
                 f" (the model's context length {context} less --prompt-len)")
     res = measure_latency(m, prompt_len=prompt_len, new_tokens=new_tokens)
+    res["model"] = str(model)
     res["text"] = (f"{model}: prefill {res['prefill_tokens_per_s']:.1f} tok/s, decode {res['decode_tokens_per_s']:.1f} "
                    f"tok/s on {res['device']} ({res.get('threads', '?')} threads)")
     return res
 
 
 def list_variants() -> dict:
-    from gemmaquant.config import TINY_VARIANTS
+    """The names `quantize`, `eval`, `qat` ... accept: the four released variants (weights from the Hugging Face
+    cache) and the bundled fixtures (tiny trained models shipped inside the package, with their paths)."""
+    from gemmaquant.fixtures import fixture_path
     from gemmaquant.hub import fixture_names
     from gemmaquant.model.gemma4 import param_counts
 
     rows = []
-    for name, cfg in {**VARIANTS, **TINY_VARIANTS}.items():
+    fixtures = fixture_names()
+    for name in [*VARIANTS, *fixtures]:
+        cfg = model_config(name)
         c = param_counts(cfg)
-        rows.append({"name": name, "hf_repo": HF_REPOS.get(name), "layers": cfg.num_hidden_layers,
+        path = str(fixture_path(name)) if name in fixtures else None
+        rows.append({"name": name, "hf_repo": HF_REPOS.get(name), "path": path, "layers": cfg.num_hidden_layers,
                      "hidden": cfg.hidden_size, "moe": cfg.enable_moe_block, "ple": cfg.has_ple,
                      "params_total": c["total"], "params_active": c["active"]})
-    text = "\n".join(f"{r['name']:14s} {r['params_total'] / 1e9:8.3f}B total {r['params_active'] / 1e9:8.3f}B active  "
-                     f"{r['layers']:3d} layers  hidden {r['hidden']:5d}  {r['hf_repo'] or ''}" for r in rows)
-    fixtures = fixture_names()
-    text += "\nbundled trained fixtures: " + ", ".join(fixtures)
+
+    def line(r: dict) -> str:
+        return (f"  {r['name']:11s} {_params(r['params_total'])} total {_params(r['params_active'])} active  "
+                f"{r['layers']:3d} layers  hidden {r['hidden']:5d}  {r['hf_repo'] or r['path']}")
+
+    text = "\n".join(["Gemma 4 variants (weights from the Hugging Face cache, HF_HOME; `hf download <repo>` "
+                      "fetches them):", *map(line, rows[:len(VARIANTS)]),
+                      "bundled trained fixtures (tiny models inside the package, to try every command on):",
+                      *map(line, rows[len(VARIANTS):])])
     return {"variants": rows, "fixtures": fixtures, "text": text}
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:7.2f}B" if n >= 1e8 else f"{n / 1e6:7.2f}M"
 
 
 def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, overwrite: bool = False,
             **recipe_overrides) -> dict:
-    try:
-        from gemmaquant.qat import QATRecipe, qat_train
-    except ImportError:
-        raise UsageError("quantization-aware training is not available in this version of gemmaquant") from None
+    from gemmaquant.qat import QATRecipe, qat_train  # part of every install: an ImportError is a packaging bug
 
     overrides = {k: v for k, v in recipe_overrides.items() if v is not None}
     for flag, key in (("--gguf-type", "gguf_type"), ("--format", "weight_format")):
@@ -293,10 +317,13 @@ def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, 
         nominal = re.search(r"\d", grid or "")
         if bits is not None and nominal and int(nominal.group()) != bits:  # Q4_K_M, q5_0, int3_g32_sym: 4, 5, 3
             raise UsageError(f"--bits {bits} conflicts with {flag} {grid}, a {nominal.group()}-bit grid")
+    from gemmaquant.outputs import removed_if_left_empty
+
     bits = 4 if bits is None else bits
     QATRecipe(bits=bits, steps=steps, **overrides)  # every option checked before the output directory is made
-    prepare_out(Path(out), overwrite)
-    res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
+    with removed_if_left_empty(out):  # a run that fails before writing anything leaves no empty directory
+        prepare_out(Path(out), overwrite)
+        res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
     res = dict(res) if isinstance(res, dict) else {"result": str(res)}
     res.setdefault("text", f"QAT finished: {out}")
     return res

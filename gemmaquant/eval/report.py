@@ -37,7 +37,8 @@ class Report:
     metrics: dict  # compare_logits of the exported model
     compared: list = field(default_factory=list)  # [{label, bits_per_weight, kl_mean, top1}]
     layers: list = field(default_factory=list)  # per-layer info: sqnr_db, expert_tokens, forced_experts
-    files: dict = field(default_factory=dict)  # kind -> {path, bytes}
+    files: dict = field(default_factory=dict)  # kind -> {path, bytes, bits_per_weight (read from the file)}
+    measured_on: str = ""  # the exported file the metrics were measured on (read back as a user loads it)
     timings: dict = field(default_factory=dict)  # {"latency": {model: measure_latency}, "layer_seconds": [...]}
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
@@ -63,6 +64,10 @@ class Report:
             "|---|---|---|---|---|---|",
             f"| {m['kl_mean']:.5f} | {m['kl_p99']:.5f} | {m['kl_max']:.5f} | {100 * m['top1']:.2f}% | "
             f"{m['ppl_ref']:.3f} -> {m['ppl_test']:.3f} | {m['tokens']} |"])]
+        if self.measured_on:
+            bits = next((f"; {v['bits_per_weight']:.3f} bits per weight" for v in self.files.values()
+                         if v.get("path") == self.measured_on and "bits_per_weight" in v), "")
+            out[0].lines += ["", f"Measured on {self.measured_on} (read back as a user loads it{bits})."]
         if m.get("routing"):
             out.append(Section("Routing (MoE)", routing_lines(m)))
         if self.compared:
@@ -73,10 +78,12 @@ class Report:
         reasons: dict[str, int] = {}
         for why in self.plan["float_tensors"].values():
             reasons[why] = reasons.get(why, 0) + 1
-        out += [Section("Files", ["| kind | path | size |", "|---|---|---|",
-                                  *(f"| {k} | {v['path']} | {v['bytes'] / 2**20:.2f} MiB |"
+        out += [Section("Files", ["| kind | path | size | bits/weight |", "|---|---|---|---|",
+                                  *(f"| {k} | {v['path']} | {v['bytes'] / 2**20:.2f} MiB | "
+                                    + (f"{v['bits_per_weight']:.3f}" if "bits_per_weight" in v else "") + " |"
                                     for k, v in self.files.items()),
-                                  "", f"Bits per weight of the plan: {self.plan['bits_per_weight']:.3f}"]),
+                                  "", "Bits per weight: every tensor's bytes in the file (scales and float tensors "
+                                  "included) x 8 over its weights, as `gemmaquant inspect` reports it."]),
                 Section("Kept in float", ["| tensors | reason |", "|---|---|",
                                           *(f"| {n} | {why} |" for why, n in reasons.items())])]
         sq = ["| layer | min | mean | worst tensor |", "|---|---|---|---|"]

@@ -32,7 +32,8 @@ def _table(rows: list[tuple], header: tuple) -> list[str]:
 
 def _summary(per_type: dict[str, list[int]], total_w: int, total_b: int) -> list[str]:
     rows = [(t, f"{n:,}", _size(b), f"{8 * b / max(n, 1):.2f}") for t, (n, b) in sorted(per_type.items())]
-    rows.append(("total", f"{total_w:,}", _size(total_b), f"{8 * total_b / max(total_w, 1):.2f}"))
+    # the file's bits per weight (file_bits), to the three decimals the dry run and the report print
+    rows.append(("total", f"{total_w:,}", _size(total_b), f"{8 * total_b / max(total_w, 1):.3f}"))
     return _table(rows, ("type", "weights", "size", "bits/weight"))
 
 
@@ -53,11 +54,8 @@ def inspect_gguf(path: Path) -> str:
             v = f"{v.splitlines()[0][:60]!r}... ({len(v)} chars)"
         lines.append(f"  {k} = {v}")
     rows, per_type = [], defaultdict(lambda: [0, 0])
-    for t in r.tensors:
-        kind = t.tensor_type.name
-        n, b = int(t.n_elements), int(t.n_bytes)
-        rows.append((t.name, kind, "x".join(map(str, reversed([int(x) for x in t.shape]))), _size(b),
-                     f"{8 * b / n:.2f}"))
+    for name, kind, shape, n, b in _gguf_tensors(r):
+        rows.append((name, kind, "x".join(map(str, shape)), _size(b), f"{8 * b / max(n, 1):.2f}"))
         per_type[kind][0] += n
         per_type[kind][1] += b
     lines += ["", "tensors (shape in PyTorch order):"]
@@ -65,6 +63,12 @@ def inspect_gguf(path: Path) -> str:
     lines += ["", "by type:"] + ["  " + x for x in _summary(per_type, sum(v[0] for v in per_type.values()),
                                                            sum(v[1] for v in per_type.values()))]
     return "\n".join(lines)
+
+
+def _gguf_tensors(r) -> list[tuple[str, str, list[int], int, int]]:
+    """(name, type, shape in PyTorch order, weights, bytes) of every tensor of a gguf.GGUFReader."""
+    return [(t.name, t.tensor_type.name, list(reversed([int(x) for x in t.shape])), int(t.n_elements),
+             int(t.n_bytes)) for t in r.tensors]
 
 
 def _safetensors_headers(files: list[Path]) -> dict[str, dict]:
@@ -101,6 +105,21 @@ def inspect_dir(path: Path, files: list[Path] | None = None) -> str:
     meta = next(iter(headers.values()))["metadata"]
     if meta:
         lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(meta.items())))
+    rows, per_type = [], defaultdict(lambda: [0, 0])
+    for name, kind, shape, n, nbytes in _safetensors_tensors(headers, qc):
+        rows.append((name, kind, "x".join(map(str, shape)) or "scalar", _size(nbytes),
+                     f"{8 * nbytes / max(n, 1):.2f}"))
+        per_type[kind][0] += n
+        per_type[kind][1] += nbytes
+    lines += ["", "tensors:"] + ["  " + x for x in _table(rows, ("name", "type", "shape", "size", "bits/weight"))]
+    lines += ["", "by type:"] + ["  " + x for x in _summary(per_type, sum(v[0] for v in per_type.values()),
+                                                           sum(v[1] for v in per_type.values()))]
+    return "\n".join(lines)
+
+
+def _safetensors_tensors(headers: dict[str, dict], qc: dict | None) -> list[tuple[str, str, list[int], int, int]]:
+    """(name, type, shape, weights, bytes) of every weight of a safetensors checkpoint; a compressed-tensors
+    module (weight_packed + weight_scale + weight_shape) is one weight of its unpacked shape."""
     modules: dict[str, dict[str, dict]] = defaultdict(dict)
     for name, h in headers.items():
         base, _, leaf = name.rpartition(".")
@@ -109,7 +128,7 @@ def inspect_dir(path: Path, files: list[Path] | None = None) -> str:
         else:
             modules[name][""] = h
     bits = (next(iter((qc or {}).get("config_groups", {}).values()), {}).get("weights", {}) or {}).get("num_bits")
-    rows, per_type = [], defaultdict(lambda: [0, 0])
+    rows = []
     for base, parts in sorted(modules.items()):
         if "weight_packed" in parts and "weight_scale" in parts and bits in (4, 8) and \
                 len(parts["weight_packed"]["shape"]) == 2:
@@ -120,15 +139,31 @@ def inspect_dir(path: Path, files: list[Path] | None = None) -> str:
             entries = [(f"{base}.{leaf}" if leaf else base, h["dtype"], h["shape"], [h]) for leaf, h in parts.items()]
         for name, kind, shape, stored in entries:
             nbytes = sum(int(np.prod(h["shape"])) * DTYPE_BYTES.get(h["dtype"], 1) for h in stored)
-            n = int(np.prod(shape)) if shape else 1
-            rows.append((name, kind, "x".join(map(str, shape)) or "scalar", _size(nbytes),
-                         f"{8 * nbytes / max(n, 1):.2f}"))
-            per_type[kind][0] += n
-            per_type[kind][1] += nbytes
-    lines += ["", "tensors:"] + ["  " + x for x in _table(rows, ("name", "type", "shape", "size", "bits/weight"))]
-    lines += ["", "by type:"] + ["  " + x for x in _summary(per_type, sum(v[0] for v in per_type.values()),
-                                                           sum(v[1] for v in per_type.values()))]
-    return "\n".join(lines)
+            rows.append((name, kind, list(shape), int(np.prod(shape)) if shape else 1, nbytes))
+    return rows
+
+
+def file_bits(path: str | os.PathLike) -> dict:
+    """{"weights", "bytes", "bits_per_weight"} of a written GGUF file or safetensors directory: every tensor's
+    bytes (scales, norms, rope_freqs included; headers not) times 8 over its weights, the "total" row of
+    `gemmaquant inspect` and the figure the dry run predicts (gemmaquant.export.sizes)."""
+    from gemmaquant.export.compressed_tensors_reader import quantization_config
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from gemmaquant.export.gguf_reader import open_gguf
+
+        rows = _gguf_tensors(open_gguf(p))
+    elif p.is_dir():
+        cfg = read_json(p / "config.json", "config") if (p / "config.json").is_file() else {}
+        headers = _safetensors_headers(sorted(p.glob("*.safetensors")))
+        if not headers:
+            raise ExportError(f"{p}: no *.safetensors files")
+        rows = _safetensors_tensors(headers, quantization_config(cfg))
+    else:
+        raise ExportError(f"{p}: expected a .gguf file or a safetensors directory")
+    n, b = sum(r[3] for r in rows), sum(r[4] for r in rows)
+    return {"weights": n, "bytes": b, "bits_per_weight": 8 * b / max(n, 1)}
 
 
 def inspect_file(path: str | os.PathLike) -> str:

@@ -57,6 +57,7 @@ from torch.nn.utils import parametrize
 
 from gemmaquant.export.gguf_names import is_expert
 from gemmaquant.formats import FORMATS
+from gemmaquant.progress import progress as progress_lines, stage
 from gemmaquant.qat.fake_quant import grid_sensitivity, quantize_rows
 from gemmaquant.qat.distill import Taps, accumulate_gradients
 from gemmaquant.qat.prepare import QATError, convert, latent_weights, prepare_qat, scale_parameters
@@ -420,7 +421,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         embedding_formats(teacher.config, r.embedding_type)  # so does an embedding type that does not fit
     # (quantize() reads the teacher layer by layer and leaves it as it was: no copy needed)
     shared = shared_tables(teacher)  # the student's are the teacher's own tensors: not copied, not saved
-    ptq = quantize(teacher, ptq_recipe, out=out, tokenizer_dir=tok_dir, progress=False)
+    stage(f"QAT 1/4: GPTQ start on {ptq_recipe.n_samples} x {ptq_recipe.seq_len} tokens of {data}", progress)
+    ptq = quantize(teacher, ptq_recipe, out=out, tokenizer_dir=tok_dir, progress=progress)
     ptq_src = QuantizedSource(ptq.work_dir)
 
     # 2. the student: GPTQ's weights and block parameters under fake quantization
@@ -444,10 +446,10 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     start, log = (load_state(ckpt, student, opt, fingerprint, average, skip) if ckpt.is_file() else (0, []))
 
     # 3. distillation
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(start, r.steps), desc="qat", unit="step", initial=start, total=r.steps,
-               disable=(not progress) if progress is not None else None)
+    stage(f"QAT 2/4: distillation from the float model, {r.steps} steps of {r.batch_size} x {r.seq_len} tokens"
+          + (f" (resuming after step {start})" if start else ""), progress)
+    bar = progress_lines(range(start, r.steps), desc="qat", unit="step", initial=start, total=r.steps,
+                         enabled=progress)
     t_taps = Taps(teacher, r.hidden_weight > 0, r.router_weight > 0)
     s_taps = Taps(student, r.hidden_weight > 0, r.router_weight > 0)
     try:
@@ -474,6 +476,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         t_taps.remove(), s_taps.remove()
 
     # 4. convert, write, export
+    stage(f"QAT 3/4: writing {out / 'quantized'}" + (" and the exports" if export and r.exports() else ""),
+          progress)
     if average is not None:
         average.apply()
     opt.zero_grad(set_to_none=True)
@@ -513,6 +517,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
               "kl_head": window_mean(log[:TRAIN_WINDOW]), "kl_tail": window_mean(log[-TRAIN_WINDOW:]),
               "log": log, "files": files, "work_dir": str(Path(ptq.work_dir)), "ptq_recipe": ptq_recipe.to_dict()}
     if eval_seqs > 0:
+        stage(f"QAT 4/4: held-out KL of GPTQ and QAT against the float model ({eval_seqs} x {eval_seq_len} "
+              f"tokens)", progress)
         ids = heldout_ids(tok_dir, heldout or default_heldout(), eval_seqs, eval_seq_len, teacher.config.bos_token_id)
         ptq_model = dequantized_model(ptq_src)
         if r.embedding_type:  # the same embedding rounding as QAT's: what GPTQ's GGUF of that type would hold

@@ -1,0 +1,81 @@
+"""What each exported file will hold, byte for byte, from the plan alone (no weights): the dry run's sizes.
+
+Bits per weight means one thing everywhere in gemmaquant: the bytes of every tensor in the file (scales, F32 norms
+and rope_freqs included, headers not) times 8, over the weights the file holds. `gemmaquant inspect` computes it
+from a written file (`gemmaquant.export.inspect.file_bits`); the functions here predict the same figure exactly
+(tests/test_bits_per_weight.py checks both against each other on a real run).
+
+GGUF types are the exporter's own choice: a quantized matrix keeps its block type (int4 g32 is Q4_0, int8 is Q8_0),
+every float tensor gets what `gguf_mix_plan` gives it for the file type (llama.cpp's rules, fallbacks included:
+the 160-wide tiny-moe embedding cannot hold Q6_K's 256-blocks and is stored Q8_0).
+"""
+
+from __future__ import annotations
+
+from gemmaquant.config import Gemma4Config
+from gemmaquant.plan import TensorPlan
+
+LOSSLESS_GGUF = {"int4_g32_sym": "Q4_0", "int8": "Q8_0"}  # our grid -> the GGUF type that holds it exactly
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def gguf_file_type(recipe) -> str | None:
+    """The GGUF file type (mix) a recipe exports to, or None when its grid has no lossless GGUF type."""
+    return recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format)
+
+
+def gguf_types(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe) -> dict[str, str]:
+    """name -> the ggml type the GGUF exporter writes for it."""
+    from gemmaquant.export.gguf_mix import gguf_mix_plan
+
+    mix = gguf_mix_plan(cfg, gguf_file_type(recipe), token_embd_type=recipe.embedding_gguf_type,
+                        shapes={p.name: tuple(p.shape) for p in plan.values()})
+    out = {}
+    for name, p in plan.items():
+        if p.fmt is None:
+            out[name] = mix[name]
+        elif getattr(p.fmt, "ggml_type", None) is not None:  # a GGUF block format (Q4_K, Q6_K, ...)
+            out[name] = p.fmt.ggml_type.name
+        else:  # int4 g32 / int8, repacked losslessly
+            out[name] = LOSSLESS_GGUF[p.fmt.name]
+    return out
+
+
+def gguf_size(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe) -> dict:
+    """{"bytes", "weights", "bits_per_weight", "params_by_type"} of the GGUF file (tensor data, rope_freqs too)."""
+    from gemmaquant.export.gguf_pack import tensor_nbytes
+
+    rope = cfg.global_head_dim // 2  # the generated rope_freqs tensor, F32
+    nbytes, weights, by_type = 4 * rope, rope, {"F32": rope}
+    for name, t in gguf_types(cfg, plan, recipe).items():
+        shape = tuple(plan[name].shape)
+        nbytes += tensor_nbytes(t, shape)
+        weights += _numel(shape)
+        by_type[t] = by_type.get(t, 0) + _numel(shape)
+    return {"bytes": nbytes, "weights": weights, "bits_per_weight": 8 * nbytes / weights, "params_by_type": by_type}
+
+
+def safetensors_size(plan: dict[str, TensorPlan], dtype_bytes: int = 2) -> dict:
+    """{"bytes", "weights", "bits_per_weight"} of the compressed-tensors export (text model, bf16): per quantized
+    matrix (each expert its own) int32-packed codes, a scale per group (int4) or row (int8) and an int64[2]
+    weight_shape; every other tensor in bf16."""
+    nbytes = weights = 0
+    for p in plan.values():
+        n = _numel(p.shape)
+        weights += n
+        if p.fmt is None:
+            nbytes += n * dtype_bytes
+            continue
+        experts = p.shape[0] if len(p.shape) == 3 else 1
+        N, K = p.shape[-2], p.shape[-1]
+        bits = 8 if p.fmt.name == "int8" else 4
+        scales = 1 if bits == 8 else K // p.fmt.group_size
+        modules = experts * (2 if p.name.endswith("gate_up_proj") else 1)  # experts unfused, gate_up split in two
+        nbytes += experts * (N * K * bits // 8 + N * scales * dtype_bytes) + 16 * modules  # + int64[2] weight_shape
+    return {"bytes": nbytes, "weights": weights, "bits_per_weight": 8 * nbytes / max(weights, 1)}
