@@ -111,17 +111,20 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gguf,safetensors",
                  gguf_type: str | None = None, group_size: int | None = None, recipe_file: Path | None = None,
                  calib: Path | None = None, out: Path | None = None, dry_run: bool = False,
-                 overwrite: bool = False, evaluate: bool = True, progress: bool | None = None) -> dict:
+                 overwrite: bool = False, evaluate: bool = True, progress: bool | None = None,
+                 device: str = "auto") -> dict:
+    from gemmaquant.device import device_name, resolve_device
     from gemmaquant.plan import make_plan, plan_summary
 
     fmts = parse_formats(formats)
+    dev = resolve_device(device)  # a device that is not there fails here, before any work
     recipe = resolve_recipe(model, bits, method, fmts, gguf_type, group_size, recipe_file)
     cfg = model_config(model)
     plan = make_plan(cfg, recipe)
     if dry_run:
         from gemmaquant.estimate import estimate
 
-        est = estimate(cfg, plan, recipe, fmts)
+        est = estimate(cfg, plan, recipe, fmts, device=dev)
         return {"dry_run": True, "model": str(model), "recipe": recipe.to_dict(), **est, "text": est["text"]}
     name = Path(str(model)).name
     out = Path(out) if out is not None else Path(f"{name}-{scheme_name(recipe).lower()}")
@@ -129,10 +132,13 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     from gemmaquant.quantize import quantize
 
     t0 = time.time()
-    result = quantize(model, recipe, out=out, calib=calib, progress=progress)
+    if progress is not False:
+        print(f"quantizing on {device_name(dev)}", flush=True)
+    result = quantize(model, recipe, out=out, calib=calib, progress=progress, device=dev)
     files = export_outputs(result.work_dir, out, name, recipe, fmts)
     summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
                "calibration_sha256": result.calibration_sha256, "quantize_seconds": round(result.seconds, 2),
+               "device": device_name(dev),
                "plan": plan_summary(plan)}
     if evaluate:
         from gemmaquant.evaluate_run import evaluate_and_report
@@ -170,7 +176,7 @@ def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple
 def _quantize_text(s: dict) -> str:
     lines = [f"quantized {s['model']} with {s['recipe']['method']} onto "
              f"{s['recipe']['gguf_type'] or s['recipe']['weight_format']} "
-             f"in {s['quantize_seconds']:.1f} s"]
+             f"in {s['quantize_seconds']:.1f} s on {s.get('device', 'cpu')}"]
     for kind, path in s["files"].items():
         size = _size(Path(path))
         lines.append(f"  {kind:12s} {path}  ({size / 2**20:.2f} MiB)")
@@ -189,15 +195,18 @@ def _size(p: Path) -> int:
 
 
 # ---- other commands -----------------------------------------------------------------------------------------
-def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq: int = 16, seq_len: int = 128) -> dict:
+def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq: int = 16, seq_len: int = 128,
+             device: str = "cpu") -> dict:
     import gemmaquant
+    from gemmaquant.device import device_name, resolve_device
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.eval.routing import routing_text
     from gemmaquant.hub import resolve
     from gemmaquant.runtime import load_for_inference
 
-    ref = gemmaquant.load(model)
-    test = load_for_inference(quantized, device="cpu")  # a quantizer output runs packed, through gemmaquant.ops
+    dev = resolve_device(device)
+    ref = gemmaquant.load(model).to(dev)
+    test = load_for_inference(quantized, device=dev)  # a quantizer output runs packed, through gemmaquant.ops
     ids = heldout_ids(resolve(model), heldout or default_heldout(), n_seq, seq_len)
     m = compare_logits(ref, test, ids, routing=True)
     text = (f"KL divergence mean {m['kl_mean']:.5f}, p99 {m['kl_p99']:.5f}, max {m['kl_max']:.5f}; "
@@ -205,7 +214,7 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
             f"on {n_seq}x{seq_len} held-out tokens")
     if "routing" in m:
         text += "\n" + routing_text(m)
-    return {**m, "text": text}
+    return {**m, "device": device_name(dev), "text": text}
 
 
 def default_heldout() -> Path:
@@ -214,11 +223,12 @@ def default_heldout() -> Path:
     return Path(str(resources.files("gemmaquant.calibration") / "data" / "heldout.txt"))
 
 
-def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32) -> dict:
+def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32, device: str = "auto") -> dict:
+    from gemmaquant.device import resolve_device
     from gemmaquant.eval.latency import measure_latency
     from gemmaquant.runtime import load_for_inference
 
-    m = load_for_inference(model)
+    m = load_for_inference(model, device=resolve_device(device))
     res = measure_latency(m, prompt_len=prompt_len, new_tokens=new_tokens)
     res["text"] = (f"{model}: prefill {res['prefill_tokens_per_s']:.1f} tok/s, decode {res['decode_tokens_per_s']:.1f} "
                    f"tok/s on {res['device']} ({res.get('threads', '?')} threads)")
@@ -244,7 +254,7 @@ def list_variants() -> dict:
 
 
 def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, overwrite: bool = False,
-            **recipe_overrides) -> dict:
+            device: str = "auto", **recipe_overrides) -> dict:
     try:
         from gemmaquant.qat import qat_train
     except ImportError:
@@ -256,6 +266,12 @@ def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, 
         nominal = re.search(r"\d", grid or "")
         if bits is not None and nominal and int(nominal.group()) != bits:  # Q4_K_M, q5_0, int3_g32_sym: 4, 5, 3
             raise UsageError(f"--bits {bits} conflicts with {flag} {grid}, a {nominal.group()}-bit grid")
+    from gemmaquant.device import resolve_device
+
+    dev = torch.device("cpu") if device == "auto" else resolve_device(device)  # (a missing GPU: exit 2)
+    if dev.type != "cpu":  # qat_train follows its model's device; the CLI's model is loaded on the CPU
+        raise UsageError(f"--device {device}: QAT runs on the CPU in this version (qat_train follows the device of "
+                         f"a model object it is given); use --device cpu")
     prepare_out(Path(out), overwrite)
     bits = 4 if bits is None else bits
     res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
