@@ -76,7 +76,7 @@ def timed(times: dict, key: str, dev: torch.device):
         times[key] = times.get(key, 0.0) + time.perf_counter() - t0
 
 
-def run_one(ckpt: Path, out: Path, device: str, samples: int, seq_len: int) -> dict:
+def run_one(ckpt: Path, out: Path, device: str, samples: int, seq_len: int, method: str = "gptq") -> dict:
     """Subprocess body: quantize + export with every stage timed; peaks of this process."""
     import gemmaquant  # noqa: F401  (gemmaquant.quantize is the function; the module is in sys.modules)
     from gemmaquant.device import device_name, resolve_device
@@ -111,7 +111,7 @@ def run_one(ckpt: Path, out: Path, device: str, samples: int, seq_len: int) -> d
     q.capture = capture
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    recipe = Recipe.from_dict({"method": "gptq", "weight_format": "int4_g32_sym", "n_samples": samples,
+    recipe = Recipe.from_dict({"method": method, "weight_format": "int4_g32_sym", "n_samples": samples,
                                "seq_len": seq_len, "batch_size": 4 if dev.type == "cuda" else 1})
     t0 = time.perf_counter()
     res = q.quantize(str(ckpt), recipe, out=out, progress=False, device=dev)
@@ -153,13 +153,16 @@ def main():
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=None, help="MoE: this many experts instead of 128 (CPU runs)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--rtn-models", default="", help="models quantized by RTN instead of GPTQ (a CPU run where one "
+                    "layer's GPTQ takes too long; the row says so)")
+    ap.add_argument("--method", default="gptq", help=argparse.SUPPRESS)
     ap.add_argument("--dir", default="/tmp/gq-pipeline")
     ap.add_argument("--out", default=None, help="results stem (default benchmarks/results/pipeline_<device>)")
     ap.add_argument("--run-one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_one:
         print(json.dumps(run_one(Path(args.run_one[0]), Path(args.run_one[1]), args.device, args.samples,
-                                 args.seq_len)))
+                                 args.seq_len, args.method)))
         return
     from gemmaquant.device import resolve_device
 
@@ -174,29 +177,34 @@ def main():
         root = Path(args.dir) / model
         shutil.rmtree(root, ignore_errors=True)
         make_checkpoint(model, args.layers, args.experts, root / "ckpt")
+        method = "rtn" if model in args.rtn_models.split(",") else "gptq"
         p = subprocess.run([sys.executable, __file__, "--device", str(dev), "--samples", str(args.samples),
+                            "--method", method,
                             "--seq-len", str(args.seq_len), "--run-one", str(root / "ckpt"), str(root / "out")],
                            capture_output=True, text=True)
         if p.returncode:
             raise SystemExit(f"{model}: {p.stderr[-3000:]}")
         r = json.loads(p.stdout.strip().splitlines()[-1])
         meta["device"] = r.pop("device")
-        rows.append({"model": model, **r, **project(model, r, args.experts)})
+        rows.append({"model": model, "method": method, **r, **project(model, r, args.experts)})
         shutil.rmtree(root, ignore_errors=True)
         print(json.dumps(rows[-1]), flush=True)
-    stem = Path(args.out) if args.out else RESULTS / f"pipeline_{dev.type}"
+    write(Path(args.out) if args.out else RESULTS / f"pipeline_{dev.type}", meta, rows)
+
+
+def write(stem: Path, meta: dict, rows: list[dict]) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     gib = 2**30
     stages = ("build", "forward", "statistics", "forced", "quantize", "save")
     md = [f"# Quantize pipeline on {meta['device']}", "",
           f"Synthetic checkpoints with the real layer geometry; reduced: {', '.join(meta['reduced'])}.", "",
-          "| model | " + " | ".join(f"{s} s/layer" for s in stages) + " | export s | peak device | peak host "
+          "| model | method | " + " | ".join(f"{s} s/layer" for s in stages) + " | export s | peak device | peak host "
           "| projected (this calibration) | projected (128 x 2048 tokens, 128 experts) |",
-          "|---|" + "---|" * (len(stages) + 5)]
+          "|---|---|" + "---|" * (len(stages) + 5)]
     for r in rows:
         per = r["seconds_per_layer"]
-        md.append(f"| {r['model']} | " + " | ".join(f"{per.get(s, 0):.2f}" for s in stages) +
+        md.append(f"| {r['model']} | {r['method']} | " + " | ".join(f"{per.get(s, 0):.2f}" for s in stages) +
                   f" | {r['export_seconds']:.1f} | {r['peak_device_bytes'] / gib:.2f} GiB | "
                   f"{r['peak_host_bytes'] / gib:.2f} GiB | {r['projected_seconds'] / 3600:.2f} h | "
                   f"{r['projected_seconds_recipe'] / 3600:.2f} h |")
