@@ -68,6 +68,7 @@ def quantize(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and estimates, do nothing"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output directory"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="measure KL divergence etc. and write the report"),
+    device: str = typer.Option("auto", "--device", help="auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Quantize a Gemma 4 and write GGUF, compressed-tensors safetensors and a report."""
@@ -76,7 +77,7 @@ def quantize(
     res = _run(run_quantize, model, bits=bits, method=method, formats=format, gguf_type=gguf_type,
                group_size=group_size, recipe_file=recipe, calib=calib, out=out, dry_run=dry_run,
                overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False,
-               resumes="after the last finished layer")
+               device=device, resumes="after the last finished layer")
     _emit(res, as_json, res["text"])
 
 
@@ -87,12 +88,13 @@ def eval_(
                                    "--out` / `qat --out` directory (its safetensors run packed, else its GGUF)"),
     heldout: Optional[Path] = typer.Option(None, help="held-out text (default: the bundled held-out set)"),
     n_seq: int = typer.Option(16), seq_len: int = typer.Option(128),
+    device: str = typer.Option("cpu", "--device", help="cpu (default), cuda, cuda:N, auto"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """KL divergence, top-1 agreement and perplexity of a quantized file against its float model."""
     from gemmaquant.workflow import run_eval
 
-    res = _run(run_eval, model, quantized, heldout=heldout, n_seq=n_seq, seq_len=seq_len)
+    res = _run(run_eval, model, quantized, heldout=heldout, n_seq=n_seq, seq_len=seq_len, device=device)
     _emit(res, as_json, res["text"])
 
 
@@ -110,12 +112,13 @@ def bench(
                                 "directory, or a `quantize --out` / `qat --out` directory (its safetensors run "
                                 "packed, through gemmaquant.ops, else its GGUF)"),
     prompt_len: int = typer.Option(128), new_tokens: int = typer.Option(32),
+    device: str = typer.Option("auto", "--device", help="auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Prefill and decode tokens/s of a model on this machine's device."""
     from gemmaquant.workflow import run_bench
 
-    res = _run(run_bench, model, prompt_len=prompt_len, new_tokens=new_tokens)
+    res = _run(run_bench, model, prompt_len=prompt_len, new_tokens=new_tokens, device=device)
     _emit(res, as_json, res["text"])
 
 
@@ -164,12 +167,13 @@ def qat(
                                                   "K-quants' 6-bit sub-block scales and mins too (default) or "
                                                   "keep GPTQ's"),
     overwrite: bool = typer.Option(False, "--overwrite"),
+    device: str = typer.Option("cpu", "--device", help="cpu (QAT runs on the CPU in this version)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Quantization-aware training (distillation from the float model, from GPTQ weights), then export."""
     from gemmaquant.workflow import run_qat
 
-    res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, lr=lr,
+    res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, device=device, lr=lr,
                scale_lr=scale_lr, expert_lr_scale=expert_lr_scale, attention_lr_scale=attention_lr_scale,
                batch_size=batch_size, micro_batch=micro_batch,
                weight_format=weight_format, gguf_type=gguf_type, embedding_type=embedding_type, average=average,

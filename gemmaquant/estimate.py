@@ -33,7 +33,10 @@ def matmul_gflops(seconds: float = 0.3) -> float:
     return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e9
 
 
-def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, formats: tuple[str, ...]) -> dict:
+def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, formats: tuple[str, ...],
+             device=None) -> dict:
+    """The dry-run figures; `device` (a torch.device) adds the device-memory estimate (gemmaquant.estimate_device):
+    always its line on a GPU run, and on the CPU the figures a GPU run would need."""
     from gemmaquant.export.sizes import gguf_size, safetensors_size
 
     total = sum(_numel(p.shape) for p in plan.values())
@@ -96,5 +99,12 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
         lines.append(f"  {len(names):4d} tensors: {why}")
     lines.append(f"peak memory (estimate): {peak / gib:.1f} GiB; time (estimate at {gf:.0f} GFLOP/s measured here): "
                  f"{seconds / 3600:.2f} h")
+    from gemmaquant.estimate_device import device_memory
+
+    dm = device_memory(cfg, plan, recipe)
+    res.update(dm)
+    if device is not None:
+        res["device"] = str(device)
+    lines.append(("on a GPU: " if device is None or device.type == "cpu" else f"on {device}: ") + dm["device_text"])
     res["text"] = "\n".join(lines)
     return res

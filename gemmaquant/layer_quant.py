@@ -84,7 +84,7 @@ def apply_awq(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan
             if fmt is None:
                 continue
             routed = [stats.inputs[f"expert_in.{e}"].x if f"expert_in.{e}" in stats.inputs
-                      else torch.zeros(0, gu.shape[-1])
+                      else torch.zeros(0, gu.shape[-1], device=gu.device)
                       for e in range(gu.shape[0])]  # each expert's loss on the tokens routed to it
             s = awq_scales(list(gu), stats.get("expert_pool").x, [fmt] * gu.shape[0], n_grid=recipe.awq_grid,
                            x_per_weight=routed)

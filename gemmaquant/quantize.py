@@ -14,15 +14,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gemmaquant.calibration import calibration_tokens
-from gemmaquant.capture import LayerStats, capture, force_route_rare_experts
+from gemmaquant.capture import LayerStats, batched_experts, capture, force_route_rare_experts
 from gemmaquant.checkpoint import Checkpoint
 from gemmaquant.config import Gemma4Config
+from gemmaquant.device import (ActivationBudget, autocast, device_name, forward_dtype, host_copy, model_device,
+                               resolve_device, to_device, to_host)
 from gemmaquant.errors import GemmaquantError
 from gemmaquant.layer_quant import quantize_layer
 from gemmaquant.model.gemma4 import DecoderLayer, Gemma4, LayerKV, make_forward_state, rope_inv_freqs
@@ -34,6 +37,7 @@ from gemmaquant.validate import check_float_checkpoint, check_float_values
 
 WORK_DIR = ".gemmaquant-work"
 LAYERS_RECORD = "layers.json"  # written when every layer is finished; kept when the layer files are pruned
+AWQ_SAMPLES = 2048  # calibration rows per input kept for AWQ's search (capture's default)
 
 
 class QuantizeError(GemmaquantError, ValueError):
@@ -104,12 +108,21 @@ def open_source(model, tokenizer_dir=None):
 
 
 # ---- one layer at a time ------------------------------------------------------------------------------------
-def build_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor]) -> DecoderLayer:
+def _owned_fp32(v: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`v` in fp32 on `device`, in storage of its own (never the caller's tensor itself)."""
+    t = to_device(v, device)
+    return t.to(torch.float32, copy=t is v)
+
+
+def build_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor],
+                device: torch.device = torch.device("cpu")) -> DecoderLayer:
+    """Layer i with its weights in fp32 on `device` (copied as stored, then widened there: half the transfer of a
+    bf16 checkpoint; the forward's precision is autocast's business, see gemmaquant.device)."""
     with torch.device("meta"):
         layer = DecoderLayer(cfg, i)
-    # copies: quantize_layer writes into the layer's weights (AWQ's folds, the dequantized values), and `state`
-    # may be the tensors of a model object the caller holds (`v.float()` of an fp32 tensor is that tensor)
-    layer.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state.items()}, strict=True, assign=True)
+    # a copy even where the dtype and device already match: quantize_layer writes into the layer's weights (AWQ's
+    # folds, the dequantized values), and `state` may be the tensors of a model object the caller holds
+    layer.load_state_dict({k: _owned_fp32(v, device) for k, v in state.items()}, strict=True, assign=True)
     return layer.eval()
 
 
@@ -132,7 +145,17 @@ class Activations:
         for p, kvs in self.shared.items():
             for b, kv in enumerate(kvs):
                 t[f"kv.{p}.{b}.k"], t[f"kv.{p}.{b}.v"], t[f"kv.{p}.{b}.pos"] = kv.k, kv.v, kv.pos
-        save_atomic(t, path, {"layer": str(layer)})
+        save_atomic(to_host(t), path, {"layer": str(layer)})
+
+    def nbytes(self) -> int:  # what lives between layers: h in and h out, and the shared K/V
+        kv = sum(t.numel() * t.element_size() for kvs in self.shared.values() for x in kvs if x is not None
+                 for t in (x.k, x.v))
+        return 2 * sum(h.numel() * h.element_size() for h in self.h) + kv
+
+    def move(self, dev: torch.device) -> None:
+        """h and the shared K/V to `dev` (their home between layers); PLE inputs stay in host memory."""
+        self.h = [to_device(h, dev) for h in self.h]
+        self.shared = {p: [_kv_to(x, dev) for x in kvs] for p, kvs in self.shared.items()}
 
     def load_into(self, path: Path) -> None:
         from safetensors.torch import load_file
@@ -147,17 +170,30 @@ class Activations:
         self.shared = {p: [d[b] for b in sorted(d)] for p, d in self.shared.items()}
 
 
+def _kv_to(kv: LayerKV | None, dev: torch.device) -> LayerKV | None:
+    if kv is None:  # a producer's own entry, not yet filled for this batch
+        return None
+    return LayerKV(to_device(kv.k, dev), to_device(kv.v, dev), to_device(kv.pos, dev))
+
+
 @torch.no_grad()
-def run_layer(layer: DecoderLayer, cfg: Gemma4Config, i: int, acts: Activations, inv_freqs) -> list[torch.Tensor]:
+def run_layer(layer: DecoderLayer, cfg: Gemma4Config, i: int, acts: Activations, inv_freqs,
+              dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Layer i on every calibration batch, on the layer's device, the forward in `dtype` (autocast; fp32 is the
+    plain forward). Each output (and a producer's K/V) goes back where its input batch came from."""
+    dev = layer.layer_scalar.device
     out = []
     for b, h in enumerate(acts.h):
-        st = make_forward_state(inv_freqs, torch.arange(h.shape[1]))
-        st.fresh_kv = {p: kvs[b] for p, kvs in acts.shared.items()}
-        ple = acts.ple[b][:, :, i] if acts.ple[b] is not None else None
-        y = layer(h, st, ple)
+        home = h.device
+        h = to_device(h, dev)
+        st = make_forward_state(inv_freqs, torch.arange(h.shape[1], device=dev))
+        st.fresh_kv = {p: _kv_to(kvs[b], dev) for p, kvs in acts.shared.items()}
+        ple = to_device(acts.ple[b][:, :, i], dev) if acts.ple[b] is not None else None
+        with autocast(dev, dtype):
+            y = layer(h, st, ple)
         if i in _producers(cfg):
-            acts.shared.setdefault(i, [None] * len(acts.h))[b] = st.fresh_kv[i]
-        out.append(y)
+            acts.shared.setdefault(i, [None] * len(acts.h))[b] = _kv_to(st.fresh_kv[i], home)
+        out.append(to_device(y, home))
     return out
 
 
@@ -175,10 +211,40 @@ class QuantizeResult:
     seconds: float
 
 
+def quantize_one_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor], acts: Activations,
+                       layer_plan: dict[str, TensorPlan], recipe: Recipe, inv_freqs, device: torch.device,
+                       fwd_dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+    """Layer i, start to finish, with no file I/O: build it on `device`, collect its statistics on `acts`,
+    quantize its matrices, and replace `acts` by the quantized layer's outputs (in place). Returns (the layer's
+    values in host memory, for `save_layer`; its report entry)."""
+    lt = time.time()
+    layer = build_layer(cfg, i, state, device)
+    for name, t in layer.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise QuantizeError(f"tensor 'layers.{i}.{name}' contains NaN or Inf")
+    stats = LayerStats(acc_dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    samples = AWQ_SAMPLES if recipe.method == "awq" else 0  # only AWQ reads input rows; the rest, Hessians
+    batched = batched_experts(device)
+    with capture(layer, stats, max_samples=samples, batched=batched):
+        run_layer(layer, cfg, i, Activations(acts.h, acts.ple, dict(acts.shared)), inv_freqs, fwd_dtype)
+    for g, s in stats.inputs.items():
+        if s.xtx is not None:
+            _check_finite(s.xtx, f"entering layer {i} ({g})")
+    force_route_rare_experts(layer, stats, recipe.moe_min_tokens, max_samples=samples, batched=batched)
+    values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plan, recipe)
+    acts.h = run_layer(layer, cfg, i, acts, inv_freqs, fwd_dtype)
+    for b, h in enumerate(acts.h):
+        _check_finite(h, f"leaving layer {i}")
+    info = {"layer": i, "sqnr_db": sqnr, "expert_sqnr_db": expert_sqnr, "seconds": round(time.time() - lt, 3),
+            "expert_tokens": stats.expert_tokens.tolist() if stats.expert_tokens is not None else None,
+            "forced_experts": stats.forced_experts}
+    return to_host(values), info
+
+
 def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike, calib: str | None = None,
              tokenizer_dir: str | os.PathLike | None = None, progress: bool | None = None,
-             stop_after_layer: int | None = None, inplace: bool = False,
-             layers_needed: bool = True) -> QuantizeResult:
+             stop_after_layer: int | None = None, inplace: bool = False, layers_needed: bool = True,
+             device: str | torch.device | None = None, activation_budget: int | None = None) -> QuantizeResult:
     """Quantize `model` (alias, checkpoint directory, or a Gemma 4 model object) with `recipe`: a `Recipe`, a recipe
     file (.toml), or a bundled recipe's name (`26b-a4b/int4-gptq`, see `gemmaquant.recipe.bundled_recipes()`).
 
@@ -194,8 +260,15 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
     checks that the finished layers' source weights are unchanged (gemmaquant.fingerprint). `layers_needed=False`:
     a work directory whose layer files were pruned after its exports were written (the CLI does so) is not
     recomputed, and the result has none.
+
+    device: where the layers are quantized, 'auto' (the first GPU, else the CPU), 'cpu', 'cuda', 'cuda:N'; None:
+        the device of a model object's parameters, 'auto' for a path or alias. One layer's weights at a time go
+        there. activation_budget: bytes of device memory the calibration activations may hold between layers
+        (default: half the free memory); beyond it they live in host memory. See gemmaquant.device.
     """
     t0 = time.time()
+    dev = (model_device(model) if device is None and isinstance(model, torch.nn.Module)
+           else resolve_device(device))
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_file(recipe) if Path(recipe).suffix == ".toml" else Recipe.from_name(str(recipe))
     torch.manual_seed(0)
@@ -222,6 +295,7 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
              "metadata": {"recipe": json.dumps(recipe.to_dict(), sort_keys=True),
                           "calibration_sha256": calib_hash, "version": "0.1.0"}}
     state_file = work / "state.json"
+    fwd_dtype = forward_dtype(recipe.forward_dtype, dev)
     if state_file.is_file():
         old = json.loads(state_file.read_text())
         if not recipe.same_as(old.get("recipe")) or \
@@ -229,8 +303,13 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
                 {k: state[k] for k in ("config", "calibration_sha256")}:
             raise QuantizeError(f"{work}: holds a run with another recipe, model or calibration set; "
                                 f"remove it (gemmaquant quantize --overwrite) or choose another --out")
+        started_on = old.get("device", "cpu")  # work directories from before devices were recorded ran on the CPU
+        if started_on != dev.type:  # a bf16 GPU forward and an fp32 CPU forward do not give the same layers
+            raise QuantizeError(f"{work}: this run was started on the {started_on.upper()}; resume it there "
+                                f"(--device {started_on}) or remove the directory to start again on {dev}")
     else:
-        write_json_atomic(state, state_file)
+        write_json_atomic({**state, "device": dev.type, "forward_dtype": str(fwd_dtype).removeprefix("torch.")},
+                          state_file)
     from gemmaquant.fingerprint import SourceChanged, SourceFingerprint
     from gemmaquant.resume import prune_layers
 
@@ -274,36 +353,31 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
         stage(f"resuming {work}: layers 0-{start - 1} were finished by an earlier run", progress)
     bar = progress_lines(range(start, cfg.num_hidden_layers), desc="quantize", unit="layer", initial=start,
                          total=cfg.num_hidden_layers, enabled=progress)
-    for i in bar:
-        lt = time.time()
-        weights = src.layer_state(i)
-        fp.add(weights, f"layers.{i}.")  # before the layer is saved: a finished layer's weights are on record
-        layer = build_layer(cfg, i, weights)
-        del weights
-        for name, t in layer.state_dict().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise QuantizeError(f"tensor 'layers.{i}.{name}' contains NaN or Inf")
-        stats = LayerStats()
-        with capture(layer, stats):
-            run_layer(layer, cfg, i, Activations(acts.h, acts.ple, dict(acts.shared)), inv_freqs)
-        for g, s in stats.inputs.items():
-            if s.xtx is not None:
-                _check_finite(s.xtx, f"entering layer {i} ({g})")
-        force_route_rare_experts(layer, stats, recipe.moe_min_tokens)
-        values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plans[i], recipe)
-        acts.h = run_layer(layer, cfg, i, acts, inv_freqs)
-        for b, h in enumerate(acts.h):
-            _check_finite(h, f"leaving layer {i}")
-        info = {"layer": i, "sqnr_db": sqnr, "expert_sqnr_db": expert_sqnr, "seconds": round(time.time() - lt, 3),
-                "expert_tokens": stats.expert_tokens.tolist() if stats.expert_tokens is not None else None,
-                "forced_experts": stats.forced_experts}
-        # order matters for resumption: inputs of layer i+1, then layer i (its .json last), then drop layer i's inputs
-        acts.save(work / f"acts_{i + 1:05d}.safetensors", i + 1)
-        save_layer(work, i, values, info)
-        (work / f"acts_{i:05d}.safetensors").unlink(missing_ok=True)
-        del layer, stats, values
-        if stop_after_layer is not None and i >= stop_after_layer:
-            break
+    acts.move(ActivationBudget(dev, activation_budget).home(acts.nbytes()))
+    # on a GPU a thread reads (and pins) layer i+1 from the checkpoint while layer i is worked on
+    prefetch = ThreadPoolExecutor(1) if dev.type == "cuda" else None
+    read = (lambda j: host_copy(src.layer_state(j), dev))
+    pending = prefetch.submit(read, start) if prefetch and start < cfg.num_hidden_layers else None
+    try:
+        for i in bar:
+            state_i = pending.result() if pending else read(i)
+            if prefetch and i + 1 < cfg.num_hidden_layers:
+                pending = prefetch.submit(read, i + 1)
+            fp.add(state_i, f"layers.{i}.")  # before the layer is saved: a finished layer's weights are on record
+            values, info = quantize_one_layer(cfg, i, state_i, acts, layer_plans[i], recipe, inv_freqs, dev,
+                                              fwd_dtype)
+            del state_i
+            # order matters for resumption: inputs of layer i+1, then layer i (its .json last), then drop layer
+            # i's inputs
+            acts.save(work / f"acts_{i + 1:05d}.safetensors", i + 1)
+            save_layer(work, i, values, info)
+            (work / f"acts_{i:05d}.safetensors").unlink(missing_ok=True)
+            del values
+            if stop_after_layer is not None and i >= stop_after_layer:
+                break
+    finally:
+        if prefetch:
+            prefetch.shutdown(wait=True, cancel_futures=True)
     layers = [json.loads((work / f"layer_{i:05d}.json").read_text()) for i in range(finished_layers(work))]
     if len(layers) == cfg.num_hidden_layers:
         write_json_atomic(layers, record)

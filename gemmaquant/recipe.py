@@ -28,6 +28,9 @@ class RecipeError(GemmaquantError, ValueError):
 ADDED_KEYS = {"importance_params": False}
 # Keys only the exporters read: a work directory's values do not depend on them, so a run resumes whatever they are.
 EXPORT_ONLY_KEYS = ("embedding_gguf_type",)
+# Keys left out of `to_dict` (and so of every output file's recipe metadata) while they hold this value.
+OMITTED_AT_DEFAULT = {"forward_dtype": "auto"}
+FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Recipe:
     importance_params: bool = True  # GPTQ: fit each block's scale imatrix-style, weighted by diag(H), not by absmax
     awq_grid: int = 20  # AWQ
     moe_min_tokens: int = 32  # experts routed fewer calibration tokens get forced-routing statistics
+    # precision of the calibration forward: auto (fp32 on the CPU, bf16 on a GPU), float32, bfloat16, float16.
+    # Hessians, GPTQ and AWQ run in fp32 whatever this says (gemmaquant.device).
+    forward_dtype: str = "auto"
 
     def __post_init__(self):
         from gemmaquant.validate import check_fields
@@ -56,6 +62,8 @@ class Recipe:
         if self.method not in METHODS:
             raise RecipeError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         check_fields(self, RecipeError, recipe_ranges())
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise RecipeError(f"forward_dtype {self.forward_dtype!r}; valid: {', '.join(FORWARD_DTYPES)}")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "recipe") -> "Recipe":
@@ -93,7 +101,11 @@ class Recipe:
         return cls.from_dict(tomllib.loads(f.read_text()), name)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for k, v in OMITTED_AT_DEFAULT.items():  # so files written before the key existed keep their bytes
+            if d[k] == v:
+                del d[k]
+        return d
 
     def same_as(self, saved: dict | None) -> bool:
         """Whether a recipe saved by `to_dict` (a work directory's state.json) is this one. A key added to Recipe

@@ -120,17 +120,20 @@ def prepare_out(out: Path, overwrite: bool, planned: tuple[str, ...] = ()) -> No
 def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gguf,safetensors",
                  gguf_type: str | None = None, group_size: int | None = None, recipe_file: Path | None = None,
                  calib: Path | None = None, out: Path | None = None, dry_run: bool = False,
-                 overwrite: bool = False, evaluate: bool = True, progress: bool | None = None) -> dict:
+                 overwrite: bool = False, evaluate: bool = True, progress: bool | None = None,
+                 device: str = "auto") -> dict:
+    from gemmaquant.device import device_name, resolve_device
     from gemmaquant.plan import make_plan, plan_summary
 
     fmts = parse_formats(formats)
+    dev = resolve_device(device)  # a device that is not there fails here, before any work
     recipe = resolve_recipe(model, bits, method, fmts, gguf_type, group_size, recipe_file)
     cfg = model_config(model)
     plan = make_plan(cfg, recipe)
     if dry_run:
         from gemmaquant.estimate import estimate
 
-        est = estimate(cfg, plan, recipe, fmts)
+        est = estimate(cfg, plan, recipe, fmts, device=dev)
         return {"dry_run": True, "model": str(model), "recipe": recipe.to_dict(), **est, "text": est["text"]}
     name = Path(str(model)).name
     out = Path(out) if out is not None else Path(f"{name}-{scheme_name(recipe).lower()}")
@@ -144,15 +147,17 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     with removed_if_left_empty(out), hold(out):  # one run per output directory; a failure before any write
         prepare_out(out, overwrite, tuple(e[1] for e in exports.values()) + (REPORT_FILES if evaluate else ()))
         t0 = time.time()
+        stage(f"quantizing on {device_name(dev)}", progress)
         steps = Steps(out)
         done = all(steps.complete(step, key) for step, (key, _, _) in exports.items())
         # a resumed run re-checks the recipe, calibration and source weights even when only the report is left
-        result = quantize(model, recipe, out=out, calib=calib, progress=progress, layers_needed=not done)
+        result = quantize(model, recipe, out=out, calib=calib, progress=progress, layers_needed=not done,
+                          device=dev)
         stage(f"exporting {' and '.join(fmts)} into {out}", progress)
         files = export_outputs(result.work_dir, out, name, recipe, fmts, steps=steps)
         summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
                    "calibration_sha256": result.calibration_sha256, "quantize_seconds": round(result.seconds, 2),
-                   "plan": plan_summary(plan)}
+                   "device": device_name(dev), "plan": plan_summary(plan)}
         if evaluate:
             from gemmaquant.evaluate_run import evaluate_and_report
 
@@ -201,7 +206,7 @@ def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple
 def _quantize_text(s: dict) -> str:
     lines = [f"quantized {s['model']} with {s['recipe']['method']} onto "
              f"{s['recipe']['gguf_type'] or s['recipe']['weight_format']} "
-             f"in {s['quantize_seconds']:.1f} s"]
+             f"in {s['quantize_seconds']:.1f} s on {s.get('device', 'cpu')}"]
     from gemmaquant.export.inspect import file_bits
 
     for kind, path in s["files"].items():
@@ -225,8 +230,10 @@ def _size(p: Path) -> int:
 
 
 # ---- other commands -----------------------------------------------------------------------------------------
-def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq: int = 16, seq_len: int = 128) -> dict:
+def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq: int = 16, seq_len: int = 128,
+             device: str = "cpu") -> dict:
     import gemmaquant
+    from gemmaquant.device import device_name, resolve_device
     from gemmaquant.eval.metrics import compare_logits, heldout_ids
     from gemmaquant.eval.routing import routing_text
     from gemmaquant.hub import resolve
@@ -236,8 +243,9 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
     check_count(n_seq, "--n-seq")
     check_count(seq_len, "--seq-len", minimum=2)  # KL and top-1 compare next-token predictions: 2 tokens at least
     quantized = exported_model(quantized)  # an output directory: its QAT result, work directory or exports
-    test = load_for_inference(quantized, device="cpu")  # a quantizer output runs packed, through gemmaquant.ops
-    ref = gemmaquant.load(model)
+    dev = resolve_device(device)
+    test = load_for_inference(quantized, device=dev)  # a quantizer output runs packed, through gemmaquant.ops
+    ref = gemmaquant.load(model).to(dev)
     check_count(seq_len, "--seq-len", 2, ref.config.max_position_embeddings, " (the model's context length)")
     ids = heldout_ids(resolve(model), heldout or default_heldout(), n_seq, seq_len)
     m = compare_logits(ref, test, ids, routing=True)
@@ -246,7 +254,7 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
             f"on {n_seq}x{seq_len} held-out tokens, measured on {quantized}")
     if "routing" in m:
         text += "\n" + routing_text(m)
-    return {**m, "measured_on": str(quantized), "text": text}
+    return {**m, "measured_on": str(quantized), "device": device_name(dev), "text": text}
 
 
 def default_heldout() -> Path:
@@ -255,7 +263,8 @@ def default_heldout() -> Path:
     return Path(str(resources.files("gemmaquant.calibration") / "data" / "heldout.txt"))
 
 
-def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32) -> dict:
+def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32, device: str = "auto") -> dict:
+    from gemmaquant.device import resolve_device
     from gemmaquant.eval.latency import measure_latency
     from gemmaquant.outputs import exported_model
     from gemmaquant.runtime import load_for_inference
@@ -263,7 +272,7 @@ def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32) -> dic
     check_count(prompt_len, "--prompt-len")
     check_count(new_tokens, "--new-tokens")
     model = exported_model(model)  # an output directory: its QAT result, work directory or exports
-    m = load_for_inference(model)
+    m = load_for_inference(model, device=resolve_device(device))
     context = m.config.max_position_embeddings
     check_count(prompt_len, "--prompt-len", 1, context - 1, " (the model's context length less one new token)")
     check_count(new_tokens, "--new-tokens", 1, context - prompt_len,
@@ -308,7 +317,7 @@ def _params(n: int) -> str:
 
 
 def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, overwrite: bool = False,
-            **recipe_overrides) -> dict:
+            device: str = "auto", **recipe_overrides) -> dict:
     from gemmaquant.qat import QATRecipe, qat_train  # part of every install: an ImportError is a packaging bug
 
     overrides = {k: v for k, v in recipe_overrides.items() if v is not None}
@@ -317,8 +326,13 @@ def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, 
         nominal = re.search(r"\d", grid or "")
         if bits is not None and nominal and int(nominal.group()) != bits:  # Q4_K_M, q5_0, int3_g32_sym: 4, 5, 3
             raise UsageError(f"--bits {bits} conflicts with {flag} {grid}, a {nominal.group()}-bit grid")
+    from gemmaquant.device import resolve_device
     from gemmaquant.outputs import removed_if_left_empty
 
+    dev = torch.device("cpu") if device == "auto" else resolve_device(device)  # (a missing GPU: exit 2)
+    if dev.type != "cpu":  # qat_train follows its model's device; the CLI's model is loaded on the CPU
+        raise UsageError(f"--device {device}: QAT runs on the CPU in this version (qat_train follows the device of "
+                         f"a model object it is given); use --device cpu")
     bits = 4 if bits is None else bits
     QATRecipe(bits=bits, steps=steps, **overrides)  # every option checked before the output directory is made
     with removed_if_left_empty(out):  # a run that fails before writing anything leaves no empty directory

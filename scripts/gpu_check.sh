@@ -7,7 +7,10 @@
 # after every row.
 #
 #   scripts/gpu_check.sh                       # everything
-#   STAGES="tests mm" scripts/gpu_check.sh      # some stages: tests, tune, mm, graph, attn
+#   STAGES="tests mm" scripts/gpu_check.sh      # some stages: tests, tune, mm, graph, attn, pipeline
+#   STAGES=pipeline scripts/gpu_check.sh        # quantize on the GPU: the device tests, a tiny quantize on cuda
+#                                               # against the CPU's, bench_pipeline on 26b-a4b and 31b geometry
+#                                               # (pipeline_tests.log, pipeline_quantize.log, pipeline_cuda.{json,md})
 #   BATCHES=1,16,256 scripts/gpu_check.sh
 #
 # Python packages missing on the machine can be put as wheels in .whl/ (installed with --no-index). The device
@@ -17,7 +20,7 @@
 set -u
 OUT="${OUT:-gpu_out}"
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-tests tune graph mm attn}"
+STAGES="${STAGES:-tests tune graph mm attn pipeline}"
 BATCHES="${BATCHES:-1,4,16,64,256}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -75,4 +78,22 @@ if [[ " $STAGES " == *" attn "* ]]; then
         --warmup 10 --rep 40 --out "$OUT/kernels_attn"
     echo "attention benchmarks exit status $?"
     stamp "attn done"
+fi
+if [[ " $STAGES " == *" pipeline "* ]]; then
+    # the device tests (the fake-CUDA ones run on the CPU anyway; the rest take device="cuda" where CUDA is)
+    timeout "${PIPE_TESTS_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/device > "$OUT/pipeline_tests.log" 2>&1
+    echo "device tests exit status $?"
+    tail -3 "$OUT/pipeline_tests.log"
+    # a real quantization on the GPU (bf16 forward, batched expert statistics), its report beside the CPU default's
+    timeout "${PIPE_Q_TIMEOUT:-120}" "$PY" -m gemmaquant.cli quantize tiny-moe --bits 4 --device cuda \
+        --out "$OUT/tiny-moe-cuda" --overwrite --json > "$OUT/pipeline_quantize.log" 2>&1
+    echo "quantize on cuda exit status $?"
+    grep -E '"(device|quantize_seconds|kl_mean|top1)"' "$OUT/pipeline_quantize.log" | head -8
+    stamp "pipeline tests done"
+    # whole-pipeline timing on 26B-A4B and 31B layer geometry: 2 layers, 32 x 2048 calibration tokens
+    timeout "${PIPE_BENCH_TIMEOUT:-420}" "$PY" benchmarks/bench_pipeline.py --device cuda \
+        --layers "${PIPE_LAYERS:-2}" --samples "${PIPE_SAMPLES:-32}" --seq-len 2048 --out "$OUT/pipeline_cuda"
+    echo "bench_pipeline exit status $?"
+    cat "$OUT/pipeline_cuda.md" 2>/dev/null
+    stamp "pipeline done"
 fi
