@@ -240,10 +240,10 @@ def run_eval(model: str, quantized: Path, *, heldout: Path | None = None, n_seq:
     from gemmaquant.outputs import exported_model
     from gemmaquant.runtime import load_for_inference
 
+    dev = resolve_device(device)  # a device that is not there fails first
     check_count(n_seq, "--n-seq")
     check_count(seq_len, "--seq-len", minimum=2)  # KL and top-1 compare next-token predictions: 2 tokens at least
     quantized = exported_model(quantized)  # an output directory: its QAT result, work directory or exports
-    dev = resolve_device(device)
     test = load_for_inference(quantized, device=dev)  # a quantizer output runs packed, through gemmaquant.ops
     ref = gemmaquant.load(model).to(dev)
     check_count(seq_len, "--seq-len", 2, ref.config.max_position_embeddings, " (the model's context length)")
@@ -269,10 +269,11 @@ def run_bench(model: str, *, prompt_len: int = 128, new_tokens: int = 32, device
     from gemmaquant.outputs import exported_model
     from gemmaquant.runtime import load_for_inference
 
+    dev = resolve_device(device)  # a device that is not there fails first
     check_count(prompt_len, "--prompt-len")
     check_count(new_tokens, "--new-tokens")
     model = exported_model(model)  # an output directory: its QAT result, work directory or exports
-    m = load_for_inference(model, device=resolve_device(device))
+    m = load_for_inference(model, device=dev)
     context = m.config.max_position_embeddings
     check_count(prompt_len, "--prompt-len", 1, context - 1, " (the model's context length less one new token)")
     check_count(new_tokens, "--new-tokens", 1, context - prompt_len,

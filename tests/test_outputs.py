@@ -30,7 +30,8 @@ def run(tmp_path_factory):
 def test_progress_and_stages_show_when_stderr_is_not_a_terminal(run):
     res, err, _ = run
     lines = err.splitlines()
-    assert lines[0] == "quantize: 0/6 layers" and lines[-2].startswith("quantize: 6/6 layers, "), err
+    assert lines[0] == "quantizing on cpu", err
+    assert lines[1] == "quantize: 0/6 layers" and lines[-2].startswith("quantize: 6/6 layers, "), err
     assert lines[-1] == f"exporting gguf and safetensors into {res['out']}", err
 
 
@@ -80,7 +81,8 @@ def test_report_names_the_file_its_kl_was_measured_on(run, tmp_path):
 
     res, _, _ = run
     recipe = Recipe.from_dict(res["recipe"])
-    result = QuantizeResult(None, make_plan(model_config("tiny-dense"), recipe), res["calibration_sha256"], [], 0.0)
+    (tmp_path / "work").mkdir()  # the evaluation's figures are kept there (eval.json), the report drawn from them
+    result = QuantizeResult(tmp_path / "work", make_plan(model_config("tiny-dense"), recipe), res["calibration_sha256"], [], 0.0)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         rep = evaluate_and_report("tiny-dense", result, recipe, res["files"], tmp_path, n_seq=2, seq_len=16)
