@@ -4,6 +4,9 @@ A second `gemmaquant quantize` on the same directory fails at once (no waiting) 
 the holder writes into the lock file. The kernel drops the lock when the holder exits, however it exits (kill -9
 included), so a lock file left behind by a killed run locks nothing: the next run takes it.
 
+The lock is re-entrant within one thread: `gemmaquant quantize` holds it around the library's `quantize()`, which
+holds it too (so a library caller gets the same protection); another thread or process is refused.
+
 The holder removes the file when it is done. Another process may have opened it just before and then lock the
 removed file; so after locking, a process checks that the path still names the file it locked, and starts over
 if not.
@@ -14,12 +17,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from gemmaquant.errors import UsageError
 
 LOCK_NAME = ".gemmaquant.lock"
+_held = threading.local()  # .paths: the output directories this thread holds (re-entrant holds pass through)
 
 
 class OutputLocked(UsageError):
@@ -33,16 +38,23 @@ def hold(out: str | os.PathLike):
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
     path = out / LOCK_NAME
+    held = _held.__dict__.setdefault("paths", set())
+    key = os.path.abspath(out)
+    if key in held:  # this thread holds it already (the CLI around the library call)
+        yield path
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = _acquire(path, out)
     except OSError as e:
         raise UsageError(f"{out}: not writable ({e.strerror})") from None
+    held.add(key)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield path
     finally:
+        held.discard(key)
         path.unlink(missing_ok=True)  # while still locked: a waiter that opened it will see it is gone
         os.close(fd)
 

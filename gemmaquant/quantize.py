@@ -266,6 +266,16 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
         there. activation_budget: bytes of device memory the calibration activations may hold between layers
         (default: half the free memory); beyond it they live in host memory. See gemmaquant.device.
     """
+    from gemmaquant.lock import hold
+
+    with hold(out):  # one run per output directory (re-entrant: the CLI holds it around this call)
+        return _quantize(model, recipe, out=out, calib=calib, tokenizer_dir=tokenizer_dir, progress=progress,
+                         stop_after_layer=stop_after_layer, inplace=inplace, layers_needed=layers_needed,
+                         device=device, activation_budget=activation_budget)
+
+
+def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_layer, inplace, layers_needed,
+              device, activation_budget) -> QuantizeResult:
     t0 = time.time()
     dev = (model_device(model) if device is None and isinstance(model, torch.nn.Module)
            else resolve_device(device))

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -18,11 +19,23 @@ HOLDER = "import sys, time; from gemmaquant.lock import hold\nwith hold(sys.argv
 def test_second_holder_fails_at_once_naming_the_first(tmp_path):
     with hold(tmp_path / "o"):
         t = time.time()
-        with pytest.raises(OutputLocked, match=f"another gemmaquant run is writing to this directory "
-                                               f"\\(pid {os.getpid()}\\)"):
-            with hold(tmp_path / "o"):
-                pass
+        errors = []
+
+        def second():  # another thread of this process: refused like another process
+            try:
+                with hold(tmp_path / "o"):
+                    pass
+            except OutputLocked as e:
+                errors.append(str(e))
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join()
+        assert errors and f"another gemmaquant run is writing to this directory (pid {os.getpid()})" in errors[0]
         assert time.time() - t < 1
+        with hold(tmp_path / "o"):  # the same thread again: re-entrant (the CLI around the library call)
+            pass
+        assert (tmp_path / "o" / LOCK_NAME).exists()  # still held by the outer hold
     assert not (tmp_path / "o" / LOCK_NAME).exists()  # released and removed
     with hold(tmp_path / "o"):  # free again
         pass
@@ -56,3 +69,18 @@ def test_a_file_in_the_way_is_named(tmp_path):
     with pytest.raises(UsageError, match="o: exists and is not a directory"):
         with hold(tmp_path / "o"):
             pass
+
+
+def test_the_library_call_refuses_a_directory_another_process_is_writing(tmp_path):
+    import gemmaquant as gq
+
+    out = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLocked, match=f"\\(pid {holder.pid}\\)"):
+            gq.quantize("tiny-moe", "default/int4-gptq", out=out)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
