@@ -89,10 +89,11 @@ def autocast(dev: torch.device, dtype: torch.dtype):
 
 def host_copy(state: dict[str, Tensor], dev: torch.device) -> dict[str, Tensor]:
     """A layer's checkpoint tensors staged for the copy to `dev`: pinned when `dev` is CUDA (page-locked memory
-    is what lets `non_blocking` copies overlap), unchanged otherwise."""
+    is what lets `non_blocking` copies overlap), unchanged otherwise (and so are the tensors of a model object
+    already on the GPU: only CPU tensors can be pinned)."""
     if dev.type != "cuda" or not torch.cuda.is_available():
         return state
-    return {k: v.pin_memory() for k, v in state.items()}
+    return {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in state.items()}  # a model on the GPU
 
 
 def to_device(t: Tensor, dev: torch.device) -> Tensor:

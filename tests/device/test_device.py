@@ -85,3 +85,14 @@ def test_bf16_forward_runs_under_autocast_with_fp64_statistics(tmp_path):
     assert [x["sqnr_db"].keys() for x in a.layers] == [x["sqnr_db"].keys() for x in b.layers]
     assert a.layers[-1]["sqnr_db"] != b.layers[-1]["sqnr_db"]
     assert json.loads((b.work_dir / "state.json").read_text())["forward_dtype"] == "bfloat16"
+
+
+def test_host_copy_pins_only_cpu_tensors(monkeypatch):
+    """A model object already on the GPU hands quantize() device tensors: only CPU ones can be pinned (a meta tensor
+    stands in for a CUDA one here; pin_memory refuses both)."""
+    from gemmaquant.device import host_copy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_device = torch.empty(2, device="meta")
+    staged = host_copy({"w": on_device}, torch.device("cuda"))
+    assert staged["w"] is on_device
