@@ -168,14 +168,10 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 def read_json(path: Path, what: str = "file") -> dict:
     """A JSON object from `path` (UTF-8); CheckpointError naming the file for anything else."""
+    from gemmaquant.validate import read_utf8
+
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the {what} ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); JSON files are UTF-8") from None
+        d = json.loads(read_utf8(path, CheckpointError, what, missing="missing"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):

@@ -78,15 +78,11 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
+        from gemmaquant.validate import read_utf8
+
         path = Path(path)
         try:
-            d = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RecipeError(f"{path}: recipe file not found") from None
-        except OSError as e:
-            raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
-        except UnicodeDecodeError as e:
-            raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
+            d = tomllib.loads(read_utf8(path, RecipeError, "recipe", missing="recipe file not found"))
         except tomllib.TOMLDecodeError as e:
             raise RecipeError(f"{path}: not valid TOML ({e})") from None
         return cls.from_dict(d, str(path))

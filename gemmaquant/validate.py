@@ -18,6 +18,19 @@ import typing
 from gemmaquant.errors import UsageError
 
 
+# ---- text files -------------------------------------------------------------------------------------------------
+def read_utf8(path, error: type[Exception], what: str, missing: str = "not found") -> str:
+    """The UTF-8 text of `path`; `error` naming the file when it is missing, unreadable or not UTF-8."""
+    try:
+        return open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the {what} as UTF-8") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror})") from None
+
+
 # ---- dataclass values ---------------------------------------------------------------------------------------
 def _type_ok(value, hint) -> bool:
     if hint is typing.Any:

@@ -28,12 +28,9 @@ def read_texts(source: str | Path | None = None) -> list[str]:
     path = default_calibration_file() if source in (None, "default") else Path(source)
     if not path.is_file():
         raise CalibrationError(f"{path}: {'a directory, not a text file' if path.is_dir() else 'file not found'}")
-    try:
-        raw = path.read_text(encoding="utf-8", errors="strict")
-    except UnicodeDecodeError as e:
-        raise CalibrationError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
-    except OSError as e:
-        raise CalibrationError(f"{path}: cannot read ({e.strerror})") from None
+    from gemmaquant.validate import read_utf8
+
+    raw = read_utf8(path, CalibrationError, "calibration text")
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):
