@@ -153,6 +153,12 @@ def test_damaged_checkpoint(name, entry, corpus, work):
     assert not (ckpt / MARKER).exists(), "a pickle was executed"
 
 
+def file_commands(fixture, path) -> dict[str, list]:
+    """The commands that read a quantized file: entry -> CLI arguments."""
+    return {"eval": ["eval", fixture, path, "--n-seq", "2", "--seq-len", "32"],
+            "bench": ["bench", path, "--prompt-len", "8", "--new-tokens", "2"], "inspect": ["inspect", path]}
+
+
 GGUF_HEADER = [n for n in damage.GGUFS if n.startswith(("gguf_truncated", "gguf_empty", "gguf_bad", "gguf_tensor",
                                                          "gguf_kv", "gguf_garbled", "gguf_text"))]
 GGUF_CASES = spread(list(damage.GGUFS), lambda n: ["load", "bench", "eval"] + (
@@ -165,9 +171,7 @@ def test_damaged_gguf(name, entry, corpus, work):
     from gemmaquant.export.inspect import inspect_file
 
     path, names = corpus.get("ggufs", name), damage.GGUFS[name][1]
-    fixture = damage.fixture_path(damage.FIXTURE)
-    cli = {"eval": ["eval", fixture, path, "--n-seq", "2", "--seq-len", "32"],
-           "bench": ["bench", path, "--prompt-len", "8", "--new-tokens", "2"], "inspect": ["inspect", path]}
+    cli = file_commands(damage.fixture_path(damage.FIXTURE), path)
     if entry in cli:
         assert_refused_cli(cli[entry], names, work)
     elif entry == "load":
@@ -185,9 +189,7 @@ CT_CASES = spread(list(damage.COMPRESSED), lambda n: ["load", "bench", "eval"] +
 @pytest.mark.parametrize("name, entry", CT_CASES)
 def test_damaged_compressed_tensors(name, entry, corpus, work):
     path, names = corpus.get("ct", name), damage.COMPRESSED[name][1]
-    fixture = damage.fixture_path(damage.CT_FIXTURE)
-    cli = {"eval": ["eval", fixture, path, "--n-seq", "2", "--seq-len", "32"],
-           "bench": ["bench", path, "--prompt-len", "8", "--new-tokens", "2"], "inspect": ["inspect", path]}
+    cli = file_commands(damage.fixture_path(damage.CT_FIXTURE), path)
     if entry in cli:
         assert_refused_cli(cli[entry], names, work)
     else:
