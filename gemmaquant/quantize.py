@@ -24,8 +24,8 @@ from gemmaquant.calibration import calibration_tokens
 from gemmaquant.capture import LayerStats, batched_experts, capture, force_route_rare_experts
 from gemmaquant.checkpoint import Checkpoint
 from gemmaquant.config import Gemma4Config
-from gemmaquant.device import (ActivationBudget, autocast, device_name, forward_dtype, host_copy, model_device,
-                               resolve_device, to_device, to_host)
+from gemmaquant.device import (ActivationBudget, autocast, forward_dtype, host_copy, model_device, resolve_device,
+                               to_device, to_host)
 from gemmaquant.errors import GemmaquantError
 from gemmaquant.layer_quant import quantize_layer
 from gemmaquant.model.gemma4 import DecoderLayer, Gemma4, LayerKV, make_forward_state, rope_inv_freqs
