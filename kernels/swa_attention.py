@@ -19,7 +19,7 @@ included, so the queries sit at positions seqlens - L .. seqlens - 1. A position
 p >= seqlens - C, and visible iff it is in the cache and in the query's window. One program per (batch, kv head,
 KV split) packs the G = Hq / Hkv query heads x L queries of its kv head into one M tile (the K/V tile is loaded once
 for all of them) and walks its share of the visible positions (flash-decoding split-KV); the partial softmax states
-(max, sum, unnormalised output) are merged in fp32 by torch afterwards.
+(max, sum, unnormalised output) are merged in fp32 by a second kernel (`merge_splits`, one launch).
 """
 
 from __future__ import annotations
@@ -243,11 +243,45 @@ def swa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, se
         m_part.stride(0), m_part.stride(1), m_part.stride(2),
         HAS_WINDOW=window is not None, EMULATE=emulate_bf16(q), BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], D=D,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    # merge the splits: each holds (max m_s, sum l_s, unnormalised o_s) in the log2 domain; empty splits have m = -inf
+    return merge_splits(o_part, m_part, l_part, q.dtype)
+
+
+@triton.jit
+def _merge_splits_kernel(o_part_ptr, m_ptr, l_ptr, o_ptr, num_splits, SPLITS: tl.constexpr, D: tl.constexpr,
+                         EMULATE: tl.constexpr):
+    # one program per query row (b, h, l): o = sum_s 2^(m_s - m) o_s / sum_s 2^(m_s - m) l_s, m = max_s m_s
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SPLITS)
+    m_s = tl.load(m_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
+    m = tl.max(m_s, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: keep exp2 finite (the row is then 0 / 0)
+    rd = tl.arange(0, D)
+    acc = tl.zeros((D,), dtype=tl.float32)
+    den = 0.0
+    for j in range(num_splits):  # one [D] row at a time: a [SPLITS, D] tile would not fit in registers at D = 512
+        w = tl.exp2(tl.load(m_ptr + row * num_splits + j) - m)  # an empty split has m_j = -inf: weight 0
+        acc += w * tl.load(o_part_ptr + (row * num_splits + j) * D + rd)
+        den += w * tl.load(l_ptr + row * num_splits + j)
+    tl.store(o_ptr + row * D + rd, cast_rn(acc / den, o_ptr.dtype.element_ty, EMULATE))
+
+
+def merge_splits(o_part: torch.Tensor, m_part: torch.Tensor, l_part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Merge flash-decoding's partial softmax states in one launch (the torch merge took 8): o_part [..., S, D],
+    m_part / l_part [..., S] fp32 contiguous, each split's (max, sum, unnormalised output) in the log2 domain, an
+    empty split with m = -inf. Returns [..., D] in `dtype`; `merge_splits_ref` is the same in torch."""
+    *lead, S, D = o_part.shape
+    out = torch.empty(*lead, D, dtype=dtype, device=o_part.device)
+    rows = out.numel() // D
+    if rows:
+        _merge_splits_kernel[(rows,)](o_part.contiguous(), m_part.contiguous(), l_part.contiguous(), out, S,
+                                      SPLITS=triton.next_power_of_2(S), D=D, EMULATE=emulate_bf16(out))
+    return out
+
+
+def merge_splits_ref(o_part: torch.Tensor, m_part: torch.Tensor, l_part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     m = m_part.amax(-1, keepdim=True)
-    w = torch.exp2(m_part - torch.where(m == float("-inf"), 0.0, m))  # [B, H, L, splits]
-    o = (o_part * w[..., None]).sum(-2) / (l_part * w).sum(-1, keepdim=True)
-    return o.to(q.dtype)
+    w = torch.exp2(m_part - torch.where(m == float("-inf"), 0.0, m))  # [..., splits]
+    return ((o_part * w[..., None]).sum(-2) / (l_part * w).sum(-1, keepdim=True)).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ reference

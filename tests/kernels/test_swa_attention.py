@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gemmaquant import ops
-from gemmaquant.kernels.swa_attention import (H200_TIMED_PREFILL, swa_attention, swa_attention_ref, swa_decode,
+from gemmaquant.kernels.swa_attention import (H200_TIMED_PREFILL, merge_splits, merge_splits_ref, swa_attention,
+                                              swa_attention_ref, swa_decode,
                                                swa_decode_ref)
 from tests.kernels.parity import DEVICE, assert_parity
 
@@ -153,6 +154,28 @@ def test_swa_decode_split_counts(num_splits):
     out = swa_decode(q, kc, vc, sl, None, 0.2, num_splits=num_splits)
     assert_parity(out.cpu(), swa_decode_ref(q, kc, vc, sl, None, 0.2).cpu(),
                   _exact(q, kc, vc, _decode_visible(sl.cpu(), 1, 48, None), 0.2), f"decode splits={num_splits}")
+
+
+@pytest.mark.parametrize("splits,dtype", [(1, torch.float32), (3, torch.bfloat16), (6, torch.float16), (17, torch.bfloat16)])
+def test_merge_splits_kernel(splits, dtype):
+    """The one-launch merge of the partial softmax states against the torch merge and an fp64 ground truth,
+    with empty splits (m = -inf, l = 0, o = 0) in some rows, as swa_decode writes them."""
+    g = torch.Generator().manual_seed(splits)
+    B, H, L, D = 2, 3, 2, 32
+    m = torch.randn(B, H, L, splits, generator=g) * 4
+    l = torch.rand(B, H, L, splits, generator=g) * 8 + 0.5
+    o = torch.randn(B, H, L, splits, D, generator=g) * l[..., None]
+    if splits > 1:
+        empty = torch.rand(B, H, L, splits, generator=g) < 0.4
+        empty[..., 0] = False  # every row keeps one split with positions (each query sees itself)
+        m[empty], l[empty], o[empty] = float("-inf"), 0.0, 0.0
+    out32 = merge_splits(o.to(DEVICE), m.to(DEVICE), l.to(DEVICE), torch.float32).cpu()
+    exact = merge_splits_ref(o.double(), m.double(), l.double(), torch.float64)
+    assert_parity(out32, merge_splits_ref(o, m, l, torch.float32), exact, f"merge splits={splits}")
+    # the output dtype is one rounding of the fp32 result (comparing rounded outputs with the parity rule would
+    # measure where ties fall, not the merge)
+    out = merge_splits(o.to(DEVICE), m.to(DEVICE), l.to(DEVICE), dtype).cpu()
+    assert out.dtype == dtype and torch.equal(out, out32.to(dtype))
 
 
 def test_swa_decode_reads_only_the_window():
