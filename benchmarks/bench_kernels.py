@@ -259,7 +259,7 @@ def _experts(E, N, K, fmt, dev, gen_scale):
 def bench_moe(bench: Bench, dev: str):
     import torch
 
-    from gemmaquant.kernels.moe_grouped_gemm import moe_experts, moe_experts_ref
+    from gemmaquant.kernels.moe_grouped_gemm import DECODE_MAX_TOKENS, moe_experts, moe_experts_ref
 
     dims = _shapes(bench.args)
     H, Ie, E, k = dims["H"], dims["Ie"], dims["E"], dims["topk"]
@@ -283,6 +283,10 @@ def bench_moe(bench: Bench, dev: str):
             base = {"torch_bf16_loop": lambda: moe_experts_ref(x, ids, tw, ref_gu, ref_dn)}
             if bench.args.timer == "graph":  # the reference loops over the experts present: host syncs
                 base = {"torch_bf16_loop": "not capturable in a CUDA graph (host syncs)"}
+            # the other kernel family at the same T: grouped GEMM at decode sizes, per-(token, expert) GEMV above
+            other = not T <= DECODE_MAX_TOKENS
+            base["grouped" if not other else "decode_gemv"] = (
+                lambda other=other: moe_experts(x, ids, tw, gu, dn, gs, ds, gz, dz, group, config=dict(decode=other)))
             bench.add("moe", f"26b-a4b E={E} top-{k} Ie={Ie} {fmt}", T, flops, nbytes,
                       lambda: moe_experts(x, ids, tw, gu, dn, gs, ds, gz, dz, group), base,
                       note=f"{touched} experts touched",

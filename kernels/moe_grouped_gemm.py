@@ -23,6 +23,8 @@ How (vLLM's fused_moe design, two kernels plus a torch sum):
   3. down kernel: per (block, N-tile of H) h @ down[e].T, times the routing weight and per-expert scale (fp32),
      written to an fp32 buffer [T*k, H] at the assignment's row; y = buffer.view(T, k, H).sum(1) in fp32 scatters
      the assignments back to token order deterministically (no atomics).
+At decode (T <= DECODE_MAX_TOKENS, or config decode=True) `moe_experts` runs moe_decode.py's kernels instead: one
+program per (token, expert) pair and N tile, which spreads the few experts a token touches over the whole GPU.
 Quantized tiles are dequantized in registers as in int4_matmul.py / int8_matmul.py (integer codes through the
 tensor cores, scales on the fp32 partial products).
 """
@@ -34,35 +36,11 @@ import triton
 import triton.language as tl
 
 from ._common import cast_rn, check_device, emulate_bf16, mma
-from .int4_matmul import int4_dequantize_ref, int4_tile
-from .int8_matmul import int8_tile
+from ._moe_tiles import FLOAT, INT4, INT8, expert_tile, gelu_tanh
+from .int4_matmul import int4_dequantize_ref
+from .moe_decode import decode_config, launch_moe_decode
 
-FLOAT, INT8, INT4 = 0, 1, 2  # weight formats (WFMT)
-
-
-@triton.jit
-def gelu_tanh(g):
-    """0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) written as g * sigmoid(2 * ...): no tanh, no cancellation."""
-    return g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
-
-
-@triton.jit
-def _expert_tile(w_ptr, s_ptr, z_ptr, rn, k0, N, K, stride_wn, stride_sn, stride_zn, dtype: tl.constexpr,
-                 WFMT: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One expert's [BLOCK_N, BLOCK_K] weight tile in `dtype` (values for FLOAT, integer codes for INT8 / INT4) and,
-    for INT4, the tile's group scales [BLOCK_N] (ones otherwise; INT8's channel scale goes on in the epilogue)."""
-    if WFMT == 2:
-        w, s = int4_tile(w_ptr, s_ptr, z_ptr, rn, k0, N, stride_wn, stride_sn, stride_zn, GROUP, HAS_ZERO, BLOCK_K)
-        w = w.to(dtype)
-    elif WFMT == 1:
-        w = int8_tile(w_ptr, rn, k0, N, K, stride_wn, BLOCK_K).to(tl.float32).to(dtype)
-        s = tl.zeros((BLOCK_K,), dtype=tl.float32)  # unused
-    else:
-        rk = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K),
-                    other=0.0).to(dtype)
-        s = tl.zeros((BLOCK_K,), dtype=tl.float32)  # unused
-    return w, s
+DECODE_MAX_TOKENS = 16  # up to this many tokens, moe_decode.py's per-(token, expert) kernels (config decode=)
 
 
 @triton.jit
@@ -85,9 +63,9 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, sorted_ptr, block_exp
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + tok[:, None] * stride_xm + (k0 + rk)[None, :],
                     mask=amask[:, None] & ((k0 + rk)[None, :] < K), other=0.0)
-        wg, sg = _expert_tile(we, se, ze, rn, k0, 2 * I, K, stride_wn, stride_sn, stride_zn, x.dtype,
+        wg, sg = expert_tile(we, se, ze, rn, k0, 2 * I, K, stride_wn, stride_sn, stride_zn, x.dtype,
                               WFMT, GROUP, HAS_ZERO, BLOCK_K)
-        wu, su = _expert_tile(we, se, ze, I + rn, k0, 2 * I, K, stride_wn, stride_sn, stride_zn, x.dtype,
+        wu, su = expert_tile(we, se, ze, I + rn, k0, 2 * I, K, stride_wn, stride_sn, stride_zn, x.dtype,
                               WFMT, GROUP, HAS_ZERO, BLOCK_K)
         if WFMT == 2:
             zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -122,7 +100,7 @@ def _moe_down_kernel(h_ptr, w_ptr, s_ptr, z_ptr, out_ptr, sorted_ptr, block_expe
     for k0 in range(0, K, BLOCK_K):
         h = tl.load(h_ptr + a[:, None] * stride_hm + (k0 + rk)[None, :],
                     mask=amask[:, None] & ((k0 + rk)[None, :] < K), other=0.0)
-        w, s = _expert_tile(we, se, ze, rn, k0, N, K, stride_wn, stride_sn, stride_zn, h.dtype,
+        w, s = expert_tile(we, se, ze, rn, k0, N, K, stride_wn, stride_sn, stride_zn, h.dtype,
                             WFMT, GROUP, HAS_ZERO, BLOCK_K)
         if WFMT == 2:
             acc += mma(h, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), EMULATE) * s[None, :]
@@ -212,14 +190,16 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                  per_expert_scale)
     k = topk_ids.shape[1]
     A = T * k
-    cfg = {**_config(A, E, group_size, (fg, fd)), **(config or {})}
+    decode = (config or {}).get("decode", T <= DECODE_MAX_TOKENS)
+    if decode:
+        default = decode_config(H, group_size, INT4 in (fg, fd), cuda=not emulate_bf16(x))
+    else:
+        default = _config(A, E, group_size, (fg, fd))
+    cfg = {**default, **{key: v for key, v in (config or {}).items() if key != "decode"}}
     if INT4 in (fg, fd) and group_size % cfg["block_k"]:
         raise ValueError(f"moe_experts: block_k {cfg['block_k']} must divide group_size {group_size}")
-    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     emulate = emulate_bf16(x)
     x = x.contiguous()
-    sorted_ids, block_expert = moe_align(topk_ids, E, bm)
-    nb = block_expert.shape[0]
 
     def aux(w, s, z):  # real pointers where the format has them, a placeholder tensor otherwise
         s = s.contiguous() if s is not None else w
@@ -228,6 +208,15 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
 
     wg, sg, zg = aux(gate_up, gate_up_scale, gate_up_zero)
     wd, sd, zd = aux(down, down_scale, down_zero)
+    tw = topk_weights.reshape(-1).contiguous()
+    pes = per_expert_scale.contiguous() if per_expert_scale is not None else None
+    if decode:  # one program per (token, expert) pair and N tile: moe_decode.py
+        out = launch_moe_decode(x, topk_ids.reshape(-1).contiguous(), tw, pes, (wg, sg, zg), (wd, sd, zd), Ie,
+                                (fg, fd), group_size, (gate_up_zero is not None, down_zero is not None), cfg)
+        return out.view(T, k, H).sum(1).to(x.dtype)
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    sorted_ids, block_expert = moe_align(topk_ids, E, bm)
+    nb = block_expert.shape[0]
     h = torch.empty(A, Ie, dtype=x.dtype, device=x.device)
     _moe_gate_up_kernel[(nb, triton.cdiv(Ie, bn))](
         x, wg, sg, zg, h, sorted_ids, block_expert, A, Ie, H, x.stride(0), wg.stride(0), wg.stride(1),
@@ -235,8 +224,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         h.stride(0), TOPK=k, WFMT=fg, GROUP=max(group_size, 1), HAS_ZERO=gate_up_zero is not None, EMULATE=emulate,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     out = torch.empty(A, H, dtype=torch.float32, device=x.device)
-    tw = topk_weights.reshape(-1).contiguous()
-    pes = per_expert_scale.contiguous() if per_expert_scale is not None else tw
+    pes = pes if pes is not None else tw
     _moe_down_kernel[(nb, triton.cdiv(H, bn))](
         h, wd, sd, zd, out, sorted_ids, block_expert, tw, pes, A, H, Ie, h.stride(0), wd.stride(0), wd.stride(1),
         sd.stride(0), sd.stride(1) if sd.dim() > 1 else 0, zd.stride(0), zd.stride(1) if zd.dim() > 1 else 0,

@@ -22,7 +22,8 @@ def test_cuda_configs_compile_and_fit_sm90():
     lines = [line for line in done.stdout.splitlines() if line.startswith(("ok", "OVER", "FAIL"))]
     kernels = {line.split()[1] for line in lines}
     assert kernels == {"_int4_matmul_kernel", "_int8_matmul_kernel", "_moe_gate_up_kernel", "_moe_down_kernel",
-                       "_swa_fwd_kernel", "_swa_decode_kernel", "_merge_splits_kernel"}, kernels
+                       "_swa_fwd_kernel", "_swa_decode_kernel", "_merge_splits_kernel",
+                       "_moe_gate_up_gemv_kernel", "_moe_down_gemv_kernel"}, kernels
     assert all(line.startswith("ok") for line in lines) and "all fit sm_90" in done.stdout
 
 

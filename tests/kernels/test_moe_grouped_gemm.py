@@ -85,8 +85,19 @@ def test_moe_matches_reference(T, k, fmt, group, dtype):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("T,decode", [(1, False), (7, False), (17, True)])
 @pytest.mark.parametrize("fmt,group", FORMATS)
-def test_moe_empty_experts_are_never_read(fmt, group):
+def test_moe_both_paths_at_every_size(T, decode, fmt, group):
+    """moe_experts picks the per-(token, expert) decode kernels for T <= 16 and the grouped GEMM above: each path
+    forced on the sizes the other one gets by default."""
+    x, ids, tw, pes, gu, dn = _problem(T, 64, 128, 8, 2, fmt, torch.bfloat16)
+    _run(x, ids, tw, pes, gu, dn, group, config=dict(decode=decode), case=f"moe {fmt} T={T} decode={decode}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_moe_empty_experts_are_never_read(fmt, group, decode):
     """Poison the weights of the experts that receive no tokens: any read would turn the output into NaN, so the
     kernel must give bit for bit what it gives with clean weights."""
     x, ids, tw, pes, gu, dn = _problem(9, 64, 64, 8, 2, fmt, torch.bfloat16, used=[1, 4, 6])
@@ -94,7 +105,8 @@ def test_moe_empty_experts_are_never_read(fmt, group):
 
     def run(gu, dn):
         g, d = _to(gu, DEVICE), _to(dn, DEVICE)
-        return moe_experts(*dev[:3], g["w"], d["w"], **_kwargs(g, d, group), per_expert_scale=dev[3])
+        return moe_experts(*dev[:3], g["w"], d["w"], **_kwargs(g, d, group), per_expert_scale=dev[3],
+                           config=dict(decode=decode))
 
     clean = run(gu, dn)
     for stack in (gu, dn):
@@ -113,9 +125,11 @@ def test_moe_gemma4_26b_routing_shape(fmt, group):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("config", [dict(block_m=32), dict(block_m=16, block_n=32, block_k=32)])
+@pytest.mark.parametrize("config", [dict(block_m=32), dict(block_m=16, block_n=32, block_k=32),
+                                    dict(decode=True, block_n=16, block_k=32)])
 def test_moe_launch_configs(config):
-    x, ids, tw, pes, gu, dn = _problem(20, 64, 128, 8, 2, "int4a_g64", torch.float16)
+    T = 5 if config.get("decode") else 20  # the interpreter runs the decode path's T * k * N-tiles programs in turn
+    x, ids, tw, pes, gu, dn = _problem(T, 64, 128, 8, 2, "int4a_g64", torch.float16)
     _run(x, ids, tw, pes, gu, dn, 64, config=config, case=f"moe config {config}")
 
 
@@ -124,9 +138,11 @@ def test_moe_per_expert_scale_folded_or_separate():
     x, ids, tw, pes, gu, dn = _problem(5, 64, 32, 8, 2, "int8", torch.bfloat16)
     x, ids, tw, pes = (t.to(DEVICE) for t in (x, ids, tw, pes))
     g, d = _to(gu, DEVICE), _to(dn, DEVICE)
-    separate = moe_experts(x, ids, tw, g["w"], d["w"], **_kwargs(g, d, 0), per_expert_scale=pes)
-    folded = moe_experts(x, ids, tw * pes[ids], g["w"], d["w"], **_kwargs(g, d, 0))
-    assert torch.equal(separate, folded)  # the same fp32 products either way
+    for decode in (True, False):
+        separate = moe_experts(x, ids, tw, g["w"], d["w"], **_kwargs(g, d, 0), per_expert_scale=pes,
+                               config=dict(decode=decode))
+        folded = moe_experts(x, ids, tw * pes[ids], g["w"], d["w"], **_kwargs(g, d, 0), config=dict(decode=decode))
+        assert torch.equal(separate, folded)  # the same fp32 products either way
 
 
 @pytest.mark.interpreter
