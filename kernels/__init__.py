@@ -4,9 +4,11 @@
     int8_matmul.py       int8 per-channel weights: W8A16, and W8A8 with per-token activation quantization fused in
     moe_grouped_gemm.py  MoE experts as two grouped GEMMs (sorted / block-aligned tokens, fused GELU-tanh * up,
                          routing weights and per-expert scale in the epilogue); float, int8 and int4 experts
+    moe_decode.py        the same MoE experts at decode (T <= 16): one program per (token, expert) pair and N tile
     swa_attention.py     causal sliding-window / full GQA attention: prefill (flash-attention online softmax,
                          O(L * W) work) and decode over a ring-buffer KV cache (split-KV)
     _common.py           shared @triton.jit helpers (dots and rounding that also hold under TRITON_INTERPRET=1)
+    _moe_tiles.py        the GELU and expert weight tile both MoE kernel families use
 
 Each kernel file reads top to bottom: the Triton kernel, its Python wrapper (check, allocate, launch), and the
 pure-torch reference (`*_ref`) that defines its semantics. Kernel files import nothing from the rest of
