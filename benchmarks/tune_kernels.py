@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 DECODE = [dict(), dict(unpack="split"), dict(unpack="split", block_n=32), dict(unpack="split", num_warps=8),
           dict(block_n=32), dict(block_n=128), dict(block_k=64),
-          dict(num_stages=2), dict(num_stages=6), dict(num_warps=2), dict(num_warps=8)]
+          dict(num_stages=2), dict(num_stages=6), dict(num_warps=2), dict(num_warps=8),
+          dict(kernel="gemv"), dict(kernel="gemv", block_n=32), dict(kernel="gemv", block_n=128, num_warps=8),
+          dict(kernel="gemv", block_k=64), dict(kernel="gemv", num_stages=2)]
 PREFILL = [dict(), dict(unpack="split"), dict(unpack="split", block_k=128), dict(block_n=256), dict(block_k=128),
            dict(block_m=64, num_warps=4, num_stages=4), dict(num_warps=4, num_stages=4), dict(block_m=64, block_n=256),
            dict(num_stages=4), dict(block_n=64, block_k=128, num_warps=4, num_stages=4)]
@@ -70,7 +72,7 @@ def cases():
             yield f"int4 g128 asym M={M} {N}x{K}", cands, make4
             if M <= 16:
                 base8 = i8._config(M, N, K, dev)
-                yield (f"int8 W8A16 M={M} {N}x{K}", [c for c in cands if "unpack" not in c],
+                yield (f"int8 W8A16 M={M} {N}x{K}", [c for c in cands if "unpack" not in c and "kernel" not in c],
                        lambda c, x=x, base8=base8: (lambda: i8.int8_matmul(x, p8["qdata"], p8["scale"], False,
                                                                            {**base8, **c})))
         del w, p4, p8

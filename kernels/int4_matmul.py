@@ -17,6 +17,9 @@ Two launch shapes of the same kernel:
     writing an fp32 partial sum that the wrapper adds up. Decode is bound by reading the weights once, so the
     split only has to put enough programs on the GPU to keep every SM loading.
   * prefill (M > 16): the GEMM tiling, SPLIT_K = 1, the result stored directly in x's dtype.
+A third variant for decode, config kernel="gemv" (`_int4_gemv_kernel`): fp32 multiply-adds instead of a 16-row
+tensor-core tile, the split nibbles, and the zero point factored out of the dot. It is the candidate for int4
+decode at the bandwidth (issue 32), still to be timed on a GPU; the default stays "mma" until it is.
 Launch configs come from `_config` (heuristics, timed on an H200 but not tuned there: see docs/kernels.md).
 
 Unpacking the nibbles (config "unpack"): "interleave" (the default) rebuilds the [BLOCK_N, BLOCK_K] tile of codes
@@ -116,6 +119,38 @@ def _int4_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
     tl.store(y_ptrs, cast_rn(acc, y_ptr.dtype.element_ty, EMULATE), mask=ymask)
 
 
+@triton.jit
+def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
+                      stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, stride_ysplit,
+                      GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """config kernel="gemv" (M <= 16): no tensor cores and no 16-row M tile. The nibbles are never interleaved:
+    the low ones multiply the even columns of x, the high ones the odd columns, and the zero point is factored out
+    of the dot, sum_k (u - z) x_k = sum_k u x_k - z sum_k x_k, so the unpack is a mask and a shift per byte."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = rm < M, rn < N
+    rj = tl.arange(0, BLOCK_K // 2)
+    n_tiles = K // BLOCK_K
+    per = tl.cdiv(n_tiles, SPLIT_K)
+    t_end = tl.minimum(pid_k * per + per, n_tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(pid_k * per, t_end):
+        k0 = t * BLOCK_K
+        byte = tl.load(q_ptr + rn[:, None] * stride_qn + (k0 // 2 + rj)[None, :], mask=nmask[:, None], other=0)
+        lo, hi = (byte & 0xF).to(tl.float32), (byte >> 4).to(tl.float32)  # [BN, BK/2] codes u of k0+2j, k0+2j+1
+        xk = x_ptr + rm[:, None] * stride_xm + (k0 + 2 * rj)[None, :]
+        x_even = tl.load(xk, mask=mmask[:, None], other=0.0).to(tl.float32)  # [BM, BK/2]
+        x_odd = tl.load(xk + 1, mask=mmask[:, None], other=0.0).to(tl.float32)
+        dot = tl.sum(lo[None, :, :] * x_even[:, None, :] + hi[None, :, :] * x_odd[:, None, :], axis=2)  # [BM, BN]
+        s, z = group_scale_zero(s_ptr, z_ptr, rn, nmask, k0 // GROUP, stride_sn, stride_zn, HAS_ZERO)
+        x_sum = tl.sum(x_even + x_odd, axis=1)  # [BM]
+        acc += (dot - x_sum[:, None] * z[None, :]) * s[None, :]
+    y_ptrs = y_ptr + pid_k * stride_ysplit + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, cast_rn(acc, y_ptr.dtype.element_ty, EMULATE), mask=mmask[:, None] & nmask[None, :])
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -160,6 +195,9 @@ def int4_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero:
         raise ValueError(f"int4_matmul: block_k {cfg['block_k']} must divide group_size {group_size}")
     if cfg["unpack"] not in ("interleave", "split") or (cfg["unpack"] == "split" and cfg["block_k"] < 32):
         raise ValueError(f"int4_matmul: unpack {cfg['unpack']!r} must be 'interleave' or 'split' (block_k >= 32)")
+    gemv = cfg.get("kernel", "mma") == "gemv"
+    if cfg.get("kernel", "mma") not in ("mma", "gemv") or (gemv and (M > 16 or cfg["block_k"] < 32)):
+        raise ValueError(f"int4_matmul: kernel {cfg.get('kernel')!r} must be 'mma' or 'gemv' (M <= 16, block_k >= 32)")
     x = x if x.stride(1) == 1 else x.contiguous()
     qdata, scale = qdata.contiguous(), scale.contiguous()
     z = zero.contiguous() if zero is not None else scale  # a placeholder pointer when HAS_ZERO is False
@@ -167,6 +205,14 @@ def int4_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero:
     # split-K programs write fp32 partial sums [split, M, N], added up below; otherwise y directly
     y = torch.empty((split, M, N) if split > 1 else (1, M, N), dtype=torch.float32 if split > 1 else x.dtype,
                     device=x.device)
+    if gemv:
+        bm = cfg.get("gemv_block_m", min(4, triton.next_power_of_2(M)))  # rows per program: [BM, BN, BK/2] products
+        _int4_gemv_kernel[(triton.cdiv(M, bm), triton.cdiv(N, cfg["block_n"]), split)](
+            x, qdata, scale, z, y, M, N, K, x.stride(0), qdata.stride(0), scale.stride(0), z.stride(0),
+            y.stride(1), y.stride(0), GROUP=group_size, HAS_ZERO=zero is not None, SPLIT_K=split,
+            EMULATE=emulate_bf16(x), BLOCK_M=bm, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return y.sum(0).to(x.dtype) if split > 1 else y[0]
     grid = (triton.cdiv(M, cfg["block_m"]), triton.cdiv(N, cfg["block_n"]), split)
     _int4_matmul_kernel[grid](
         x, qdata, scale, z, y, M, N, K, x.stride(0), qdata.stride(0), scale.stride(0), z.stride(0),

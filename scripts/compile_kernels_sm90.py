@@ -67,6 +67,10 @@ def cases(sms: int):
                 cfg_split = {**cfg, "unpack": "split"}
                 yield (f"int4_matmul M={M} g{g}{' sym' if sym else ''} {cfg_split}",
                        lambda: i4.int4_matmul(x, q, s, z, g, cfg_split))
+            if g >= 32 and M <= 16:  # the GEMV kernel, a decode candidate not yet timed
+                cfg_gemv = {**cfg, "kernel": "gemv"}
+                yield (f"int4_matmul M={M} g{g}{' sym' if sym else ''} {cfg_gemv}",
+                       lambda: i4.int4_matmul(x, q, s, z, g, cfg_gemv))
         for act in (False, True):
             x = torch.empty(M, H, dtype=bf16)
             q = torch.empty(I, H, dtype=torch.int8)

@@ -23,7 +23,7 @@ def test_cuda_configs_compile_and_fit_sm90():
     kernels = {line.split()[1] for line in lines}
     assert kernels == {"_int4_matmul_kernel", "_int8_matmul_kernel", "_moe_gate_up_kernel", "_moe_down_kernel",
                        "_swa_fwd_kernel", "_swa_decode_kernel", "_merge_splits_kernel",
-                       "_moe_gate_up_gemv_kernel", "_moe_down_gemv_kernel"}, kernels
+                       "_moe_gate_up_gemv_kernel", "_moe_down_gemv_kernel", "_int4_gemv_kernel"}, kernels
     assert all(line.startswith("ok") for line in lines) and "all fit sm_90" in done.stdout
 
 

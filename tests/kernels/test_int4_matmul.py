@@ -59,6 +59,18 @@ def test_int4_matmul_launch_configs(config):
     assert_parity(out.cpu(), int4_matmul_ref(x, q, s, z, 32).cpu(), exact, f"int4 config {config}")
 
 
+@pytest.mark.parametrize("M,config", [(1, {}), (3, dict(split_k=3)), (16, dict(gemv_block_m=2, block_n=16)),
+                                      (5, dict(block_k=32, split_k=1))])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_gemv_kernel(M, config, symmetric, dtype):
+    """kernel="gemv": the zero point factored out of the dot, rows past M in the last row block, uneven K splits."""
+    fmt, p, (x, q, s, z) = _problem(M, 40, 256, 64, symmetric, dtype)
+    exact = x.double().cpu() @ fmt.dequantize(p).double().T
+    out = int4_matmul(x, q, s, z, 64, config=dict(kernel="gemv", **config))
+    assert_parity(out.cpu(), int4_matmul_ref(x, q, s, z, 64).cpu(), exact, f"int4 gemv M={M} {config} {dtype}")
+
+
 @pytest.mark.parametrize("M", [1, 40])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_matmul_split_nibbles(M, symmetric):
