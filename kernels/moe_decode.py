@@ -90,7 +90,8 @@ def _moe_down_gemv_kernel(h_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ids_ptr, tw_ptr, 
 def decode_config(K: int, group_size: int, int4: bool, cuda: bool) -> dict:
     """Launch parameters (not yet timed on a GPU): a narrow N tile so that T * k pairs still fill the SMs. The
     interpreter runs programs one after another, so there a wider tile keeps the tests short."""
-    return dict(block_n=16 if cuda else 32, block_k=min(group_size, 128) if int4 else min(128, triton.next_power_of_2(K)),
+    block_k = min(group_size, 128) if int4 else min(128, triton.next_power_of_2(K))
+    return dict(block_n=16 if cuda else 32, block_k=block_k,
                 num_warps=4, num_stages=3)
 
 

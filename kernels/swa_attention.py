@@ -278,7 +278,8 @@ def merge_splits(o_part: torch.Tensor, m_part: torch.Tensor, l_part: torch.Tenso
     return out
 
 
-def merge_splits_ref(o_part: torch.Tensor, m_part: torch.Tensor, l_part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def merge_splits_ref(o_part: torch.Tensor, m_part: torch.Tensor, l_part: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
     m = m_part.amax(-1, keepdim=True)
     w = torch.exp2(m_part - torch.where(m == float("-inf"), 0.0, m))  # [..., splits]
     return ((o_part * w[..., None]).sum(-2) / (l_part * w).sum(-1, keepdim=True)).to(dtype)

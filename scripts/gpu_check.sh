@@ -7,7 +7,9 @@
 # after every row.
 #
 #   scripts/gpu_check.sh                       # everything
-#   STAGES="tests mm" scripts/gpu_check.sh      # some stages: tests, tune, mm, graph, attn, pipeline
+#   STAGES="tests mm" scripts/gpu_check.sh      # some stages: tests, tune, mm, graph, attn, pipeline, decode
+#   STAGES=decode scripts/gpu_check.sh          # decode tokens/s of int4 / int8 against bf16 on 26b-a4b and 31b
+#                                               # layers, CUDA graphs, batch 1 and 16 (decode_model.{json,md})
 #   STAGES=pipeline scripts/gpu_check.sh        # quantize on the GPU: the device tests, a tiny quantize on cuda
 #                                               # against the CPU's, bench_pipeline on 26b-a4b and 31b geometry
 #                                               # (pipeline_tests.log, pipeline_quantize.log, pipeline_cuda.{json,md})
@@ -20,7 +22,7 @@
 set -u
 OUT="${OUT:-gpu_out}"
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-pipeline tests tune graph mm attn}"  # the quantize pipeline first: it has never run on a GPU
+STAGES="${STAGES:-pipeline decode tests tune graph mm attn}"  # the quantize pipeline first: it has never run on a GPU
 BATCHES="${BATCHES:-1,4,16,64,256}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -96,4 +98,11 @@ if [[ " $STAGES " == *" pipeline "* ]]; then
     echo "bench_pipeline exit status $?"
     cat "$OUT/pipeline_cuda.md" 2>/dev/null
     stamp "pipeline done"
+fi
+if [[ " $STAGES " == *" decode "* ]]; then
+    timeout "${DECODE_TIMEOUT:-180}" "$PY" benchmarks/bench_decode_model.py --batches "${DECODE_BATCHES:-1,16}" \
+        --out "$OUT"
+    echo "bench_decode_model exit status $?"
+    cat "$OUT"/decode_model_cuda.md 2>/dev/null
+    stamp "decode done"
 fi
