@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata as md
-import json
 from pathlib import Path
 
 import torch
 
 from gemmaquant.progress import stage
-from gemmaquant.quantized import write_json_atomic
+from gemmaquant.quantized import read_record, write_json_atomic
 
 REPORT_FILES = ("report.json", "report.md", "report.html")
 EVAL_FILE = "eval.json"
@@ -68,7 +67,7 @@ def evaluate_and_report(model, result, recipe, files: dict, out: Path, progress=
         write_json_atomic(evaluate(model, result, recipe, tested, n_seq, seq_len, progress), eval_file)
         if steps is not None:
             steps.record("evaluate", key, [str(eval_file.relative_to(out))])
-    figures = json.loads(eval_file.read_text())  # read back either way: the report is rendered from the file
+    figures = read_record(eval_file, {})  # read back either way: the report is rendered from the file
     key = {"evaluation": steps.sha256("evaluate") if steps else None,
            "files": {k: steps.sha256(k) for k in files} if steps else None}
     paths = {k: out / f"report.{k}" for k in ("json", "md", "html")}

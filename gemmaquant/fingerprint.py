@@ -21,7 +21,6 @@ A model object given to `quantize` has no files: its recorded tensors are always
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from gemmaquant.errors import GemmaquantError
 
-from gemmaquant.quantized import write_json_atomic
+from gemmaquant.quantized import read_record, write_json_atomic
 
 RECORD = "source.json"
 RACY_NS = 2_000_000_000
@@ -63,7 +62,7 @@ class SourceFingerprint:
     def __init__(self, work: Path, src):
         self.work, self.src = Path(work), src
         self.path = self.work / RECORD
-        rec = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        rec = read_record(self.path, {})
         self.tensors: dict[str, dict] = rec.get("tensors", {})
         self.files: dict[str, dict] = rec.get("files", {})
         self.root = Path(src.path) if hasattr(src, "weight_map") else None  # a Checkpoint: shards on disk

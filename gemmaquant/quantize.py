@@ -31,7 +31,7 @@ from gemmaquant.layer_quant import quantize_layer
 from gemmaquant.model.gemma4 import DecoderLayer, Gemma4, LayerKV, make_forward_state, rope_inv_freqs
 from gemmaquant.plan import TensorPlan, make_plan
 from gemmaquant.progress import progress as progress_lines, stage
-from gemmaquant.quantized import finished_layers, save_atomic, save_layer, write_json_atomic
+from gemmaquant.quantized import finished_layers, read_record, save_atomic, save_layer, write_json_atomic
 from gemmaquant.recipe import Recipe
 from gemmaquant.validate import check_float_checkpoint, check_float_values
 
@@ -160,13 +160,20 @@ class Activations:
     def load_into(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        t = load_file(str(path))
-        self.h = [t[f"h.{b}"] for b in range(len(self.h))]
-        self.shared = {}
-        for k in t:
-            if k.startswith("kv.") and k.endswith(".k"):
-                _, p, b, _ = k.split(".")
-                self.shared.setdefault(int(p), {})[int(b)] = LayerKV(t[k], t[k[:-1] + "v"], t[k[:-1] + "pos"])
+        from gemmaquant.quantized import damaged_work_file
+
+        try:
+            t = load_file(str(path))
+            self.h = [t[f"h.{b}"] for b in range(len(self.h))]
+            self.shared = {}
+            for k in t:
+                if k.startswith("kv.") and k.endswith(".k"):
+                    _, p, b, _ = k.split(".")
+                    self.shared.setdefault(int(p), {})[int(b)] = LayerKV(t[k], t[k[:-1] + "v"], t[k[:-1] + "pos"])
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a damaged header or body, or tensors missing from it)
+            raise damaged_work_file(path, f"{type(e).__name__}: {e}") from None
         self.shared = {p: [d[b] for b in sorted(d)] for p, d in self.shared.items()}
 
 
@@ -307,7 +314,7 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
     state_file = work / "state.json"
     fwd_dtype = forward_dtype(recipe.forward_dtype, dev)
     if state_file.is_file():
-        old = json.loads(state_file.read_text())
+        old = read_record(state_file, {})
         if not recipe.same_as(old.get("recipe")) or \
                 {k: old.get(k) for k in ("config", "calibration_sha256")} != \
                 {k: state[k] for k in ("config", "calibration_sha256")}:
@@ -325,7 +332,7 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
 
     fp = SourceFingerprint(work, src)
     record = work / LAYERS_RECORD
-    done = json.loads(record.read_text()) if record.is_file() else None  # the layer stage finished before
+    done = read_record(record) if record.is_file() else None  # the layer stage finished before
     try:
         fp.verify(cfg.num_hidden_layers if done else finished_layers(work),
                   globals_done=done is not None or (work / "globals.safetensors").is_file())
@@ -388,7 +395,7 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
     finally:
         if prefetch:
             prefetch.shutdown(wait=True, cancel_futures=True)
-    layers = [json.loads((work / f"layer_{i:05d}.json").read_text()) for i in range(finished_layers(work))]
+    layers = [read_record(work / f"layer_{i:05d}.json", {}) for i in range(finished_layers(work))]
     if len(layers) == cfg.num_hidden_layers:
         write_json_atomic(layers, record)
     if inplace:  # from the work directory, so that a resumed run writes the layers an earlier run finished too

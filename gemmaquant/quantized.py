@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from gemmaquant.config import Gemma4Config
+from gemmaquant.errors import GemmaquantError
 from gemmaquant.formats.base import Packed
 from gemmaquant.safetensors_write import save_file
 
@@ -51,6 +52,30 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     os.replace(tmp, path)
 
 
+class DamagedWorkDir(GemmaquantError):
+    """A record or layer file of a work directory that cannot be read: it was not written by gemmaquant (every
+    write is atomic), so it was changed or damaged afterwards; resuming from it is refused."""
+
+
+def damaged_work_file(path: Path, why: str) -> DamagedWorkDir:
+    return DamagedWorkDir(f"{path}: damaged ({why}); the run cannot resume from this work directory: run the same "
+                          f"command with --overwrite to start again (or remove {path.parent})")
+
+
+def read_record(path: Path, default=None):
+    """A JSON record of the work directory (state, layers, steps, source fingerprint); `default` when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged_work_file(path, f"not the JSON gemmaquant wrote: {e}") from None
+    if default is not None and type(rec) is not type(default):
+        raise damaged_work_file(path, f"a JSON {type(rec).__name__} where gemmaquant writes a {type(default).__name__}")
+    return rec
+
+
 def write_json_atomic(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
@@ -74,9 +99,14 @@ def save_layer(work: Path, i: int, values: dict[str, torch.Tensor | Quantized], 
 
 
 def read_values(path: Path) -> dict[str, torch.Tensor | Quantized]:
-    with safe_open(str(path), framework="pt") as f:
-        formats = json.loads((f.metadata() or {}).get("formats", "{}"))
-        raw = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            formats = json.loads((f.metadata() or {}).get("formats", "{}"))
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a damaged header or body)
+        raise damaged_work_file(Path(path), f"{type(e).__name__}: {e}") from None
     out: dict = {k: v for k, v in raw.items() if "::" not in k}
     for name, spec in formats.items():
         fmt = format_from_spec(spec["format"])
@@ -110,7 +140,7 @@ class QuantizedSource:
 
     def __init__(self, work: str | os.PathLike):
         self.work = Path(work)
-        state = json.loads((self.work / "state.json").read_text())
+        state = read_record(self.work / "state.json", {})
         self.config = Gemma4Config.from_hf_dict(state["config"])
         self.source_dir = Path(state["source_dir"]) if state.get("source_dir") else None
         # work directories written before the keys lost their prefix held "gemmaquant.recipe", ...

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from gemmaquant.fingerprint import RACY_NS, STAT_KEYS, file_stat
-from gemmaquant.quantized import write_json_atomic
+from gemmaquant.quantized import read_record, write_json_atomic
 
 STEPS_FILE = "steps.json"
 WRITE_TEST = ".gemmaquant-write-test"
@@ -51,7 +51,7 @@ class Steps:
 
         self.out = Path(out)
         self.path = self.out / WORK_DIR / STEPS_FILE
-        self.data: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.data: dict[str, dict] = read_record(self.path, {})
 
     def complete(self, step: str, key: dict) -> bool:
         rec = self.data.get(step)

@@ -141,3 +141,29 @@ def test_exported_metadata_keys_have_one_prefix(tmp_path):
     state["metadata"] = {f"gemmaquant.{k}": v for k, v in state["metadata"].items()}  # a work dir from before
     (res.work_dir / "state.json").write_text(json.dumps(state))
     assert set(QuantizedSource(res.work_dir).metadata) == {"recipe", "calibration_sha256", "version"}
+
+
+@pytest.mark.parametrize("name,damage", [("layer_00000.json", b"{not json"), ("acts_00002.safetensors", b"\x00" * 40),
+                                         ("state.json", b"[1, 2]"), ("source.json", b"\xff\xfe")])
+def test_damaged_work_records_are_named(tmp_path, ckpt, name, damage):
+    """A work directory file changed after gemmaquant wrote it: the resumed run names it and says what to do, with
+    the library's error type (the CLI's exit 2), instead of an internal error."""
+    from gemmaquant.errors import GemmaquantError
+    from gemmaquant.quantized import DamagedWorkDir, read_values
+    from gemmaquant.resume import Steps
+
+    r = Recipe.from_dict(SMALL)
+    work = tmp_path / "o" / ".gemmaquant-work"
+    quantize(str(ckpt), r, out=tmp_path / "o", progress=False, stop_after_layer=1)
+    assert (work / name).is_file()
+    (work / name).write_bytes(damage)
+    with pytest.raises(DamagedWorkDir, match=rf"{name}: damaged \(.*\); the run cannot resume .*--overwrite"):
+        quantize(str(ckpt), r, out=tmp_path / "o", progress=False)
+    assert issubclass(DamagedWorkDir, GemmaquantError)
+    if name == "layer_00000.json":  # the exporters' and the later steps' readers of the same directory
+        (work / "layer_00001.safetensors").write_bytes(b"\x00" * 40)
+        with pytest.raises(DamagedWorkDir, match=r"layer_00001\.safetensors: damaged"):
+            read_values(work / "layer_00001.safetensors")
+        (work / "steps.json").write_text("{garbage")
+        with pytest.raises(DamagedWorkDir, match=r"steps\.json: damaged"):
+            Steps(tmp_path / "o")
