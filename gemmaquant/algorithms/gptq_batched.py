@@ -16,10 +16,11 @@ Per-expert exceptions run exactly as the loop runs them: an expert whose damped 
 block parameters are fit per expert (`fmt.fit` on [N, K], as `gptq` does), so every expert stores on the grid
 the loop would have chosen; formats that override `encode` and dynamic groups fall back to the loop.
 
-Numerics: the same operations in the same precisions as `gptq`; the batched matrix products may sum in another
-order than the per-matrix ones, so a result agrees with the loop's to fp32 rounding (a code can differ where a
-value sits within rounding of a grid midpoint). gemmaquant uses it on GPUs; the CPU keeps the loop, whose outputs
-are the reference (see `batched_gptq`).
+Numerics: the same operations in the same precisions as `gptq`, the in-block rank-1 update fused (one rounding)
+as the loop's `addr_` (BLAS ger) is. On the CPU every batched matrix product and factorization is the per-matrix
+LAPACK / BLAS call of the loop, so the bytes equal the loop's (tests/algorithms/test_gptq_batched.py) and the
+CPU pipeline batches too; on a GPU the batched kernels may sum in another order, so a result agrees with the
+loop's to fp32 rounding (a code can differ where a value sits within rounding of a grid midpoint).
 """
 
 from __future__ import annotations
@@ -32,12 +33,6 @@ from gemmaquant.algorithms.rtn import check_finite
 from gemmaquant.formats.base import QuantFormat
 
 CHUNK_BYTES = 1 << 30  # default working memory of one chunk of experts on the CPU (a quarter of free on a GPU)
-
-
-def batched_gptq(device: torch.device) -> bool:
-    """The experts' GPTQ batched on a GPU; one expert at a time on the CPU, whose outputs stay byte-identical to
-    the runs before batching (batched matrix products sum in another order)."""
-    return device.type != "cpu"
 
 
 def _chunk_experts(E: int, N: int, K: int, device: torch.device, chunk_bytes: int | None) -> int:
