@@ -170,7 +170,8 @@ def qat(
                                                   "K-quants' 6-bit sub-block scales and mins too (default) or "
                                                   "keep GPTQ's"),
     overwrite: bool = typer.Option(False, "--overwrite"),
-    device: str = typer.Option("cpu", "--device", help="cpu (QAT runs on the CPU in this version)"),
+    device: str = typer.Option("auto", "--device", help="auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N: "
+                               "where the float model, the trained model and the training live"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Quantization-aware training (distillation from the float model, from GPTQ weights), then export."""

@@ -333,15 +333,12 @@ def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, 
     from gemmaquant.device import resolve_device
     from gemmaquant.outputs import removed_if_left_empty
 
-    dev = torch.device("cpu") if device == "auto" else resolve_device(device)  # (a missing GPU: exit 2)
-    if dev.type != "cpu":  # qat_train follows its model's device; the CLI's model is loaded on the CPU
-        raise UsageError(f"--device {device}: QAT runs on the CPU in this version (qat_train follows the device of "
-                         f"a model object it is given); use --device cpu")
+    dev = resolve_device(device)  # a device that is not there: exit 2, before any work
     bits = 4 if bits is None else bits
     QATRecipe(bits=bits, steps=steps, **overrides)  # every option checked before the output directory is made
     with removed_if_left_empty(out):  # a run that fails before writing anything leaves no empty directory
         prepare_out(Path(out), overwrite)
-        res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
+        res = qat_train(model, bits=bits, data=data, steps=steps, out=out, device=dev, **overrides)
     res = dict(res) if isinstance(res, dict) else {"result": str(res)}
     res.setdefault("text", f"QAT finished: {out}")
     return res
