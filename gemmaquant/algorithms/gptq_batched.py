@@ -131,9 +131,10 @@ def _hessians(H, K: int) -> Tensor:
 def _sweep(w: Tensor, H: Tensor, fmt, damp: float, block_size: int, act_order: bool,
            importance_params: bool) -> list:
     B, N, K = w.shape
-    for e in range(B):  # the loop's checks, in its order: w[e], then H[e]
-        check_finite(w[e], "w")
-        check_finite(H[e], "H")
+    if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(H).all())):  # one device sync, then the
+        for e in range(B):                                                     # loop's checks in its order
+            check_finite(w[e], "w")
+            check_finite(H[e], "H")
     dead, diag, perm, U = _factor(H, damp, act_order)
     dev = w.device
     W = w.detach().to(dev, torch.float32, copy=True)  # [B, N, K]
