@@ -57,7 +57,8 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
     if throughput is None:
         shapes = {(p.fmt.name, p.shape[-1]): p.fmt for p in quantized} if recipe.method == "gptq" else {}
         throughput = measure(dev, forward_dtype(recipe.forward_dtype, dev), cfg.hidden_size,
-                             {(f, K) for (_, K), f in shapes.items()}, importance=recipe.importance_params)
+                             {(f, K) for (_, K), f in shapes.items()}, importance=recipe.importance_params,
+                             acc_dtype=torch.float64 if dev.type == "cpu" else torch.float32)
     active_quant = 0
     algo = 0.0
     gptq_s = 0.0
@@ -71,9 +72,21 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
             gptq_s += throughput.gptq_seconds(p.fmt.name, N, K, experts, batch, recipe.importance_params)
         elif recipe.method == "awq":
             algo += experts * recipe.awq_grid * 2 * N * K * min(tokens, 2048)
-    flops = 2 * 2 * active_quant * tokens + tokens * sum(p.shape[-1] ** 2 * 2 for p in quantized) + algo
-    gf = throughput.gemm_gflops
-    gemm_s = flops / (gf * 1e9)
+    # statistics: X^T X of every input group once (q/k/v share theirs, gate/up theirs), of each expert's inputs
+    # for the top_k experts each token is routed to, plus the forced-routing and AWQ-sample passes left out
+    from gemmaquant.capture import group_of
+
+    groups = {}
+    for p in quantized:
+        rel = p.name.split(".", 2)[2]
+        experts = p.shape[0] if len(p.shape) == 3 else 1
+        per_token = (cfg.top_k_experts if experts > 1 else 1) * p.shape[-1] ** 2 * 2
+        groups[(p.name.split(".")[1], rel if experts > 1 else _group(rel, group_of))] = per_token
+    stats_flops = tokens * sum(groups.values())
+    gf, af = throughput.gemm_gflops, throughput.acc_gflops or throughput.gemm_gflops
+    forward_s = (2 * 2 * active_quant * tokens + algo) / (gf * 1e9)
+    stats_s = stats_flops / (af * 1e9)
+    gemm_s = forward_s + stats_s
     seconds = gemm_s + gptq_s
     gib = 2**30
     res = {
@@ -83,7 +96,7 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
         "float_tensors": {n: p.reason for n, p in plan.items() if p.fmt is None},
         "peak_memory_bytes_estimate": int(peak),
         "time_seconds_estimate": seconds, "measured_matmul_gflops": gf,
-        "time_parts_seconds": {"forward_and_statistics": gemm_s, "gptq": gptq_s},
+        "time_parts_seconds": {"forward": forward_s, "statistics": stats_s, "gptq": gptq_s},
         "time_basis": f"{throughput.basis} on {throughput.device}",
     }
     lines = [f"plan: {recipe.method} onto {recipe.gguf_type or recipe.weight_format}, "
@@ -102,7 +115,8 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
     for why, names in reasons.items():
         lines.append(f"  {len(names):4d} tensors: {why}")
     lines.append(f"peak memory (estimate): {peak / gib:.1f} GiB; time (estimate): {seconds / 3600:.2f} h = forward "
-                 f"and statistics {gemm_s / 3600:.2f} h at {gf:.0f} GFLOP/s"
+                 f"{forward_s / 3600:.2f} h at {gf:.0f} GFLOP/s + statistics {stats_s / 3600:.2f} h at {af:.0f} "
+                 f"GFLOP/s"
                  + (f" + GPTQ {gptq_s / 3600:.2f} h from its sweep timed at the model's widths" if gptq_s else "")
                  + f"; throughput {res['time_basis']}")
     from gemmaquant.estimate_device import device_memory
@@ -114,3 +128,11 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
     lines.append(("on a GPU: " if device is None or device.type == "cpu" else f"on {device}: ") + dm["device_text"])
     res["text"] = "\n".join(lines)
     return res
+
+
+def _group(rel: str, group_of) -> str:
+    """The input statistic a layer tensor reads (q/k/v share one), or the tensor itself when it has none."""
+    try:
+        return group_of(rel)
+    except KeyError:
+        return rel

@@ -1,8 +1,10 @@
 """How fast this machine's device runs what a quantization spends its time on, measured by short probes, for the
 `--dry-run` time estimate (gemmaquant.estimate).
 
-    gemm     the layer forward and the statistics: GFLOP/s of one [tokens, H] x [H, W] product at the model's
-             widths, in the forward's dtype (fp32 on the CPU, bf16 on a GPU), on the run's device
+    gemm     the layer forward: GFLOP/s of one [tokens, H] x [H, H] product at the model's width, in the forward's
+             dtype (fp32 on the CPU, bf16 on a GPU), on the run's device
+    acc      the statistics (X^T X sums): the same product in their accumulation dtype (fp64 on the CPU, fp32 on
+             a GPU)
     gptq     per (format, K): the column sweep timed at two row counts and the damped Cholesky factor alone, at
              K_p = min(K, PROBE_K) columns, giving
                  t(N, K) = a (K / K_p)^3            factorization (fp64 Cholesky + triangular inverse)
@@ -40,6 +42,7 @@ class Throughput:
     device: str
     gemm_gflops: float
     gptq: dict[str, dict] = field(default_factory=dict)
+    acc_gflops: float | None = None  # the statistics' rate (None: gemm_gflops)
     basis: str = "measured"  # "measured now", "cached (<date>)", or what a caller injected
 
     def gptq_seconds(self, fmt_name: str, N: int, K: int, experts: int = 1, batch: int = 1,
@@ -114,9 +117,10 @@ def probe_gptq(dev: torch.device, fmt, K: int, importance: bool = True) -> dict:
 
 
 def measure(dev: torch.device, fwd_dtype: torch.dtype, width: int, gptq_shapes: set[tuple[object, int]],
-            importance: bool = True, use_cache: bool = True) -> Throughput:
-    """The throughput of `dev` for a run: GEMM at `width` in `fwd_dtype`, GPTQ probes for each (format, K) in
-    gptq_shapes (K capped at PROBE_K). Reuses what this process or the cache file measured before."""
+            importance: bool = True, use_cache: bool = True, acc_dtype: torch.dtype | None = None) -> Throughput:
+    """The throughput of `dev` for a run: GEMM at `width` in `fwd_dtype` and in `acc_dtype` (the statistics'),
+    GPTQ probes for each (format, K) in gptq_shapes (K capped at PROBE_K). Reuses what this process or the cache
+    file measured before."""
     key = _key(dev)
     path = cache_file()
     stored = {}
@@ -127,10 +131,13 @@ def measure(dev: torch.device, fwd_dtype: torch.dtype, width: int, gptq_shapes: 
             stored = {}  # an unreadable cache is measured again
     entry = _MEMO.setdefault(key, stored.get(key, {"gemm": {}, "gptq": {}, "date": None}))
     fresh = False
-    gk = f"{str(fwd_dtype).removeprefix('torch.')}:{width}"
-    if gk not in entry["gemm"]:
-        entry["gemm"][gk] = probe_gemm(dev, fwd_dtype, width)
-        fresh = True
+    rates = {}
+    for dtype in (fwd_dtype, acc_dtype or fwd_dtype):
+        gk = f"{str(dtype).removeprefix('torch.')}:{width}"
+        if gk not in entry["gemm"]:
+            entry["gemm"][gk] = probe_gemm(dev, dtype, width)
+            fresh = True
+        rates[dtype] = entry["gemm"][gk]
     for fmt, K in sorted(gptq_shapes, key=lambda s: (s[0].name, s[1])):
         kp = min(K, PROBE_K)
         if gptq_key(fmt.name, kp, importance) not in entry["gptq"]:
@@ -147,4 +154,5 @@ def measure(dev: torch.device, fwd_dtype: torch.dtype, width: int, gptq_shapes: 
             except OSError:
                 pass  # a read-only home: the measurement serves this process only
     basis = "measured now" if fresh else f"measured {entry['date']}, cached in {path}"
-    return Throughput(device=key, gemm_gflops=entry["gemm"][gk], gptq=dict(entry["gptq"]), basis=basis)
+    return Throughput(device=key, gemm_gflops=rates[fwd_dtype], gptq=dict(entry["gptq"]), basis=basis,
+                      acc_gflops=rates[acc_dtype or fwd_dtype])

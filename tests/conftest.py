@@ -17,6 +17,7 @@ def _fixed_throughput(request, monkeypatch, tmp_path_factory):
 
     monkeypatch.setenv("GEMMAQUANT_CACHE", str(tmp_path_factory.getbasetemp() / "gemmaquant-cache"))
     if request.node.get_closest_marker("real_throughput") is None:
-        monkeypatch.setattr(tp, "probe_gemm", lambda dev, dtype, width, tokens=512: 50.0)
+        monkeypatch.setattr(tp, "probe_gemm", lambda dev, dtype, width, tokens=512: 50.0 if dtype != torch.float64
+                            else 25.0)
         monkeypatch.setattr(tp, "probe_gptq", lambda dev, fmt, K, importance=True: {"a": 0.01, "c": 1e-4, "b": 1e-4})
         monkeypatch.setattr(tp, "_MEMO", {})

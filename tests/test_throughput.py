@@ -27,15 +27,18 @@ def test_the_estimate_scales_with_the_measured_throughput():
     cfg = get_variant("26b-a4b")
     r = Recipe.from_dict({"method": "gptq"})
     plan = make_plan(cfg, r)
-    slow = Throughput("fake", 10.0, _rates(cfg, plan, 1.0, 1e-3, 1e-3), basis="injected")
-    fast = Throughput("fake", 20.0, _rates(cfg, plan, 0.5, 5e-4, 5e-4), basis="injected")
+    slow = Throughput("fake", 10.0, _rates(cfg, plan, 1.0, 1e-3, 1e-3), basis="injected", acc_gflops=4.0)
+    fast = Throughput("fake", 20.0, _rates(cfg, plan, 0.5, 5e-4, 5e-4), basis="injected", acc_gflops=8.0)
     dev = torch.device("cpu")
     e_slow = estimate(cfg, plan, r, ("gguf",), device=dev, throughput=slow)
     e_fast = estimate(cfg, plan, r, ("gguf",), device=dev, throughput=fast)
     ps, pf = e_slow["time_parts_seconds"], e_fast["time_parts_seconds"]
-    assert ps["gptq"] > 0 and ps["forward_and_statistics"] > 0
-    assert pf["forward_and_statistics"] == pytest.approx(ps["forward_and_statistics"] / 2, rel=1e-12)
-    assert pf["gptq"] == pytest.approx(ps["gptq"] / 2, rel=1e-12)
+    assert ps["gptq"] > 0 and ps["forward"] > 0 and ps["statistics"] > 0
+    for part in ("forward", "statistics", "gptq"):
+        assert pf[part] == pytest.approx(ps[part] / 2, rel=1e-12), part
+    only_acc = Throughput("fake", 10.0, slow.gptq, basis="injected", acc_gflops=8.0)
+    po = estimate(cfg, plan, r, ("gguf",), device=dev, throughput=only_acc)["time_parts_seconds"]
+    assert po["statistics"] == pytest.approx(ps["statistics"] / 2, rel=1e-12) and po["forward"] == ps["forward"]
     assert e_slow["time_seconds_estimate"] == pytest.approx(2 * e_fast["time_seconds_estimate"], rel=1e-12)
     assert "injected on fake" in e_slow["time_basis"] and "throughput injected on fake" in e_slow["text"]
     rtn = estimate(cfg, make_plan(cfg, Recipe.from_dict({"method": "rtn"})), Recipe.from_dict({"method": "rtn"}),
