@@ -107,6 +107,10 @@ def run_one(ckpt: Path, out: Path, device: str, samples: int, seq_len: int, meth
     q.run_layer = wrap("run_layer", lambda: "capture_pass" if in_capture[0] else "forward")
     q.force_route_rare_experts = wrap("force_route_rare_experts", "forced")
     q.quantize_layer = wrap("quantize_layer", "quantize")
+    if method == "gptq-loop":  # the experts' GPTQ one expert at a time (the reference loop), for comparison
+        batched = q.quantize_layer
+        q.quantize_layer = lambda *a, **k: batched(*a, **{**k, "batched_gptq": False})
+        method = "gptq"
     q.save_layer = wrap("save_layer", "save")
     q.capture = capture
     if dev.type == "cuda":
@@ -156,6 +160,8 @@ def main():
     ap.add_argument("--rtn-models", default="", help="models quantized by RTN instead of GPTQ (a CPU run where one "
                     "layer's GPTQ takes too long; the row says so)")
     ap.add_argument("--method", default="gptq", help=argparse.SUPPRESS)
+    ap.add_argument("--expert-loop-too", action="store_true", help="MoE models: a second row with the experts' "
+                    "GPTQ one expert at a time (the loop before batched GPTQ), measured right after the batched one")
     ap.add_argument("--dir", default="/tmp/gq-pipeline")
     ap.add_argument("--out", default=None, help="results stem (default benchmarks/results/pipeline_<device>)")
     ap.add_argument("--run-one", nargs=2, help=argparse.SUPPRESS)
@@ -164,6 +170,7 @@ def main():
         print(json.dumps(run_one(Path(args.run_one[0]), Path(args.run_one[1]), args.device, args.samples,
                                  args.seq_len, args.method)))
         return
+    from gemmaquant.config import get_variant
     from gemmaquant.device import resolve_device
 
     dev = resolve_device(args.device)
@@ -178,17 +185,22 @@ def main():
         shutil.rmtree(root, ignore_errors=True)
         make_checkpoint(model, args.layers, args.experts, root / "ckpt")
         method = "rtn" if model in args.rtn_models.split(",") else "gptq"
-        p = subprocess.run([sys.executable, __file__, "--device", str(dev), "--samples", str(args.samples),
-                            "--method", method,
-                            "--seq-len", str(args.seq_len), "--run-one", str(root / "ckpt"), str(root / "out")],
-                           capture_output=True, text=True)
-        if p.returncode:
-            raise SystemExit(f"{model}: {p.stderr[-3000:]}")
-        r = json.loads(p.stdout.strip().splitlines()[-1])
-        meta["device"] = r.pop("device")
-        rows.append({"model": model, "method": method, **r, **project(model, r, args.experts)})
+        moe = get_variant(model).enable_moe_block
+        for m in [method] + (["gptq-loop"] if args.expert_loop_too and method == "gptq" and moe else []):
+            shutil.rmtree(root / "out", ignore_errors=True)
+            p = subprocess.run([sys.executable, __file__, "--device", str(dev), "--samples", str(args.samples),
+                                "--method", m,
+                                "--seq-len", str(args.seq_len), "--run-one", str(root / "ckpt"), str(root / "out")],
+                               capture_output=True, text=True)
+            if p.returncode:
+                raise SystemExit(f"{model}: {p.stderr[-3000:]}")
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            meta["device"] = r.pop("device")
+            label = "gptq (expert loop)" if m == "gptq-loop" else m + (" (batched experts)" if m == "gptq" and moe
+                                                                        else "")
+            rows.append({"model": model, "method": label, **r, **project(model, r, args.experts)})
+            print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(root, ignore_errors=True)
-        print(json.dumps(rows[-1]), flush=True)
     write(Path(args.out) if args.out else RESULTS / f"pipeline_{dev.type}", meta, rows)
 
 

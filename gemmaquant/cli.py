@@ -69,6 +69,9 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output directory"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="measure KL divergence etc. and write the report"),
     device: str = typer.Option("auto", "--device", help="auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N"),
+    activation_budget: Optional[float] = typer.Option(None, "--activation-budget", help="GiB of GPU memory the "
+                                                      "calibration activations may hold (default: half the free "
+                                                      "memory; beyond it they live in host memory; 0: always)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Quantize a Gemma 4 and write GGUF, compressed-tensors safetensors and a report."""
@@ -77,7 +80,7 @@ def quantize(
     res = _run(run_quantize, model, bits=bits, method=method, formats=format, gguf_type=gguf_type,
                group_size=group_size, recipe_file=recipe, calib=calib, out=out, dry_run=dry_run,
                overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False,
-               device=device, resumes="after the last finished layer")
+               device=device, activation_budget_gib=activation_budget, resumes="after the last finished layer")
     _emit(res, as_json, res["text"])
 
 
@@ -167,7 +170,8 @@ def qat(
                                                   "K-quants' 6-bit sub-block scales and mins too (default) or "
                                                   "keep GPTQ's"),
     overwrite: bool = typer.Option(False, "--overwrite"),
-    device: str = typer.Option("cpu", "--device", help="cpu (QAT runs on the CPU in this version)"),
+    device: str = typer.Option("auto", "--device", help="auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N: "
+                               "where the float model, the trained model and the training live"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Quantization-aware training (distillation from the float model, from GPTQ weights), then export."""

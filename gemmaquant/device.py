@@ -33,6 +33,19 @@ class DeviceError(UsageError):
     """A device that is not there (`--device cuda` without CUDA, an index past the last GPU): the user's to fix."""
 
 
+class DeviceMemoryError(DeviceError, MemoryError):
+    """The device ran out of memory mid-run: a setting the user can lower (the CLI exits 2 with one line)."""
+
+
+def out_of_memory(dev: torch.device, where: str, resume: str) -> DeviceMemoryError:
+    """The one-line error for a torch.OutOfMemoryError on `dev` during `where`: which option lowers the memory,
+    and what rerunning the same command does (`resume`)."""
+    return DeviceMemoryError(
+        f"out of memory on {device_name(dev)} in {where}; rerun with --activation-budget 0 (calibration "
+        f"activations in host memory, the same result) and it {resume}; if that is not enough, start over with a "
+        f"recipe of smaller batch_size, n_samples or seq_len")
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """'auto' | None -> the first CUDA device when there is one, else the CPU; 'cpu'; 'cuda'; 'cuda:N'."""
     if isinstance(spec, torch.device):

@@ -33,6 +33,10 @@ def describe(exc: BaseException) -> tuple[int, str]:
     request to report it for anything else (a bug), which names where it was raised but shows no traceback."""
     if isinstance(exc, USER_ERRORS):
         return 2, f"error: {exc}"
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, outside the quantize layers (which say more)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "CUDA out of memory"
+        return 2, (f"error: out of device memory ({first[:160]}); lower the batch size or sequence length, or "
+                   f"run on --device cpu; finished steps are kept and rerunning the same command resumes")
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" (at {where.filename}:{where.lineno})" if where else ""
     return 1, (f"internal error: {type(exc).__name__}: {exc}{at}\n"

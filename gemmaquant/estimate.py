@@ -3,12 +3,12 @@
 Sizes are exact arithmetic on the plan (gemmaquant.export.sizes: every tensor's bytes in each file, the figure
 `gemmaquant inspect` reads back from the written file). Memory and time are estimates: peak memory = one layer
 in fp32 (twice: float and dequantized) + its calibration statistics + the calibration activations; time = the
-run's floating-point work divided by a matmul throughput measured on this machine in a fraction of a second.
+forward's and statistics' floating-point work at the GEMM rate, plus GPTQ's time per matrix, both measured on the
+device the run would use (gemmaquant.throughput: short probes at the model's widths, cached), and the output says
+which measurement it used.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -24,19 +24,11 @@ def _numel(shape) -> int:
     return n
 
 
-def matmul_gflops(seconds: float = 0.3) -> float:
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e9
-
-
 def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, formats: tuple[str, ...],
-             device=None) -> dict:
+             device=None, throughput=None) -> dict:
     """The dry-run figures; `device` (a torch.device) adds the device-memory estimate (gemmaquant.estimate_device):
-    always its line on a GPU run, and on the CPU the figures a GPU run would need."""
+    always its line on a GPU run, and on the CPU the figures a GPU run would need. throughput: a
+    gemmaquant.throughput.Throughput to use instead of measuring `device` (None: measure, or reuse the cache)."""
     from gemmaquant.export.sizes import gguf_size, safetensors_size
 
     total = sum(_numel(p.shape) for p in plan.values())
@@ -54,25 +46,48 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
     tokens = recipe.n_samples * recipe.seq_len
     acts = tokens * cfg.hidden_size * 4 * 2
     peak = max(layer_bytes.values()) + max(hess.values(), default=0) + acts
-    # floating-point work: two forward passes over the calibration tokens (active params), Hessian accumulation,
-    # and the algorithm itself (GPTQ ~ 2 N K^2 per matrix + K^3 Cholesky)
+    # time: two forward passes over the calibration tokens (active params), Hessian accumulation (and AWQ's grid
+    # search) as GEMM work at the measured rate; GPTQ per matrix from its measured sweep (gemmaquant.throughput)
+    from gemmaquant.algorithms.gptq_batched import _chunk_experts
+    from gemmaquant.device import forward_dtype
+    from gemmaquant.throughput import measure
+
+    dev = device if device is not None else torch.device("cpu")
+    quantized = [p for p in plan.values() if p.fmt is not None and p.name.startswith("layers.")]
+    if throughput is None:
+        shapes = {(p.fmt.name, p.shape[-1]): p.fmt for p in quantized} if recipe.method == "gptq" else {}
+        throughput = measure(dev, forward_dtype(recipe.forward_dtype, dev), cfg.hidden_size,
+                             {(f, K) for (_, K), f in shapes.items()}, importance=recipe.importance_params,
+                             acc_dtype=torch.float64 if dev.type == "cpu" else torch.float32)
     active_quant = 0
     algo = 0.0
-    for p in plan.values():
-        if p.fmt is None or not p.name.startswith("layers."):
-            continue
+    gptq_s = 0.0
+    for p in quantized:
         N, K = p.shape[-2], p.shape[-1]
         experts = p.shape[0] if len(p.shape) == 3 else 1
         share = (cfg.top_k_experts / cfg.num_experts) if experts > 1 else 1.0
         active_quant += N * K * experts * share
         if recipe.method == "gptq":
-            algo += experts * (2 * N * K * K + K**3 / 3)
+            batch = _chunk_experts(experts, N, K, dev, None) if experts > 1 else 1
+            gptq_s += throughput.gptq_seconds(p.fmt.name, N, K, experts, batch, recipe.importance_params)
         elif recipe.method == "awq":
             algo += experts * recipe.awq_grid * 2 * N * K * min(tokens, 2048)
-    flops = 2 * 2 * active_quant * tokens + tokens * sum(
-        p.shape[-1] ** 2 * 2 for p in plan.values() if p.fmt is not None and p.name.startswith("layers.")) + algo
-    gf = matmul_gflops()
-    seconds = flops / (gf * 1e9)
+    # statistics: X^T X of every input group once (q/k/v share theirs, gate/up theirs), of each expert's inputs
+    # for the top_k experts each token is routed to, plus the forced-routing and AWQ-sample passes left out
+    from gemmaquant.capture import group_of
+
+    groups = {}
+    for p in quantized:
+        rel = p.name.split(".", 2)[2]
+        experts = p.shape[0] if len(p.shape) == 3 else 1
+        per_token = (cfg.top_k_experts if experts > 1 else 1) * p.shape[-1] ** 2 * 2
+        groups[(p.name.split(".")[1], rel if experts > 1 else _group(rel, group_of))] = per_token
+    stats_flops = tokens * sum(groups.values())
+    gf, af = throughput.gemm_gflops, throughput.acc_gflops or throughput.gemm_gflops
+    forward_s = (2 * 2 * active_quant * tokens + algo) / (gf * 1e9)
+    stats_s = stats_flops / (af * 1e9)
+    gemm_s = forward_s + stats_s
+    seconds = gemm_s + gptq_s
     gib = 2**30
     res = {
         "params_total": total,
@@ -81,6 +96,8 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
         "float_tensors": {n: p.reason for n, p in plan.items() if p.fmt is None},
         "peak_memory_bytes_estimate": int(peak),
         "time_seconds_estimate": seconds, "measured_matmul_gflops": gf,
+        "time_parts_seconds": {"forward": forward_s, "statistics": stats_s, "gptq": gptq_s},
+        "time_basis": f"{throughput.basis} on {throughput.device}",
     }
     lines = [f"plan: {recipe.method} onto {recipe.gguf_type or recipe.weight_format}, "
              f"{total / 1e9:.3f}B parameters, {len(plan)} tensors"]
@@ -97,8 +114,11 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
     lines.append("kept in float:")
     for why, names in reasons.items():
         lines.append(f"  {len(names):4d} tensors: {why}")
-    lines.append(f"peak memory (estimate): {peak / gib:.1f} GiB; time (estimate at {gf:.0f} GFLOP/s measured here): "
-                 f"{seconds / 3600:.2f} h")
+    lines.append(f"peak memory (estimate): {peak / gib:.1f} GiB; time (estimate): {seconds / 3600:.2f} h = forward "
+                 f"{forward_s / 3600:.2f} h at {gf:.0f} GFLOP/s + statistics {stats_s / 3600:.2f} h at {af:.0f} "
+                 f"GFLOP/s"
+                 + (f" + GPTQ {gptq_s / 3600:.2f} h from its sweep timed at the model's widths" if gptq_s else "")
+                 + f"; throughput {res['time_basis']}")
     from gemmaquant.estimate_device import device_memory
 
     dm = device_memory(cfg, plan, recipe)
@@ -108,3 +128,11 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
     lines.append(("on a GPU: " if device is None or device.type == "cpu" else f"on {device}: ") + dm["device_text"])
     res["text"] = "\n".join(lines)
     return res
+
+
+def _group(rel: str, group_of) -> str:
+    """The input statistic a layer tensor reads (q/k/v share one), or the tensor itself when it has none."""
+    try:
+        return group_of(rel)
+    except KeyError:
+        return rel

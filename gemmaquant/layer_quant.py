@@ -68,6 +68,24 @@ def _quantize_matrix(w: Tensor, fmt, method: str, stats, recipe: Recipe, name: s
                 importance_params=recipe.importance_params)
 
 
+def _gptq_experts(t: Tensor, per_expert: list, fmt, recipe: Recipe) -> list:
+    """GPTQ of every expert t[e] that has statistics, batched; RTN for those without (as `_quantize_matrix`)."""
+    from gemmaquant.algorithms import rtn
+    from gemmaquant.algorithms.gptq_batched import gptq_experts
+
+    E = t.shape[0]
+    seen = [e for e, st in enumerate(per_expert) if st is not None and st.n > 0]
+    packs = [rtn(t[e].float(), fmt) if per_expert[e] is None or per_expert[e].n == 0 else None for e in range(E)]
+    if seen:
+        hessians = [lambda st=per_expert[e]: st.hessian for e in seen]  # formed one chunk of experts at a time
+        w = t if len(seen) == E else t.index_select(0, torch.tensor(seen, device=t.device))
+        done = gptq_experts(w, hessians, fmt, damp=recipe.damp, block_size=recipe.block_size,
+                            act_order=recipe.act_order, importance_params=recipe.importance_params)
+        for e, pk in zip(seen, done):
+            packs[e] = pk
+    return packs
+
+
 @torch.no_grad()
 def apply_awq(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan], recipe: Recipe) -> dict:
     """Search AWQ scales on the float weights, fold them in place. Returns {input statistic: s} (the name of the
@@ -129,10 +147,13 @@ def _exists(layer, name) -> bool:
 
 
 @torch.no_grad()
-def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan], recipe: Recipe):
+def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan], recipe: Recipe,
+                   batched_gptq: bool = True):
     """Quantize every planned matrix of `layer` (plan keys relative to the layer), replace its weights by the
     dequantized result in place (so the next layer's inputs come from this quantized layer), and return
-    ({name: Packed | [Packed per expert] | float tensor}, {name: sqnr_db}, {expert tensor: [sqnr_db per expert]})."""
+    ({name: Packed | [Packed per expert] | float tensor}, {name: sqnr_db}, {expert tensor: [sqnr_db per expert]}).
+    batched_gptq: under GPTQ, the experts of one tensor in batched sweeps (gemmaquant.algorithms.gptq_batched);
+    False: one expert at a time (the reference loop)."""
     awq = apply_awq(layer, stats, plan, recipe) if recipe.method == "awq" else {}
     values, sqnr = {}, {}
     expert_sqnr: dict[str, list[float]] = {}
@@ -146,8 +167,12 @@ def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, Tenso
             continue
         if name.startswith("experts."):
             kind = "expert_in" if name.endswith("gate_up_proj") else "expert_down_in"
-            packs = [_quantize_matrix(t[e].float(), p.fmt, recipe.method, stats.inputs.get(f"{kind}.{e}"), recipe,
-                                      name, awq.get(f"{kind}.{e}")) for e in range(t.shape[0])]
+            per_expert = [stats.inputs.get(f"{kind}.{e}") for e in range(t.shape[0])]
+            if recipe.method == "gptq" and batched_gptq:
+                packs = _gptq_experts(t, per_expert, p.fmt, recipe)
+            else:
+                packs = [_quantize_matrix(t[e].float(), p.fmt, recipe.method, per_expert[e], recipe, name,
+                                          awq.get(f"{kind}.{e}")) for e in range(t.shape[0])]
             w_hat = torch.stack([q.fmt.dequantize(q) for q in packs])
             values[name] = packs
             expert_sqnr[name] = [sqnr_db(t[e], w_hat[e]) for e in range(t.shape[0])]

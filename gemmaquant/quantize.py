@@ -24,8 +24,8 @@ from gemmaquant.calibration import calibration_tokens
 from gemmaquant.capture import LayerStats, batched_experts, capture, force_route_rare_experts
 from gemmaquant.checkpoint import Checkpoint
 from gemmaquant.config import Gemma4Config
-from gemmaquant.device import (ActivationBudget, autocast, forward_dtype, host_copy, model_device, resolve_device,
-                               to_device, to_host)
+from gemmaquant.device import (ActivationBudget, autocast, forward_dtype, host_copy, model_device, out_of_memory,
+                               resolve_device, to_device, to_host)
 from gemmaquant.errors import GemmaquantError
 from gemmaquant.layer_quant import quantize_layer
 from gemmaquant.model.gemma4 import DecoderLayer, Gemma4, LayerKV, make_forward_state, rope_inv_freqs
@@ -381,8 +381,12 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
             if prefetch and i + 1 < cfg.num_hidden_layers:
                 pending = prefetch.submit(read, i + 1)
             fp.add(state_i, f"layers.{i}.")  # before the layer is saved: a finished layer's weights are on record
-            values, info = quantize_one_layer(cfg, i, state_i, acts, layer_plans[i], recipe, inv_freqs, dev,
-                                              fwd_dtype)
+            try:
+                values, info = quantize_one_layer(cfg, i, state_i, acts, layer_plans[i], recipe, inv_freqs, dev,
+                                                  fwd_dtype)
+            except torch.cuda.OutOfMemoryError:  # nothing of layer i was written: the work directory resumes
+                raise out_of_memory(dev, f"layer {i} of {cfg.num_hidden_layers}",
+                                    "resumes " + (f"after layer {i - 1}" if i else "at layer 0")) from None
             del state_i
             # order matters for resumption: inputs of layer i+1, then layer i (its .json last), then drop layer
             # i's inputs

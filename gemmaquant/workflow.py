@@ -121,12 +121,15 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
                  gguf_type: str | None = None, group_size: int | None = None, recipe_file: Path | None = None,
                  calib: Path | None = None, out: Path | None = None, dry_run: bool = False,
                  overwrite: bool = False, evaluate: bool = True, progress: bool | None = None,
-                 device: str = "auto") -> dict:
+                 device: str = "auto", activation_budget_gib: float | None = None) -> dict:
     from gemmaquant.device import device_name, resolve_device
     from gemmaquant.plan import make_plan, plan_summary
 
     fmts = parse_formats(formats)
     dev = resolve_device(device)  # a device that is not there fails here, before any work
+    if activation_budget_gib is not None and not activation_budget_gib >= 0:
+        raise UsageError(f"--activation-budget {activation_budget_gib}: GiB of device memory, 0 or more")
+    budget = None if activation_budget_gib is None else int(activation_budget_gib * 2**30)
     recipe = resolve_recipe(model, bits, method, fmts, gguf_type, group_size, recipe_file)
     cfg = model_config(model)
     plan = make_plan(cfg, recipe)
@@ -152,7 +155,7 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
         done = all(steps.complete(step, key) for step, (key, _, _) in exports.items())
         # a resumed run re-checks the recipe, calibration and source weights even when only the report is left
         result = quantize(model, recipe, out=out, calib=calib, progress=progress, layers_needed=not done,
-                          device=dev)
+                          device=dev, activation_budget=budget)
         stage(f"exporting {' and '.join(fmts)} into {out}", progress)
         files = export_outputs(result.work_dir, out, name, recipe, fmts, steps=steps)
         summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
@@ -330,15 +333,12 @@ def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, 
     from gemmaquant.device import resolve_device
     from gemmaquant.outputs import removed_if_left_empty
 
-    dev = torch.device("cpu") if device == "auto" else resolve_device(device)  # (a missing GPU: exit 2)
-    if dev.type != "cpu":  # qat_train follows its model's device; the CLI's model is loaded on the CPU
-        raise UsageError(f"--device {device}: QAT runs on the CPU in this version (qat_train follows the device of "
-                         f"a model object it is given); use --device cpu")
+    dev = resolve_device(device)  # a device that is not there: exit 2, before any work
     bits = 4 if bits is None else bits
     QATRecipe(bits=bits, steps=steps, **overrides)  # every option checked before the output directory is made
     with removed_if_left_empty(out):  # a run that fails before writing anything leaves no empty directory
         prepare_out(Path(out), overwrite)
-        res = qat_train(model, bits=bits, data=data, steps=steps, out=out, **overrides)
+        res = qat_train(model, bits=bits, data=data, steps=steps, out=out, device=dev, **overrides)
     res = dict(res) if isinstance(res, dict) else {"result": str(res)}
     res.setdefault("text", f"QAT finished: {out}")
     return res

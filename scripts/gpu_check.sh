@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One pass on a CUDA machine: install gemmaquant, run the kernel tests on the GPU, then the kernel benchmarks.
-# Everything lands in $OUT (default gpu_out/): run.log (this script's output), kernel_tests.log, parity.jsonl (every
+# One pass on a CUDA machine: install gemmaquant, run the kernel and device tests on the GPU, then the benchmarks.
+# Everything lands in $OUT (default gpu_out/): run.log (this script's output), kernel_tests.log, device_tests.log
+# (tests/device: QAT on cuda, batched expert GPTQ on cuda vs the loop, ...), parity.jsonl (every
 # parity check's kernel and reference error), kernels_mm.{json,md} (int4 / int8 / MoE, do_bench timer),
 # kernels_mm_graph.{json,md} (the same, CUDA-graph timer), kernels_attn.{json,md} and tune.json (launch configs).
 # Each stage has its own time limit, so a slow stage cannot starve the rest; the benchmarks write their results
@@ -10,9 +11,11 @@
 #   STAGES="tests mm" scripts/gpu_check.sh      # some stages: tests, tune, mm, graph, attn, pipeline, decode
 #   STAGES=decode scripts/gpu_check.sh          # decode tokens/s of int4 / int8 against bf16 on 26b-a4b and 31b
 #                                               # layers, CUDA graphs, batch 1 and 16 (decode_model.{json,md})
-#   STAGES=pipeline scripts/gpu_check.sh        # quantize on the GPU: the device tests, a tiny quantize on cuda
-#                                               # against the CPU's, bench_pipeline on 26b-a4b and 31b geometry
-#                                               # (pipeline_tests.log, pipeline_quantize.log, pipeline_cuda.{json,md})
+#   STAGES=pipeline scripts/gpu_check.sh        # quantize on the GPU: a tiny quantize on cuda, the experts' GPTQ
+#                                               # loop vs batched (gptq_experts_cuda.{json,md}), the dry-run
+#                                               # estimate from throughput probed on the GPU (dry_run.txt), then
+#                                               # bench_pipeline on 26b-a4b and 31b geometry (pipeline_quantize.log,
+#                                               # pipeline_cuda.{json,md}: compare its projection with dry_run.txt)
 #   BATCHES=1,16,256 scripts/gpu_check.sh
 #
 # Python packages missing on the machine can be put as wheels in .whl/ (installed with --no-index). The device
@@ -48,6 +51,12 @@ if [[ " $STAGES " == *" tests "* ]]; then
         > "$OUT/kernel_tests.log" 2>&1
     echo "kernel tests exit status $?"
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/kernel_tests.log" | tail -30
+    # the device tests: fake-CUDA ones run on the CPU anyway; the rest take device="cuda" where CUDA is (QAT's
+    # whole qat_train on cuda, batched expert GPTQ on cuda against the loop, the OOM path, throughput probes)
+    timeout "${DEVICE_TESTS_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider \
+        tests/device tests/algorithms/test_gptq_batched.py tests/test_throughput.py > "$OUT/device_tests.log" 2>&1
+    echo "device tests exit status $?"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/device_tests.log" | tail -20
     stamp "tests done"
 fi
 if [[ " $STAGES " == *" tune "* ]]; then
@@ -82,16 +91,21 @@ if [[ " $STAGES " == *" attn "* ]]; then
     stamp "attn done"
 fi
 if [[ " $STAGES " == *" pipeline "* ]]; then
-    # the device tests (the fake-CUDA ones run on the CPU anyway; the rest take device="cuda" where CUDA is)
-    timeout "${PIPE_TESTS_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/device > "$OUT/pipeline_tests.log" 2>&1
-    echo "device tests exit status $?"
-    tail -3 "$OUT/pipeline_tests.log"
     # a real quantization on the GPU (bf16 forward, batched expert statistics), its report beside the CPU default's
     timeout "${PIPE_Q_TIMEOUT:-120}" "$PY" -m gemmaquant.cli quantize tiny-moe --bits 4 --device cuda \
         --out "$OUT/tiny-moe-cuda" --overwrite --json > "$OUT/pipeline_quantize.log" 2>&1
     echo "quantize on cuda exit status $?"
     grep -E '"(device|quantize_seconds|kl_mean|top1)"' "$OUT/pipeline_quantize.log" | head -8
-    stamp "pipeline tests done"
+    # 128 experts of 26B-A4B's down_proj: GPTQ one expert at a time vs batched, side by side
+    timeout "${PIPE_EXPERTS_TIMEOUT:-150}" "$PY" benchmarks/bench_gptq_experts.py --device cuda --experts 128 \
+        --out "$OUT/gptq_experts_cuda"
+    echo "bench_gptq_experts exit status $?"
+    # the dry-run time estimate from throughput probed on this GPU (to set beside bench_pipeline's projection)
+    GEMMAQUANT_CACHE="$OUT" timeout 120 "$PY" -m gemmaquant.cli quantize 26b-a4b --bits 4 --dry-run --device cuda \
+        > "$OUT/dry_run.txt" 2>&1
+    echo "dry run exit status $?"
+    grep "time (estimate)" "$OUT/dry_run.txt"
+    stamp "pipeline quantize, experts and dry run done"
     # whole-pipeline timing on 26B-A4B and 31B layer geometry: 2 layers, 32 x 2048 calibration tokens
     timeout "${PIPE_BENCH_TIMEOUT:-420}" "$PY" benchmarks/bench_pipeline.py --device cuda \
         --layers "${PIPE_LAYERS:-2}" --samples "${PIPE_SAMPLES:-32}" --seq-len 2048 --out "$OUT/pipeline_cuda"

@@ -308,7 +308,8 @@ def prepare_qat(model: nn.Module, recipe="int4_g32_sym", *, learnable_scales: bo
             params = fmt.params(quantize_rows(w.reshape(-1, w.shape[-1]), fmt))
         fq = FakeQuant(fmt, name, tuple(w.shape), params if learnable_scales else None, learnable_scales, scale_grad,
                        learnable_ints)
-        fq.to(w.device)
+        if any(t.device != w.device for t in [*fq.parameters(), *fq.buffers()]):  # (the block parameters are
+            fq.to(w.device)                                                       # fit on w's device already)
         lora = _lora_layer(parents.get(id(owner)), owner)
         if lora is not None:
             ref = weakref.ref(lora)

@@ -54,7 +54,7 @@ class ModelSource:
     def get(self, name: str):
         if name in self._packed:
             return self._packed[name]
-        return self._state[name].detach()
+        return self._state[name].detach().cpu()  # host memory for the writers (the same tensor on the CPU)
 
 
 def export_source(model: nn.Module, packed: dict | None = None, tokenizer_dir: str | os.PathLike | None = None,

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from gemmaquant.device import to_host
 from gemmaquant.export.gguf_names import is_expert
 from gemmaquant.formats import FORMATS
 from gemmaquant.progress import progress as progress_lines, stage
@@ -372,11 +373,20 @@ def _float_model(model, tokenizer_dir):
     return gemmaquant.load(path, dtype=torch.float32).eval(), Path(tokenizer_dir or path), Path(str(model)).name
 
 
+def _device_for(model, device) -> torch.device:
+    """qat_train's device: `device` as named, else a model object's own, else 'auto'."""
+    from gemmaquant.device import model_device, resolve_device
+
+    if device is None and isinstance(model, nn.Module):
+        return model_device(model)
+    return resolve_device(device)
+
+
 def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps: int = 1000,
               out: str | os.PathLike | None = None, *, tokenizer_dir: str | os.PathLike | None = None,
               heldout: str | os.PathLike | None = None, eval_seqs: int = 16, eval_seq_len: int = 128,
               export: bool = True, progress: bool | None = None, stop_after_step: int | None = None,
-              **recipe_overrides) -> dict:
+              device: str | torch.device | None = None, **recipe_overrides) -> dict:
     """Quantization-aware training of a Gemma 4 onto `bits`-bit weights; returns a summary dict ("text" included).
 
     model: alias (`tiny-moe`, `26b-a4b`, ...), checkpoint directory, or a Gemma 4 model object (then pass
@@ -390,6 +400,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         qat-report.json                  loss curve, held-out KL / top-1 / perplexity of GPTQ and QAT vs float,
                                          the share of GPTQ's KL removed with its 95% interval (gap_removed)
     Running the same call again after an interruption resumes from the last saved step (same result).
+    device: where the teacher, the student and the training live ('auto', 'cpu', 'cuda', 'cuda:N'); None: the
+        device of a model object's parameters, 'auto' for an alias or a path. The results come back to host memory.
     """
     from gemmaquant.eval.metrics import compare_logits, heldout_ids, share_removed
     from gemmaquant.quantize import quantize
@@ -402,6 +414,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     out = Path(out)
     t0 = time.time()
     teacher, tok_dir, name = _float_model(model, tokenizer_dir)
+    dev = _device_for(model, device)
+    teacher = teacher.to(dev)  # a copy of the caller's model (_float_model): theirs stays where it is
     r = for_model(r, teacher.config)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -455,7 +469,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     try:
         for step in bar:
             opt.zero_grad(set_to_none=True)
-            loss, parts = accumulate_gradients(student, teacher, batch_at(stream, step, r), s_taps, t_taps, r)
+            loss, parts = accumulate_gradients(student, teacher, batch_at(stream, step, r).to(dev), s_taps, t_taps,
+                                               r)
             gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], r.grad_clip)
             f = lr_factor(step, r)
             for g in opt.param_groups:
@@ -495,7 +510,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
             owner.weight = nn.Parameter(value, requires_grad=False)
         else:
             parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
-    packed = convert(student)
+    packed = to_host(convert(student))
     from gemmaquant.qat.source import ModelSource, dequantized_model, write_work_dir
 
     meta = {**ptq_src.metadata, "qat": json.dumps({**dataclasses.asdict(r), "data": str(data)}, sort_keys=True)}
@@ -520,7 +535,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         stage(f"QAT 4/4: held-out KL of GPTQ and QAT against the float model ({eval_seqs} x {eval_seq_len} "
               f"tokens)", progress)
         ids = heldout_ids(tok_dir, heldout or default_heldout(), eval_seqs, eval_seq_len, teacher.config.bos_token_id)
-        ptq_model = dequantized_model(ptq_src)
+        ids = ids.to(dev)
+        ptq_model = dequantized_model(ptq_src).to(dev)
         if r.embedding_type:  # the same embedding rounding as QAT's: what GPTQ's GGUF of that type would hold
             with torch.no_grad():
                 for name, fmt in embedding_formats(ptq_model.config, r.embedding_type).items():
@@ -528,7 +544,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
                     w.copy_(fmt.dequantize(quantize_rows(w, fmt)).to(w.dtype))
         # (routing: on an MoE model, how much of each model's KL is expert choices that flip)
         report["ptq"] = compare_logits(teacher, ptq_model, ids, windows=True, routing=True)
-        report["qat"] = compare_logits(teacher, as_exported(src), ids, windows=True, routing=True)
+        report["qat"] = compare_logits(teacher, as_exported(src).to(dev), ids, windows=True, routing=True)
         if eval_seqs >= 2 and report["ptq"]["kl_mean"] > 0:  # the share of GPTQ's KL QAT removes, with its 95% CI
             report["gap_removed"] = share_removed(report["ptq"]["kl_windows"], report["qat"]["kl_windows"])
     report["seconds"] = round(time.time() - t0, 2)

@@ -11,7 +11,8 @@ Numbers computed under it mean nothing; only the devices and the control flow ar
 Two more stand-ins: in a CPU-only build, Python indexing (`t[i]`, `t[a:b] = x`) of a fake CUDA tensor and
 `Tensor.to('cuda')` fail before dispatch (the bindings take a CUDA device guard or initialise CUDA), so inside
 `fake_cuda()` FakeTensor's __getitem__ / __setitem__ are the same indexing written with aten ops (select, slice,
-unsqueeze, index, index_put_), and Tensor.to onto CUDA is aten._to_copy.
+unsqueeze, index, index_put_), `float(t)` / `int(t)` read the answers above, and Tensor.to onto CUDA is
+aten._to_copy.
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ METHODS = {
     "__getitem__": _getitem,
     "__setitem__": _setitem,
     "__invert__": lambda t: aten.bitwise_not.default(t),
+    "__float__": lambda t: float(aten._local_scalar_dense.default(t)),
+    "__int__": lambda t: int(aten._local_scalar_dense.default(t)),
     "nonzero": lambda t: aten.nonzero.default(t),
     "contiguous": lambda t, memory_format=torch.contiguous_format: (
         t if t.is_contiguous(memory_format=memory_format) else aten.clone.default(t, memory_format=memory_format)),
