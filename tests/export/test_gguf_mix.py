@@ -17,7 +17,7 @@ from gemmaquant.config import SLIDING, FULL, VARIANTS, Gemma4Config
 from gemmaquant.export.gguf_mix import MixError, fallback, gguf_mix_plan
 from gemmaquant.export.gguf_names import gguf_name
 
-MIXES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
+MIXES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 def test_26b_a4b_q4_k_m_facts():
