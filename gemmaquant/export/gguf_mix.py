@@ -199,7 +199,7 @@ def _impl(t: str, mix: str, cat: str, g: str, ne0: int, tied: bool, n_expert: in
         if iq4 and n_gqa >= 4:
             t, why = "Q5_K", f"attn_v with n_gqa = {n_gqa} >= 4 -> Q5_K"
         elif mix in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i_attn_v, n_attn_v):
-            t, why = "Q6_K", f"attn_v {i_attn_v} of {n_attn_v}: a use_more_bits one -> Q6_K"
+            t, why = "Q6_K", f"attn_v at a use_more_bits position (of {n_attn_v}) -> Q6_K"
         elif mix == "Q4_K_S" and i_attn_v < 4:
             t, why = "Q5_K", "one of the first 4 attn_v -> Q5_K"
         if n_expert == 8:  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
@@ -211,11 +211,11 @@ def _impl(t: str, mix: str, cat: str, g: str, ne0: int, tied: bool, n_expert: in
         # with experts, the layer comes from the name; otherwise from the running counter (== layer here)
         i = layer_of(g) if max(1, n_expert) > 1 else i_ffn_down
         if mix in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n_layer):
-            return "Q6_K", f"ffn_down of layer {i} of {n_layer}: a use_more_bits layer -> Q6_K"
+            return "Q6_K", "ffn_down of a use_more_bits layer -> Q6_K"
         if iq4 and i < n_layer // 8:
-            return "Q5_K", f"ffn_down of layer {i} < {n_layer} / 8 (no imatrix) -> Q5_K"
+            return "Q5_K", f"ffn_down of the first n_layer/8 = {n_layer // 8} layers (no imatrix) -> Q5_K"
         if mix == "Q4_K_S" and i < n_layer // 8:
-            return "Q5_K", f"ffn_down of layer {i} < {n_layer} / 8 -> Q5_K"
+            return "Q5_K", f"ffn_down of the first n_layer/8 = {n_layer // 8} layers -> Q5_K"
         return t, ""
     if cat == "attn_output" and n_expert == 8 and mix in ("Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
         return "Q5_K", "8-expert model: attn_output -> Q5_K"

@@ -33,6 +33,18 @@ def test_26b_a4b_q4_k_m_facts():
     assert p["layers.0.self_attn.v_proj.weight"] == "Q6_K"
 
 
+def test_iq4_mixes_on_the_released_shapes():
+    p = gguf_mix_plan(VARIANTS["26b-a4b"], "IQ4_XS")
+    assert p["layers.4.experts.down_proj"] == "IQ4_NL" and p["layers.4.mlp.down_proj.weight"] == "IQ4_NL"
+    assert p["layers.0.experts.down_proj"] == "Q5_1"  # first n_layer/8 ffn_down: Q5_K, whose 256-block falls back
+    assert p["layers.4.experts.gate_up_proj"] == "IQ4_XS" and p["embed_tokens.weight"] == "Q6_K"
+    assert p["layers.0.self_attn.v_proj.weight"] == "IQ4_XS"  # n_gqa = 16 / 8 = 2
+    e4b = gguf_mix_plan(VARIANTS["e4b"], "IQ4_NL")
+    assert e4b["layers.0.self_attn.v_proj.weight"] == "Q5_K"  # n_gqa = 8 / 2 = 4
+    assert e4b["layers.4.mlp.down_proj.weight"] == "Q5_K" and e4b["layers.5.mlp.down_proj.weight"] == "IQ4_NL"  # 42 // 8
+    assert fallback("IQ4_XS", 704) == "IQ4_NL" and fallback("IQ4_XS", 48) == "F16"
+
+
 def test_e2b_ple_tables():
     p = gguf_mix_plan(VARIANTS["e2b"], "Q4_K_M")
     assert p["embed_tokens_per_layer.weight"] == "Q6_K"  # category TOKEN_EMBD, tied -> output rule
