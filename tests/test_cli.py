@@ -115,7 +115,9 @@ def test_main_command_end_to_end(tmp_path):
     assert 0 < m["kl_mean"] < 0.2 and m["top1"] > 0.7
     rt = m["routing"]  # an MoE model: the report says how much of the KL is expert choices that flip
     assert len(rt["flips"]) == 4 and max(rt["flips"]) > 0 and 0 < rt["kl_ref_routing"] < m["kl_mean"]
-    assert "## Routing (MoE)" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Routing (MoE)" in md
+    assert "## GGUF types per tensor family" in md and "int4_g32_sym stored losslessly as Q4_0" in md
     r = run("inspect", res["files"]["gguf"])
     assert r.exit_code == 0 and "Q4_0" in r.output
     r = run("eval", "tiny-moe", res["files"]["gguf"], "--json", "--n-seq", "4", "--seq-len", "64")

@@ -39,8 +39,8 @@ class Report:
     layers: list = field(default_factory=list)  # per-layer info: sqnr_db, expert_tokens, forced_experts
     files: dict = field(default_factory=dict)  # kind -> {path, bytes, bits_per_weight (read from the file)}
     measured_on: str = ""  # the exported file the metrics were measured on (read back as a user loads it)
-    timings: dict = field(default_factory=dict)  # {"latency": {model: measure_latency}, "layer_seconds": [...]}
     gguf_families: list = field(default_factory=list)  # export.sizes.gguf_families: type per tensor family, why
+    timings: dict = field(default_factory=dict)  # {"latency": {model: measure_latency}, "layer_seconds": [...]}
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
         out = Path(out)
