@@ -220,3 +220,30 @@ def _impl(t: str, mix: str, cat: str, g: str, ne0: int, tied: bool, n_expert: in
     if cat == "attn_output" and n_expert == 8 and mix in ("Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
         return "Q5_K", "8-expert model: attn_output -> Q5_K"
     return t, ""
+
+
+def check_tensor_types(config: Gemma4Config, types: dict[str, str], shapes: dict[str, tuple[int, ...]] | None = None,
+                       source: str = "mix") -> dict[str, str]:
+    """Validate a per-tensor type mapping (a mix file, a solver's choice): keys are our tensor names or their
+    GGUF names, values ggml type names (any case). Returns {our_name: TYPE}. MixError, naming `source`, the tensor
+    and the type, for an unknown type, a tensor the model does not have, or a row the type's block cannot hold."""
+    if shapes is None:
+        from gemmaquant.checkpoint import expected_shapes
+
+        shapes = expected_shapes(config)
+    by_gguf = {gguf_name(n): n for n in shapes}
+    out = {}
+    for key, t in types.items():
+        name = key if key in shapes else by_gguf.get(key)
+        if name is None:
+            raise MixError(f"{source}: tensor {key!r} does not exist in this model (names as in the checkpoint, "
+                           f"e.g. {next(iter(shapes))!r}, or as in the GGUF, e.g. {next(iter(by_gguf))!r})")
+        tu = str(t).upper()
+        if tu not in BLOCK_SIZE:
+            raise MixError(f"{source}: unknown type {t!r} for tensor {key!r}; valid: {', '.join(BLOCK_SIZE)}")
+        ne0 = shapes[name][-1]
+        if not fits(tu, ne0):
+            raise MixError(f"{source}: tensor {key!r} has rows of {ne0}, not a multiple of {tu}'s "
+                           f"{BLOCK_SIZE[tu]}-element block ({ne0} % {BLOCK_SIZE[tu]} = {ne0 % BLOCK_SIZE[tu]})")
+        out[name] = tu
+    return out

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gemmaquant.config import SLIDING, FULL, VARIANTS, Gemma4Config
-from gemmaquant.export.gguf_mix import MixError, fallback, gguf_mix_plan
+from gemmaquant.export.gguf_mix import MixError, check_tensor_types, fallback, gguf_mix_choices, gguf_mix_plan
 from gemmaquant.export.gguf_names import gguf_name
 
 MIXES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"]
@@ -43,6 +43,29 @@ def test_iq4_mixes_on_the_released_shapes():
     assert e4b["layers.0.self_attn.v_proj.weight"] == "Q5_K"  # n_gqa = 8 / 2 = 4
     assert e4b["layers.4.mlp.down_proj.weight"] == "Q5_K" and e4b["layers.5.mlp.down_proj.weight"] == "IQ4_NL"  # 42 // 8
     assert fallback("IQ4_XS", 704) == "IQ4_NL" and fallback("IQ4_XS", 48) == "F16"
+
+
+def test_choices_name_the_rule_and_the_fallback():
+    c = gguf_mix_choices(VARIANTS["26b-a4b"], "Q4_K_M")
+    assert c["layers.4.experts.down_proj"] == ("Q5_0", "row of 704: 704 % 256 = 192, Q4_K impossible -> Q5_0")
+    assert c["layers.0.experts.down_proj"] == ("Q8_0", "ffn_down of a use_more_bits layer -> Q6_K; row of 704: "
+                                                       "704 % 256 = 192, Q6_K impossible -> Q8_0")
+    assert c["layers.4.experts.gate_up_proj"] == ("Q4_K", "")
+    assert {n: t for n, (t, _) in c.items()} == gguf_mix_plan(VARIANTS["26b-a4b"], "Q4_K_M")
+
+
+def test_bad_types_and_tensors_in_a_mix_are_named():
+    cfg = VARIANTS["26b-a4b"]
+    ok = check_tensor_types(cfg, {"blk.3.ffn_down_exps.weight": "iq4_nl", "layers.3.self_attn.q_proj.weight": "Q4_K"})
+    assert ok == {"layers.3.experts.down_proj": "IQ4_NL", "layers.3.self_attn.q_proj.weight": "Q4_K"}
+    with pytest.raises(MixError, match=r"mix.json: unknown type 'Q7_K' for tensor 'blk.3.attn_q.weight'; valid: "):
+        check_tensor_types(cfg, {"blk.3.attn_q.weight": "Q7_K"}, source="mix.json")
+    with pytest.raises(MixError, match=r"mix: tensor 'blk.99.attn_q.weight' does not exist in this model"):
+        check_tensor_types(cfg, {"blk.99.attn_q.weight": "Q4_K"})
+    with pytest.raises(MixError, match=r"rows of 704, not a multiple of IQ4_XS's 256-element block \(704 % 256 = 192\)"):
+        check_tensor_types(cfg, {"layers.3.experts.down_proj": "IQ4_XS"})
+    with pytest.raises(MixError, match="unknown GGUF type or mix 'IQ2_XXS'"):
+        gguf_mix_plan(cfg, "IQ2_XXS")
 
 
 def test_e2b_ple_tables():
