@@ -17,6 +17,9 @@ that matter for Gemma 4 (GEMMA4_SPEC.md §3.4):
   * models with exactly 8 experts get attn_k / attn_v in Q8_0 and attn_output in Q5_K (Q4_K_S/M);
   * rows that do not fit a type's block fall back: Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, IQ4_XS->IQ4_NL, then
     F16 (26B-A4B: ffn_down ne0 = 2112 and ffn_down_exps ne0 = 704);
+  * Q3_K_S / Q3_K_M / Q3_K_L: Q3_K by default (Q4_0 where a row is not a multiple of 256); Q3_K_M gives attn_v
+    Q5_K (first two) / Q4_K, ffn_down Q5_K (first n_layer / 16 layers) / Q4_K, attn_output Q4_K; Q3_K_L gives
+    attn_v, ffn_down and attn_output Q5_K;
   * IQ4_NL / IQ4_XS: attn_v gets Q5_K when n_gqa (heads / KV heads of layer 0) >= 4, and without an imatrix
     the ffn_down of the first n_layer / 8 layers gets Q5_K.
 `gguf_mix_choices` gives the same types with the reason of each (the rule, the fallback).
@@ -33,7 +36,7 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 # added here (with its format in gemmaquant.formats) is usable in mixes, --gguf-type and the size estimates.
 BLOCK_SIZE = {"F32": 1, "F16": 1, "BF16": 1,
               "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "IQ4_NL": 32,
-              "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256}
+              "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256}
 BLOCK_TYPES = tuple(t for t in BLOCK_SIZE if t not in FLOAT_TYPES)
 
 # file type name -> (llama_ftype value written as general.file_type, default tensor type)
@@ -42,10 +45,11 @@ FILE_TYPES = {
     "Q4_0": (2, "Q4_0"), "Q4_1": (3, "Q4_1"), "Q8_0": (7, "Q8_0"), "Q5_0": (8, "Q5_0"), "Q5_1": (9, "Q5_1"),
     "Q4_K_S": (14, "Q4_K"), "Q4_K_M": (15, "Q4_K"), "Q5_K_S": (16, "Q5_K"), "Q5_K_M": (17, "Q5_K"),
     "Q6_K": (18, "Q6_K"), "IQ4_NL": (25, "IQ4_NL"), "IQ4_XS": (30, "IQ4_XS"),
+    "Q3_K_S": (11, "Q3_K"), "Q3_K_M": (12, "Q3_K"), "Q3_K_L": (13, "Q3_K"),
 }
-ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as in llama-quantize's list of types
+ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as in llama-quantize's list of types
 # tensor_type_fallback (a 256-block type on a row that is not a multiple of 256 -> a 32-block type)
-_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+_FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 
 class MixError(GemmaquantError, ValueError):
@@ -117,7 +121,8 @@ def gguf_mix_plan(config: Gemma4Config, mix: str, keep_type: str = "BF16", pure:
                   token_embd_type: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None
                   ) -> dict[str, str]:
     """The GGUF type of every text tensor of `config` under file type / mix `mix` (F32, F16, BF16, Q8_0, Q4_0,
-    Q4_1, Q5_0, Q5_1, Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, Q5_K_M (= Q5_K), Q6_K, IQ4_NL, IQ4_XS), as llama-quantize
+    Q4_1, Q5_0, Q5_1, Q3_K_S, Q3_K_M (= Q3_K), Q3_K_L, Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, Q5_K_M (= Q5_K), Q6_K, IQ4_NL,
+    IQ4_XS), as llama-quantize
     chooses it without an imatrix.
 
     keep_type: the float type of tensors llama-quantize never requantizes (`per_layer_model_proj`); llama.cpp's
@@ -202,6 +207,10 @@ def _impl(t: str, mix: str, cat: str, g: str, ne0: int, tied: bool, n_expert: in
             t, why = "Q6_K", f"attn_v at a use_more_bits position (of {n_attn_v}) -> Q6_K"
         elif mix == "Q4_K_S" and i_attn_v < 4:
             t, why = "Q5_K", "one of the first 4 attn_v -> Q5_K"
+        elif mix == "Q3_K_M":
+            t, why = ("Q5_K", "one of the first 2 attn_v -> Q5_K") if i_attn_v < 2 else ("Q4_K", "attn_v -> Q4_K")
+        elif mix == "Q3_K_L":
+            t, why = "Q5_K", "attn_v -> Q5_K"
         if n_expert == 8:  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
             return "Q8_0", "8-expert model: attn_v -> Q8_0"
         return t, why
@@ -216,9 +225,19 @@ def _impl(t: str, mix: str, cat: str, g: str, ne0: int, tied: bool, n_expert: in
             return "Q5_K", f"ffn_down of the first n_layer/8 = {n_layer // 8} layers (no imatrix) -> Q5_K"
         if mix == "Q4_K_S" and i < n_layer // 8:
             return "Q5_K", f"ffn_down of the first n_layer/8 = {n_layer // 8} layers -> Q5_K"
+        if mix == "Q3_K_M":
+            if i < n_layer // 16:
+                return "Q5_K", f"ffn_down of the first n_layer/16 = {n_layer // 16} layers -> Q5_K"
+            return "Q4_K", "ffn_down -> Q4_K"
+        if mix == "Q3_K_L":
+            return "Q5_K", "ffn_down -> Q5_K"
         return t, ""
-    if cat == "attn_output" and n_expert == 8 and mix in ("Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
-        return "Q5_K", "8-expert model: attn_output -> Q5_K"
+    if cat == "attn_output":
+        if n_expert == 8:
+            if mix in ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
+                return "Q5_K", "8-expert model: attn_output -> Q5_K"
+        elif mix in ("Q3_K_M", "Q3_K_L"):
+            return ("Q4_K", "attn_output -> Q4_K") if mix == "Q3_K_M" else ("Q5_K", "attn_output -> Q5_K")
     return t, ""
 
 
