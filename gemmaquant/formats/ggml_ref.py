@@ -117,9 +117,10 @@ def make_qx_quants(x: Tensor, nmax: int, qw: Tensor | None) -> tuple[Tensor, Ten
     return torch.where(zero, 0.0, scale), torch.where(zero, 0, L)
 
 
-def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """make_qkx2_quants / make_qkx3_quants with use_mad = false and weights given (the two are then the same
-    code), x, w [n, B] -> (scale [B], the_min [B] >= 0, L [n, B] in [0, nmax]):  x ~ scale * L - the_min."""
+def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False):
+    """make_qkx2_quants / make_qkx3_quants with weights given (the two are then the same code), x, w [n, B] ->
+    (scale [B], the_min [B] >= 0, L [n, B] in [0, nmax]):  x ~ scale * L - the_min. use_mad: the error is
+    sum w |diff| instead of sum w diff^2 (Q2_K's reference quantizer)."""
     mn = first_min(x)
     mx = x.amax(0)
     mn = torch.where(mn > 0, 0.0, mn)
@@ -131,7 +132,7 @@ def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float,
 
     def error(scale, mn, L):
         diff = (scale * L + mn) - x
-        return seqsum(w * (diff * diff))
+        return seqsum(w * (diff.abs() if use_mad else diff * diff))
 
     rng = torch.where(flat, 1.0, mx - mn)
     iscale = div(nmax, rng)
