@@ -17,6 +17,8 @@ that matter for Gemma 4 (GEMMA4_SPEC.md §3.4):
   * models with exactly 8 experts get attn_k / attn_v in Q8_0 and attn_output in Q5_K (Q4_K_S/M);
   * rows that do not fit a type's block fall back: Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, IQ4_XS->IQ4_NL, then
     F16 (26B-A4B: ffn_down ne0 = 2112 and ffn_down_exps ne0 = 704);
+  * Q2_K: Q2_K by default (Q4_0 on rows not a multiple of 256), attn_v Q3_K (Q4_K at n_gqa >= 4), ffn_down and
+    attn_output Q3_K;
   * Q3_K_S / Q3_K_M / Q3_K_L: Q3_K by default (Q4_0 where a row is not a multiple of 256); Q3_K_M gives attn_v
     Q5_K (first two) / Q4_K, ffn_down Q5_K (first n_layer / 16 layers) / Q4_K, attn_output Q4_K; Q3_K_L gives
     attn_v, ffn_down and attn_output Q5_K;
@@ -36,7 +38,7 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 # added here (with its format in gemmaquant.formats) is usable in mixes, --gguf-type and the size estimates.
 BLOCK_SIZE = {"F32": 1, "F16": 1, "BF16": 1,
               "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "IQ4_NL": 32,
-              "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256}
+              "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256}
 BLOCK_TYPES = tuple(t for t in BLOCK_SIZE if t not in FLOAT_TYPES)
 
 # file type name -> (llama_ftype value written as general.file_type, default tensor type)
@@ -45,11 +47,11 @@ FILE_TYPES = {
     "Q4_0": (2, "Q4_0"), "Q4_1": (3, "Q4_1"), "Q8_0": (7, "Q8_0"), "Q5_0": (8, "Q5_0"), "Q5_1": (9, "Q5_1"),
     "Q4_K_S": (14, "Q4_K"), "Q4_K_M": (15, "Q4_K"), "Q5_K_S": (16, "Q5_K"), "Q5_K_M": (17, "Q5_K"),
     "Q6_K": (18, "Q6_K"), "IQ4_NL": (25, "IQ4_NL"), "IQ4_XS": (30, "IQ4_XS"),
-    "Q3_K_S": (11, "Q3_K"), "Q3_K_M": (12, "Q3_K"), "Q3_K_L": (13, "Q3_K"),
+    "Q2_K": (10, "Q2_K"), "Q3_K_S": (11, "Q3_K"), "Q3_K_M": (12, "Q3_K"), "Q3_K_L": (13, "Q3_K"),
 }
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as in llama-quantize's list of types
 # tensor_type_fallback (a 256-block type on a row that is not a multiple of 256 -> a 32-block type)
-_FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 
 class MixError(GemmaquantError, ValueError):
@@ -121,7 +123,7 @@ def gguf_mix_plan(config: Gemma4Config, mix: str, keep_type: str = "BF16", pure:
                   token_embd_type: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None
                   ) -> dict[str, str]:
     """The GGUF type of every text tensor of `config` under file type / mix `mix` (F32, F16, BF16, Q8_0, Q4_0,
-    Q4_1, Q5_0, Q5_1, Q3_K_S, Q3_K_M (= Q3_K), Q3_K_L, Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, Q5_K_M (= Q5_K), Q6_K, IQ4_NL,
+    Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M (= Q3_K), Q3_K_L, Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, Q5_K_M (= Q5_K), Q6_K, IQ4_NL,
     IQ4_XS), as llama-quantize
     chooses it without an imatrix.
 
@@ -203,6 +205,8 @@ def _impl(t: str, mix: str, cat: str, g: str, ne0: int, tied: bool, n_expert: in
         why = ""
         if iq4 and n_gqa >= 4:
             t, why = "Q5_K", f"attn_v with n_gqa = {n_gqa} >= 4 -> Q5_K"
+        elif mix == "Q2_K":
+            t, why = ("Q4_K", f"attn_v with n_gqa = {n_gqa} >= 4 -> Q4_K") if n_gqa >= 4 else ("Q3_K", "attn_v -> Q3_K")
         elif mix in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i_attn_v, n_attn_v):
             t, why = "Q6_K", f"attn_v at a use_more_bits position (of {n_attn_v}) -> Q6_K"
         elif mix == "Q4_K_S" and i_attn_v < 4:
@@ -219,6 +223,8 @@ def _impl(t: str, mix: str, cat: str, g: str, ne0: int, tied: bool, n_expert: in
     if cat == "ffn_down":
         # with experts, the layer comes from the name; otherwise from the running counter (== layer here)
         i = layer_of(g) if max(1, n_expert) > 1 else i_ffn_down
+        if mix == "Q2_K":
+            return "Q3_K", "ffn_down -> Q3_K"
         if mix in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n_layer):
             return "Q6_K", "ffn_down of a use_more_bits layer -> Q6_K"
         if iq4 and i < n_layer // 8:
@@ -234,10 +240,11 @@ def _impl(t: str, mix: str, cat: str, g: str, ne0: int, tied: bool, n_expert: in
         return t, ""
     if cat == "attn_output":
         if n_expert == 8:
-            if mix in ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
+            if mix in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
                 return "Q5_K", "8-expert model: attn_output -> Q5_K"
-        elif mix in ("Q3_K_M", "Q3_K_L"):
-            return ("Q4_K", "attn_output -> Q4_K") if mix == "Q3_K_M" else ("Q5_K", "attn_output -> Q5_K")
+        elif mix in ("Q2_K", "Q3_K_M", "Q3_K_L"):
+            return {"Q2_K": ("Q3_K", "attn_output -> Q3_K"), "Q3_K_M": ("Q4_K", "attn_output -> Q4_K"),
+                    "Q3_K_L": ("Q5_K", "attn_output -> Q5_K")}[mix]
     return t, ""
 
 

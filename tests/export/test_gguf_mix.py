@@ -18,7 +18,7 @@ from gemmaquant.export.gguf_mix import MixError, check_tensor_types, fallback, g
 from gemmaquant.export.gguf_names import gguf_name
 
 MIXES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS",
-         "Q3_K_S", "Q3_K_M", "Q3_K_L"]
+         "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q2_K"]
 
 
 def test_26b_a4b_q4_k_m_facts():
@@ -82,8 +82,8 @@ def test_float_types_and_aliases():
     assert set(gguf_mix_plan(cfg, "F16").values()) == {"F16", "F32"}
     assert gguf_mix_plan(cfg, "q4_k") == gguf_mix_plan(cfg, "Q4_K_M")
     assert gguf_mix_plan(cfg, "q3_k") == gguf_mix_plan(cfg, "Q3_K_M")
-    with pytest.raises(MixError, match="Q2_K"):
-        gguf_mix_plan(cfg, "Q2_K")
+    with pytest.raises(MixError, match="Q2_K_S"):
+        gguf_mix_plan(cfg, "Q2_K_S")
 
 
 def test_fallbacks():
