@@ -189,3 +189,12 @@ def test_top_level_verb_takes_a_recipe_object_file_or_name(tmp_path):
     assert (c.work_dir / layer).is_file()
     with pytest.raises(gemmaquant.recipe.RecipeError, match="no bundled recipe"):
         gemmaquant.quantize("tiny-dense", "no/such-recipe", out=tmp_path / "d")
+
+
+def test_a_row_that_does_not_hold_whole_super_blocks_is_refused_by_the_plan():
+    """q4_k's affine block is 32 but a row must hold whole 256-element super-blocks: the plan says so up front."""
+    from gemmaquant.workflow import model_config
+
+    with pytest.raises(gemmaquant.recipe.RecipeError, match=r"192 input features do not fit q4_k's 256-element blocks"):
+        make_plan(model_config("tiny-dense"), Recipe(weight_format="q4_k"))
+    assert make_plan(model_config("tiny-dense"), Recipe(weight_format="iq4_nl"))  # 32-blocks fit 192
