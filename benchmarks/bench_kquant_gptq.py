@@ -72,7 +72,8 @@ def refit_bound(w, p, fmt, H):
     G = s.shape[1]
     se = fmt.expand(s, K).double()
     affine = fmt.name in ASYMMETRIC
-    v = fmt.values(fmt.codes(p)).double() if affine else torch.where(se != 0, fmt.dequantize(p).double() / torch.where(se != 0, se, 1), 0)
+    centred = torch.where(se != 0, fmt.dequantize(p).double() / torch.where(se != 0, se, 1), 0)
+    v = fmt.values(fmt.codes(p)).double() if affine else centred
     Hd, out = H.double(), torch.empty(N, K, dtype=torch.float64)
     member = torch.nn.functional.one_hot(torch.arange(K) // (K // G), G).double()  # [K, G]
     for r in range(N):
@@ -106,7 +107,8 @@ def matrix_study(out: Path) -> None:
     lines = ["`python benchmarks/bench_kquant_gptq.py --matrix`: one [256, 1024] matrix, correlated inputs with outlier "
              "channels, held-out output error ||(W - W_hat) X^T||; GPTQ with imatrix-style block parameters (the "
              "pipeline's default). Refit bound: the codes kept, every block's scale (and offset) re-solved in float.",
-             "", "| grid | bits/weight | RTN | GPTQ | GPTQ / RTN | refit bound | refit / GPTQ |", "|---|---|---|---|---|---|---|"]
+             "", "| grid | bits/weight | RTN | GPTQ | GPTQ / RTN | refit bound | refit / GPTQ |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {r['bits']:.3f} | {r['rtn']:.2f} | {r['gptq']:.2f} | {r['gptq'] / r['rtn']:.3f} | "
               f"{r['gptq_refit_bound']:.2f} | {r['gptq_refit_bound'] / r['gptq']:.3f} |" for r in rows]
     (out / "kquant_refit.md").write_text("\n".join(lines) + "\n")

@@ -123,8 +123,8 @@ def gguf_mix_plan(config: Gemma4Config, mix: str, keep_type: str = "BF16", pure:
                   token_embd_type: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None
                   ) -> dict[str, str]:
     """The GGUF type of every text tensor of `config` under file type / mix `mix` (F32, F16, BF16, Q8_0, Q4_0,
-    Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M (= Q3_K), Q3_K_L, Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, Q5_K_M (= Q5_K), Q6_K, IQ4_NL,
-    IQ4_XS), as llama-quantize
+    Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M (= Q3_K), Q3_K_L, Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, Q5_K_M (= Q5_K),
+    Q6_K, IQ4_NL, IQ4_XS), as llama-quantize
     chooses it without an imatrix.
 
     keep_type: the float type of tensors llama-quantize never requantizes (`per_layer_model_proj`); llama.cpp's

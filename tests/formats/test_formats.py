@@ -235,7 +235,8 @@ def test_importance_search_does_not_depend_on_its_slicing(name, monkeypatch):
 
 
 @pytest.mark.parametrize("importance", [None, "per_channel", "per_element"])
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "q3_k", "q2_k"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "q3_k",
+                                  "q2_k"])
 def test_llamacpp_port_does_not_depend_on_its_slicing(name, importance, monkeypatch):
     """The GGUF types' llama.cpp ports run over row slices on CPU; slices of 3 rows (the last one shorter) and a
     single slice give the same bytes."""
