@@ -150,3 +150,37 @@ def test_plan_equals_llama_quantize(case, plan_cases, llama_cpp):
         want.pop("rope_freqs.weight")
         diff = {g: (got.get(g), want.get(g)) for g in set(got) | set(want) if got.get(g) != want.get(g)}
         assert not diff, f"{case} {mix}: (ours, llama-quantize) differ for {sorted(diff.items())[:6]}"
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("mix", ["IQ4_NL", "IQ4_XS", "Q3_K_M", "Q2_K"])
+def test_rtn_export_bytes_equal_llama_quantize(mix, plan_cases, llama_cpp, tmp_path):
+    """The whole file: `export_gguf(..., type=mix)` (round-to-nearest) against `llama-quantize f32.gguf out mix`,
+    tensor by tensor, on the MoE fixture and on 26B-A4B's row lengths: same types, same bytes."""
+    import gguf
+    import numpy as np
+
+    from gemmaquant.export import FloatSource, export_gguf
+    from gemmaquant.export.gguf_reader import read_config
+    from gemmaquant.fixtures import FIXTURES
+
+    for case in ("tiny-moe", "moe-rows"):
+        src = plan_cases[case]
+        ref_path = tmp_path / f"{case}-{mix}-llama.gguf"
+        subprocess.run([str(llama_cpp.bin / "llama-quantize"), str(src), str(ref_path), mix], capture_output=True,
+                       text=True, check=True)
+        cfg = read_config(gguf.GGUFReader(str(src)))
+        ckpt = FIXTURES[case] if case in FIXTURES else src.parent / case  # what plan_cases converted to F32
+        ours = export_gguf(FloatSource(ckpt), tmp_path / f"{case}-{mix}.gguf", type=mix)
+        want = {t.name: t for t in gguf.GGUFReader(str(ref_path)).tensors}
+        plan = {gguf_name(n): t for n, t in gguf_mix_plan(cfg, mix, keep_type="F32").items()}
+        compared = 0
+        for t in gguf.GGUFReader(str(ours)).tensors:
+            if t.name not in plan or plan[t.name] in ("F32", "F16", "BF16"):
+                continue
+            ref = want[t.name]
+            assert t.tensor_type == ref.tensor_type, t.name
+            assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(ref.data).view(np.uint8)), \
+                f"{case} {mix}: {t.name} ({gguf.GGMLQuantizationType(t.tensor_type).name}) differs from llama-quantize"
+            compared += 1
+        assert compared > 0
