@@ -59,8 +59,8 @@ def quantize(
     bits: int = typer.Option(4, help="4 or 8"),
     method: str = typer.Option("gptq", help="rtn | imatrix | gptq | awq"),
     format: str = typer.Option("gguf,safetensors", "--format", help="comma-separated: gguf, safetensors"),
-    gguf_type: Optional[str] = typer.Option(None, help="GGUF type or mix (Q4_K_M, Q5_K_M, Q6_K, Q8_0, ...): quantize "
-                                            "onto llama.cpp's grids"),
+    gguf_type: Optional[str] = typer.Option(None, help="GGUF type or mix (Q4_K_M, Q5_K_M, Q6_K, Q8_0, Q3_K_M, IQ4_XS, "
+                                            "IQ4_NL, Q2_K, ...): quantize onto llama.cpp's grids"),
     group_size: Optional[int] = typer.Option(None, help="int4 group size (32, 64, 128); GGUF export needs 32"),
     recipe: Optional[Path] = typer.Option(None, help="a recipe TOML file (overrides --bits/--method)"),
     calib: Optional[Path] = typer.Option(None, help="calibration text (.txt, blank-line separated) or .jsonl"),

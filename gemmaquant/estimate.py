@@ -24,6 +24,24 @@ def _numel(shape) -> int:
     return n
 
 
+def family_lines(families: list[dict], min_share: float = 1e-3) -> list[str]:
+    """The GGUF's type per tensor family and why (gemmaquant.export.sizes.gguf_families), one line each; the
+    families under `min_share` of the file (norms, scalars) in one closing line."""
+    lines = ["GGUF types per tensor family (share of the file, bits/weight; why, where not the default type):"]
+    small = [r for r in families if r["share"] < min_share]
+    for r in families:
+        if r["share"] >= min_share:
+            where = f" [layers {r['layers']}]" if r["layers"] else ""
+            why = f"  <- {r['why']}" if r["why"] else ""
+            lines.append(f"  {r['family']}{where}: {r['type']}, {100 * r['share']:.2f}%, "
+                         f"{r['bits_per_weight']:.2f} bpw{why}")
+    if small:
+        types = ", ".join(sorted({r["type"] for r in small}))
+        lines.append(f"  {len(small)} smaller families ({types}): {100 * sum(r['share'] for r in small):.2f}% "
+                     "of the file")
+    return lines
+
+
 def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, formats: tuple[str, ...],
              device=None, throughput=None) -> dict:
     """The dry-run figures; `device` (a torch.device) adds the device-memory estimate (gemmaquant.estimate_device):
@@ -105,6 +123,7 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
         lines.append(f"  {t:6s} {n / 1e9:9.4f}B params in the GGUF")
     if res["gguf"]:
         lines.append(f"GGUF: {res['gguf']['bytes'] / gib:.2f} GiB, {res['gguf']['bits_per_weight']:.3f} bits/weight")
+        lines += family_lines(res["gguf"]["families"])
     if res["safetensors"]:
         lines.append(f"safetensors (compressed-tensors): {res['safetensors']['bytes'] / gib:.2f} GiB, "
                      f"{res['safetensors']['bits_per_weight']:.3f} bits/weight (text model; towers copied as they are)")

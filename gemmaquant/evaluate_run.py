@@ -122,10 +122,16 @@ def write_report(model, result, recipe, files: dict, out: Path, figures: dict) -
                  for k, v in files.items()}
     layers = [{k: v for k, v in info.items() if k != "seconds"} for info in result.layers]
     timings = {"latency": figures["latency"], "layer_seconds": [info.get("seconds") for info in result.layers]}
+    families = []
+    if "gguf" in files:
+        from gemmaquant.export.sizes import gguf_size
+        from gemmaquant.workflow import model_config
+
+        families = gguf_size(model_config(model), result.plan, recipe)["families"]
     rep = Report(model=str(model), recipe=recipe.to_dict(), versions=_versions(),
                  calibration_sha256=result.calibration_sha256, plan=plan_summary(result.plan),
                  metrics=figures["metrics"], compared=figures["compared"], layers=layers, files=file_info,
-                 timings=timings, measured_on=files.get("gguf") or files["safetensors"])
+                 timings=timings, measured_on=files.get("gguf") or files["safetensors"], gguf_families=families)
     return rep.save(out)
 
 

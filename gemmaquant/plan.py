@@ -77,8 +77,9 @@ def make_plan(cfg: Gemma4Config, recipe: Recipe) -> dict[str, TensorPlan]:
             fmt = get_format(recipe.weight_format)
         K = shape[-1]
         reason = ""
-        if fmt.name != "int8" and K % fmt.block:  # int8 is one block per row, whatever K is
-            raise RecipeError(f"{name}: {K} input features do not fit {fmt.name}'s {fmt.block}-element blocks "
+        block = fmt.row_block  # a K-quant / IQ4_XS row holds whole 256-element super-blocks
+        if fmt.name != "int8" and K % block:  # int8 is one block per row, whatever K is
+            raise RecipeError(f"{name}: {K} input features do not fit {fmt.name}'s {block}-element blocks "
                               f"and the recipe names no fallback")
         plan[name] = TensorPlan(name, shape, fmt, reason)
     return plan

@@ -60,6 +60,36 @@ def test_dry_run_q4_k_m_plan_has_the_256_block_fallbacks(tmp_path, monkeypatch):
     assert "Q4_K" in by_type and ("Q5_0" in by_type or "Q8_0" in by_type)  # ffn_down (2112) / experts (704)
 
 
+def test_dry_run_says_why_each_family_gets_its_type(tmp_path, monkeypatch):
+    """26B-A4B Q4_K_M: the published file's size, and each family's type with the fallback that chose it."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    r = run("quantize", "26b-a4b", "--gguf-type", "Q4_K_M", "--format", "gguf", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    g = res["gguf"]
+    assert f"{g['bytes'] / 2**30:.2f}" == "15.63" and f"{g['bits_per_weight']:.2f}" == "5.32"
+    fam = {(f["family"], f["type"]): f for f in g["families"]}
+    down = fam[("blk.*.ffn_down_exps", "Q5_0")]
+    assert down["why"] == "row of 704: 704 % 256 = 192, Q4_K impossible -> Q5_0"
+    assert down["layers"] == "3-4,6-7,9-10,12-13,15-16,18-19,21-22,24-25" and down["bits_per_weight"] == 5.5
+    assert fam[("blk.*.ffn_down_exps", "Q8_0")]["why"].endswith("row of 704: 704 % 256 = 192, Q6_K impossible -> Q8_0")
+    assert fam[("blk.*.ffn_down", "Q5_0")]["why"] == "row of 2112: 2112 % 256 = 64, Q4_K impossible -> Q5_0"
+    assert fam[("blk.*.ffn_gate_up_exps", "Q4_K")]["why"] == ""  # the default type
+    rope = 4 * 512 // 2  # rope_freqs, the one tensor outside the families
+    assert sum(f["bytes"] for f in g["families"]) == g["bytes"] - rope
+    assert abs(sum(f["share"] for f in g["families"]) - 1) < 1e-6
+    assert "blk.*.ffn_down_exps [layers 3-4,6-7" in res["text"] and "Q4_K impossible -> Q5_0" in res["text"]
+
+
+def test_dry_run_iq4_xs_falls_back_to_iq4_nl_on_704_and_2112_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    r = run("quantize", "26b-a4b", "--gguf-type", "IQ4_XS", "--format", "gguf", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    fam = {(f["family"], f["type"]): f for f in json.loads(r.output)["gguf"]["families"]}
+    assert fam[("blk.*.ffn_down_exps", "IQ4_NL")]["why"] == "row of 704: 704 % 256 = 192, IQ4_XS impossible -> IQ4_NL"
+    assert fam[("blk.*.ffn_gate_up_exps", "IQ4_XS")]["bits_per_weight"] == 4.25
+
+
 def test_variants():
     r = run("variants", "--json")
     names = {v["name"]: v for v in json.loads(r.output)["variants"]}
@@ -85,7 +115,9 @@ def test_main_command_end_to_end(tmp_path):
     assert 0 < m["kl_mean"] < 0.2 and m["top1"] > 0.7
     rt = m["routing"]  # an MoE model: the report says how much of the KL is expert choices that flip
     assert len(rt["flips"]) == 4 and max(rt["flips"]) > 0 and 0 < rt["kl_ref_routing"] < m["kl_mean"]
-    assert "## Routing (MoE)" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Routing (MoE)" in md
+    assert "## GGUF types per tensor family" in md and "int4_g32_sym stored losslessly as Q4_0" in md
     r = run("inspect", res["files"]["gguf"])
     assert r.exit_code == 0 and "Q4_0" in r.output
     r = run("eval", "tiny-moe", res["files"]["gguf"], "--json", "--n-seq", "4", "--seq-len", "64")

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from gemmaquant.algorithms.rtn import check_finite
-from gemmaquant.formats.base import QuantFormat
+from gemmaquant.formats.base import QuantFormat, nearest_level
 
 MAX_DAMP = 1.0  # relative dampening beyond which a Hessian is declared unusable (GPTQModel stops below 1)
 
@@ -102,7 +102,8 @@ def damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
 
 
 class _Grid:
-    """Nearest-grid-point rounding of one column on its own group's affine grid w_hat = scale * q + offset.
+    """Nearest-grid-point rounding of one column on its own group's grid w_hat = scale * v(q) + offset
+    (v(q) = q, or levels[q] for a codebook format such as IQ4_NL).
 
     The same arithmetic as `QuantFormat.encode` (x = (w - offset) / scale, rounded half away from zero like
     ggml's nearest_int, clamped to [qmin, qmax]), vectorised over rows with the grid precomputed once: calling
@@ -119,6 +120,8 @@ class _Grid:
         self.offset = offset.float().T.contiguous()
         self.gsize = K // scale.shape[1]  # columns per affine pair
         self.has_zero = (self.scale == 0).any(1).tolist()  # [G] host flags: no device sync per column
+        levels = getattr(fmt, "levels", None)
+        self.levels = None if levels is None else levels.to(self.scale.device)
 
     def set_unit(self, params, col0: int) -> None:
         """Dynamic groups: the unit of columns starting at col0 was just fit to `params`; use its grid."""
@@ -135,13 +138,19 @@ class _Grid:
         s, o = self.scale[g], self.offset[g]
         if self.own_encode:
             q = self.fmt.encode(x[:, None], self.params, col_start=j - self.col0)[:, 0].float()
-            return q, s * q + o
+            return q, s * self._value(q) + o
         y = (x - o) / s
-        q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp_(self.qmin, self.qmax)
+        if self.levels is not None:  # codebook grid (IQ4_NL ...): w_hat = s * levels[q] + o
+            q = nearest_level(y, self.levels).float()
+        else:
+            q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp_(self.qmin, self.qmax)
         if self.has_zero[g]:
             enc = self.fmt.encode(x[:, None], self.params, col_start=j - self.col0)[:, 0].to(q.dtype)
             q = torch.where(s == 0, enc, q)
-        return q, s * q + o
+        return q, s * self._value(q) + o
+
+    def _value(self, q: Tensor) -> Tensor:
+        return q if self.levels is None else self.levels[q.long()]
 
 
 class HessianFactor:

@@ -39,6 +39,7 @@ class Report:
     layers: list = field(default_factory=list)  # per-layer info: sqnr_db, expert_tokens, forced_experts
     files: dict = field(default_factory=dict)  # kind -> {path, bytes, bits_per_weight (read from the file)}
     measured_on: str = ""  # the exported file the metrics were measured on (read back as a user loads it)
+    gguf_families: list = field(default_factory=list)  # export.sizes.gguf_families: type per tensor family, why
     timings: dict = field(default_factory=dict)  # {"latency": {model: measure_latency}, "layer_seconds": [...]}
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
@@ -84,6 +85,12 @@ class Report:
                                     for k, v in self.files.items()),
                                   "", "Bits per weight: every tensor's bytes in the file (scales and float tensors "
                                   "included) x 8 over its weights, as `gemmaquant inspect` reports it."]),
+                *([Section("GGUF types per tensor family", [
+                    "| family | layers | type | bits/weight | share of the file | why (where not the default) |",
+                    "|---|---|---|---|---|---|",
+                    *(f"| {f['family']} | {f['layers']} | {f['type']} | {f['bits_per_weight']:.2f} | "
+                      f"{100 * f['share']:.2f}% | {f['why']} |" for f in self.gguf_families)])]
+                  if self.gguf_families else []),
                 Section("Kept in float", ["| tensors | reason |", "|---|---|",
                                           *(f"| {n} | {why} |" for why, n in reasons.items())])]
         sq = ["| layer | min | mean | worst tensor |", "|---|---|---|---|"]

@@ -48,17 +48,69 @@ def gguf_types(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe) -> dict[s
 
 
 def gguf_size(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe) -> dict:
-    """{"bytes", "weights", "bits_per_weight", "params_by_type"} of the GGUF file (tensor data, rope_freqs too)."""
+    """{"bytes", "weights", "bits_per_weight", "params_by_type", "families"} of the GGUF file (tensor data,
+    rope_freqs too). families: `gguf_families`, the type of each tensor family and why."""
     from gemmaquant.export.gguf_pack import tensor_nbytes
 
     rope = cfg.global_head_dim // 2  # the generated rope_freqs tensor, F32
     nbytes, weights, by_type = 4 * rope, rope, {"F32": rope}
-    for name, t in gguf_types(cfg, plan, recipe).items():
+    types = gguf_types(cfg, plan, recipe)
+    for name, t in types.items():
         shape = tuple(plan[name].shape)
         nbytes += tensor_nbytes(t, shape)
         weights += _numel(shape)
         by_type[t] = by_type.get(t, 0) + _numel(shape)
-    return {"bytes": nbytes, "weights": weights, "bits_per_weight": 8 * nbytes / weights, "params_by_type": by_type}
+    return {"bytes": nbytes, "weights": weights, "bits_per_weight": 8 * nbytes / weights, "params_by_type": by_type,
+            "families": gguf_families(cfg, plan, recipe, types, nbytes)}
+
+
+def gguf_families(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe, types: dict[str, str],
+                  file_bytes: int) -> list[dict]:
+    """One row per (tensor family, type, reason): {"family" (GGUF name, blk.* for every layer), "layers" (e.g.
+    "0-3,7"; "" outside layers), "type", "why" ("" for the file type's default; else llama.cpp's rule and / or
+    the fallback taken, "row of 704: 704 % 256 = 192, Q4_K impossible -> Q5_0"), "tensors", "params",
+    "bits_per_weight" (of the type), "bytes", "share" (of the file's tensor bytes)}, largest share first."""
+    from gemmaquant.export.gguf_mix import gguf_mix_choices
+    from gemmaquant.export.gguf_names import gguf_name, layer_of
+    from gemmaquant.export.gguf_pack import tensor_nbytes
+
+    choices = gguf_mix_choices(cfg, gguf_file_type(recipe), token_embd_type=recipe.embedding_gguf_type,
+                               shapes={p.name: tuple(p.shape) for p in plan.values()})
+    rows: dict[tuple, dict] = {}
+    for name, t in types.items():
+        mix_type, why = choices[name]
+        if t != mix_type:  # the recipe's own grid, not the mix's choice
+            why = f"{plan[name].fmt.name} stored losslessly as {t}"
+        g = gguf_name(name)
+        layer = layer_of(g)
+        family = g.removesuffix(".weight") if layer is None else "blk.*." + g.split(".", 2)[2].removesuffix(".weight")
+        shape = tuple(plan[name].shape)
+        row = rows.setdefault((family, t, why), {"family": family, "layers": [], "type": t, "why": why,
+                                                  "tensors": 0, "params": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["params"] += _numel(shape)
+        row["bytes"] += tensor_nbytes(t, shape)
+        if layer is not None:
+            row["layers"].append(layer)
+    out = []
+    for row in rows.values():
+        row["layers"] = _ranges(sorted(row["layers"]))
+        row["bits_per_weight"] = 8 * row["bytes"] / row["params"]
+        row["share"] = row["bytes"] / file_bytes
+        out.append(row)
+    return sorted(out, key=lambda r: (-r["bytes"], r["family"]))
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 3, 7, 9, 10] -> "0-3,7,9-10"."""
+    parts, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        parts.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(parts)
 
 
 def safetensors_size(plan: dict[str, TensorPlan], dtype_bytes: int = 2) -> dict:

@@ -1,6 +1,9 @@
 """What the bits are: every gemmaquant format is a per-block affine grid.
 
-    w_hat[n, k] = scale[n, k // block] * q[n, k] + offset[n, k // block],   q integer in [qmin, qmax]
+    w_hat[n, k] = scale[n, k // block] * v(q[n, k]) + offset[n, k // block],   q integer in [qmin, qmax]
+
+with v(q) = q (uniform grids), or v(q) = levels[q] for a codebook format (`levels`: the sorted values a code
+decodes to, e.g. IQ4_NL's non-uniform 4-bit grid).
 
 A format chooses the block parameters (`fit`, already rounded to their stored precision), says what grid they
 define (`grid`), encodes weights onto that grid (`encode`), and stores codes + parameters in its packed layout
@@ -69,6 +72,7 @@ class QuantFormat:
     # is a small step of the block's grid (the K-quants' sub-block scales and mins). A zero point is not one:
     # one unit of it moves every weight of the block by a whole grid step.
     trainable_ints: dict = {}
+    levels: Tensor | None = None  # codebook formats: float32 [qmax + 1] sorted values of the codes; None: v(q) = q
 
     @property
     def row_block(self) -> int:
@@ -90,10 +94,12 @@ class QuantFormat:
         scale, offset, qmin, qmax = self.grid(params)
         s = self.expand(scale, w.shape[1], col_start)
         o = self.expand(offset, w.shape[1], col_start)
-        x = torch.where(s == 0, torch.full_like(s, float(self.zero_code)),
-                        (w.float() - o) / torch.where(s == 0, 1.0, s))
-        q = torch.sign(x) * torch.floor(x.abs() + 0.5)
-        return q.clamp(qmin, qmax).to(torch.int32)
+        x = (w.float() - o) / torch.where(s == 0, 1.0, s)
+        if self.levels is not None:  # the nearest level (ties to the upper one, as ggml's best_index_int8)
+            q = nearest_level(x, self.levels)
+        else:
+            q = (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(qmin, qmax)
+        return torch.where(s == 0, self.zero_code, q).to(torch.int32)
 
     def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:
         """w [N, K] -> Packed. params None: fit(w, importance) (RTN / imatrix RTN); else encode on params."""
@@ -105,10 +111,16 @@ class QuantFormat:
     def dequantize(self, p: Packed) -> Tensor:
         """Packed -> float32 [N, K]: scale * q + offset, exactly the grid's arithmetic."""
         scale, offset, _, _ = self.grid(self.params(p))
-        q = self.codes(p).float()
+        q = self.values(self.codes(p))
         N, K = p.shape
         G = scale.shape[1]
         return (scale[:, :, None] * q.view(N, G, K // G) + offset[:, :, None]).reshape(N, K)
+
+    def values(self, codes: Tensor) -> Tensor:
+        """v(q): the codes as the float32 values the grid multiplies (levels[q] for a codebook format)."""
+        if self.levels is None:
+            return codes.float()
+        return self.levels.to(codes.device)[codes.long()]
 
     # ---- per format ----
     def fit(self, w: Tensor, importance: Tensor | None = None) -> dict:
@@ -166,6 +178,14 @@ class ReferenceQuantizer(QuantFormat):
     def _reference(self, w: Tensor, importance: Tensor | None) -> tuple[Tensor, dict]:
         """w [N, K] fp32 -> (int32 codes [N, K], params)."""
         raise NotImplementedError
+
+
+def nearest_level(x: Tensor, levels: Tensor) -> Tensor:
+    """Index of the level nearest each x (levels sorted ascending; a tie goes to the upper level), int64."""
+    lv = levels.to(x.device)
+    mu = torch.bucketize(x, lv, right=True).clamp_(1, len(lv) - 1)  # lv[mu - 1] <= x < lv[mu] inside the range
+    idx = torch.where((x - lv[mu - 1]) < (lv[mu] - x), mu - 1, mu)
+    return torch.where(x <= lv[0], 0, torch.where(x >= lv[-1], len(lv) - 1, idx))
 
 
 def weighted_importance(w: Tensor, importance: Tensor | None) -> Tensor:

@@ -117,9 +117,10 @@ def make_qx_quants(x: Tensor, nmax: int, qw: Tensor | None) -> tuple[Tensor, Ten
     return torch.where(zero, 0.0, scale), torch.where(zero, 0, L)
 
 
-def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """make_qkx2_quants / make_qkx3_quants with use_mad = false and weights given (the two are then the same
-    code), x, w [n, B] -> (scale [B], the_min [B] >= 0, L [n, B] in [0, nmax]):  x ~ scale * L - the_min."""
+def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False):
+    """make_qkx2_quants / make_qkx3_quants with weights given (the two are then the same code), x, w [n, B] ->
+    (scale [B], the_min [B] >= 0, L [n, B] in [0, nmax]):  x ~ scale * L - the_min. use_mad: the error is
+    sum w |diff| instead of sum w diff^2 (Q2_K's reference quantizer)."""
     mn = first_min(x)
     mx = x.amax(0)
     mn = torch.where(mn > 0, 0.0, mn)
@@ -131,7 +132,7 @@ def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float,
 
     def error(scale, mn, L):
         diff = (scale * L + mn) - x
-        return seqsum(w * (diff * diff))
+        return seqsum(w * (diff.abs() if use_mad else diff * diff))
 
     rng = torch.where(flat, 1.0, mx - mn)
     iscale = div(nmax, rng)
@@ -203,3 +204,35 @@ def make_qp_quants(x: Tensor, nmax: int, qw: Tensor) -> tuple[Tensor, Tensor]:
             suml2 = torch.where(ok, sl2, suml2)
     scale = torch.where(suml2 > 0, div(sumlx, torch.where(suml2 > 0, suml2, 1.0)), 0.0)
     return torch.where(zero, 0.0, scale), torch.where(zero, 0, L)
+
+
+def make_q3_quants(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """make_q3_quants(n, nmax, x, L, do_rmse = true), x [n, B] -> (scale [B], L [n, B] in [0, 2 nmax - 1]).
+    Symmetric x ~ scale * (L - nmax), weights x^2, then up to 5 passes of coordinate descent on each L[i]
+    (a pass that changes nothing changes nothing the next time either, so C's early exit needs no port)."""
+    amax, mx = max_abs(x)
+    zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, 1.0, mx)
+    iscale = div(float(-nmax), mx)
+    L = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    lf = L.float()
+    sumlx, suml2 = seqsum(wx * lf, (w * lf) * lf)
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            Li = L[i].float()
+            slx = sumlx - wx[i] * Li
+            ok = slx > 0
+            sl2 = suml2 - (w[i] * Li) * Li
+            new_l = nearest_int(div(x[i] * sl2, torch.where(ok, slx, 1.0))).clamp(-nmax, nmax - 1)
+            nl = new_l.float()
+            ok &= new_l != L[i]
+            slx = slx + wx[i] * nl
+            sl2 = sl2 + (w[i] * nl) * nl
+            ok &= (sl2 > 0) & (((slx * slx) * suml2) > ((sumlx * sumlx) * sl2))
+            L[i] = torch.where(ok, new_l, L[i])
+            sumlx = torch.where(ok, slx, sumlx)
+            suml2 = torch.where(ok, sl2, suml2)
+    scale = torch.where(suml2 > 0, div(sumlx, torch.where(suml2 > 0, suml2, 1.0)), 0.0)
+    return torch.where(zero, 0.0, scale), torch.where(zero, 0, L + nmax)

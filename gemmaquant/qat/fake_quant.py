@@ -115,6 +115,8 @@ def fake_quantize(w: Tensor, fmt, params: dict[str, Tensor] | None = None,
         raise ValueError(f"scale_grad must be 'codes' or 'lsq', not {scale_grad!r}")
     if w.ndim != 2:
         raise ValueError(f"fake_quantize: expected a 2-D [N, K] weight, got shape {list(w.shape)}")
+    if getattr(fmt, "levels", None) is not None:  # the straight-through gradients below assume v(q) = q
+        raise ValueError(f"fake_quantize: {fmt.name} has a non-uniform codebook grid; QAT supports uniform grids")
     storage = storage or {}
     wf = w.float()
     exact = None if params is None else stored(params, storage, ranges)  # what the format stores (detached)

@@ -98,6 +98,9 @@ def qat_plan(model: nn.Module, recipe) -> dict[str, object]:
     out = {n: (fmt or p.fmt) for n, p in plan.items() if p.fmt is not None}
     fits: dict[tuple, str | None] = {}
     for name, f in out.items():
+        if getattr(f, "levels", None) is not None:  # fake_quant's straight-through gradient assumes v(q) = q
+            raise QATError(f"recipe {rec.gguf_type or rec.weight_format!r}: {name} is on {f.name}, a non-uniform "
+                           "codebook grid; QAT trains uniform grids only (use a K-quant or legacy type)")
         key = (f, plan[name].shape[-1])
         if key not in fits:  # the format's own check, on one zero row (K-quants need 256-weight super-blocks)
             try:

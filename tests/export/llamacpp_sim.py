@@ -3,7 +3,7 @@ rounding in every matrix product (the "compute precision" of a GGUF type).
 
 ggml multiplies a weight of type T by activations converted to T's `vec_dot_type` (ggml-cpu.c `type_traits_cpu`):
     F32 -> F32 (exact)          F16 -> F16             BF16 -> BF16
-    Q4_0, Q5_0, Q8_0 -> Q8_0    Q4_1, Q5_1 -> Q8_1     Q4_K, Q5_K, Q6_K -> Q8_K
+    Q4_0, Q5_0, Q8_0, IQ4_NL -> Q8_0    Q4_1, Q5_1 -> Q8_1     Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS -> Q8_K
 Q8_0 / Q8_1 (arch/x86/quants.c, AVX2 path): per 32 values d = amax/127 (stored fp16), q = round_half_even(x*127/amax).
 Q8_1 also stores s = fp16(d * sum(q)), which the Q4_1/Q5_1 dot product uses for the weight minimum's term.
 Q8_K (ggml-quants.c `quantize_row_q8_K_ref`): per 256 values iscale = -127/x_maxabs_signed,
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from gemmaquant.export.gguf_names import text_name
 
 VEC_DOT = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0",
-           "Q4_1": "Q8_1", "Q5_1": "Q8_1", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K"}
+           "Q4_1": "Q8_1", "Q5_1": "Q8_1", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K",
+           "IQ4_NL": "Q8_0", "IQ4_XS": "Q8_K", "Q3_K": "Q8_K", "Q2_K": "Q8_K"}
 
 
 def _blocks(x: torch.Tensor, n: int) -> torch.Tensor:

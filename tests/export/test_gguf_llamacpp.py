@@ -31,7 +31,8 @@ from tests.export.llamacpp_sim import emulate
 
 pytestmark = pytest.mark.llamacpp
 FLOAT_TYPES = ["F32", "F16", "BF16"]
-QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
+QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL",
+               "IQ4_XS", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q2_K"]
 SEEDS = 6
 
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from gemmaquant.config import SLIDING, FULL, VARIANTS, Gemma4Config
-from gemmaquant.export.gguf_mix import MixError, fallback, gguf_mix_plan
+from gemmaquant.export.gguf_mix import MixError, check_tensor_types, fallback, gguf_mix_choices, gguf_mix_plan
 from gemmaquant.export.gguf_names import gguf_name
 
-MIXES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
+MIXES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS",
+         "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q2_K"]
 
 
 def test_26b_a4b_q4_k_m_facts():
@@ -33,6 +34,42 @@ def test_26b_a4b_q4_k_m_facts():
     assert p["layers.0.self_attn.v_proj.weight"] == "Q6_K"
 
 
+def test_iq4_mixes_on_the_released_shapes():
+    p = gguf_mix_plan(VARIANTS["26b-a4b"], "IQ4_XS")
+    assert p["layers.4.experts.down_proj"] == "IQ4_NL" and p["layers.4.mlp.down_proj.weight"] == "IQ4_NL"
+    assert p["layers.0.experts.down_proj"] == "Q5_1"  # first n_layer/8 ffn_down: Q5_K, whose 256-block falls back
+    assert p["layers.4.experts.gate_up_proj"] == "IQ4_XS" and p["embed_tokens.weight"] == "Q6_K"
+    assert p["layers.0.self_attn.v_proj.weight"] == "IQ4_XS"  # n_gqa = 16 / 8 = 2
+    e4b = gguf_mix_plan(VARIANTS["e4b"], "IQ4_NL")
+    assert e4b["layers.0.self_attn.v_proj.weight"] == "Q5_K"  # n_gqa = 8 / 2 = 4
+    assert e4b["layers.4.mlp.down_proj.weight"] == "Q5_K"  # the first 42 // 8 = 5 layers
+    assert e4b["layers.5.mlp.down_proj.weight"] == "IQ4_NL"
+    assert fallback("IQ4_XS", 704) == "IQ4_NL" and fallback("IQ4_XS", 48) == "F16"
+
+
+def test_choices_name_the_rule_and_the_fallback():
+    c = gguf_mix_choices(VARIANTS["26b-a4b"], "Q4_K_M")
+    assert c["layers.4.experts.down_proj"] == ("Q5_0", "row of 704: 704 % 256 = 192, Q4_K impossible -> Q5_0")
+    assert c["layers.0.experts.down_proj"] == ("Q8_0", "ffn_down of a use_more_bits layer -> Q6_K; row of 704: "
+                                                       "704 % 256 = 192, Q6_K impossible -> Q8_0")
+    assert c["layers.4.experts.gate_up_proj"] == ("Q4_K", "")
+    assert {n: t for n, (t, _) in c.items()} == gguf_mix_plan(VARIANTS["26b-a4b"], "Q4_K_M")
+
+
+def test_bad_types_and_tensors_in_a_mix_are_named():
+    cfg = VARIANTS["26b-a4b"]
+    ok = check_tensor_types(cfg, {"blk.3.ffn_down_exps.weight": "iq4_nl", "layers.3.self_attn.q_proj.weight": "Q4_K"})
+    assert ok == {"layers.3.experts.down_proj": "IQ4_NL", "layers.3.self_attn.q_proj.weight": "Q4_K"}
+    with pytest.raises(MixError, match=r"mix.json: unknown type 'Q7_K' for tensor 'blk.3.attn_q.weight'; valid: "):
+        check_tensor_types(cfg, {"blk.3.attn_q.weight": "Q7_K"}, source="mix.json")
+    with pytest.raises(MixError, match=r"mix: tensor 'blk.99.attn_q.weight' does not exist in this model"):
+        check_tensor_types(cfg, {"blk.99.attn_q.weight": "Q4_K"})
+    with pytest.raises(MixError, match=r"rows of 704, not a multiple of IQ4_XS's 256-element block \(704 % 256 = 192"):
+        check_tensor_types(cfg, {"layers.3.experts.down_proj": "IQ4_XS"})
+    with pytest.raises(MixError, match="unknown GGUF type or mix 'IQ2_XXS'"):
+        gguf_mix_plan(cfg, "IQ2_XXS")
+
+
 def test_e2b_ple_tables():
     p = gguf_mix_plan(VARIANTS["e2b"], "Q4_K_M")
     assert p["embed_tokens_per_layer.weight"] == "Q6_K"  # category TOKEN_EMBD, tied -> output rule
@@ -45,8 +82,9 @@ def test_float_types_and_aliases():
     cfg = VARIANTS["31b"]
     assert set(gguf_mix_plan(cfg, "F16").values()) == {"F16", "F32"}
     assert gguf_mix_plan(cfg, "q4_k") == gguf_mix_plan(cfg, "Q4_K_M")
-    with pytest.raises(MixError, match="Q3_K_M"):
-        gguf_mix_plan(cfg, "Q3_K_M")
+    assert gguf_mix_plan(cfg, "q3_k") == gguf_mix_plan(cfg, "Q3_K_M")
+    with pytest.raises(MixError, match="Q2_K_S"):
+        gguf_mix_plan(cfg, "Q2_K_S")
 
 
 def test_fallbacks():
@@ -112,3 +150,37 @@ def test_plan_equals_llama_quantize(case, plan_cases, llama_cpp):
         want.pop("rope_freqs.weight")
         diff = {g: (got.get(g), want.get(g)) for g in set(got) | set(want) if got.get(g) != want.get(g)}
         assert not diff, f"{case} {mix}: (ours, llama-quantize) differ for {sorted(diff.items())[:6]}"
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("mix", ["IQ4_NL", "IQ4_XS", "Q3_K_M", "Q2_K"])
+def test_rtn_export_bytes_equal_llama_quantize(mix, plan_cases, llama_cpp, tmp_path):
+    """The whole file: `export_gguf(..., type=mix)` (round-to-nearest) against `llama-quantize f32.gguf out mix`,
+    tensor by tensor, on the MoE fixture and on 26B-A4B's row lengths: same types, same bytes."""
+    import gguf
+    import numpy as np
+
+    from gemmaquant.export import FloatSource, export_gguf
+    from gemmaquant.export.gguf_reader import read_config
+    from gemmaquant.fixtures import FIXTURES
+
+    for case in ("tiny-moe", "moe-rows"):
+        src = plan_cases[case]
+        ref_path = tmp_path / f"{case}-{mix}-llama.gguf"
+        subprocess.run([str(llama_cpp.bin / "llama-quantize"), str(src), str(ref_path), mix], capture_output=True,
+                       text=True, check=True)
+        cfg = read_config(gguf.GGUFReader(str(src)))
+        ckpt = FIXTURES[case] if case in FIXTURES else src.parent / case  # what plan_cases converted to F32
+        ours = export_gguf(FloatSource(ckpt), tmp_path / f"{case}-{mix}.gguf", type=mix)
+        want = {t.name: t for t in gguf.GGUFReader(str(ref_path)).tensors}
+        plan = {gguf_name(n): t for n, t in gguf_mix_plan(cfg, mix, keep_type="F32").items()}
+        compared = 0
+        for t in gguf.GGUFReader(str(ours)).tensors:
+            if t.name not in plan or plan[t.name] in ("F32", "F16", "BF16"):
+                continue
+            ref = want[t.name]
+            assert t.tensor_type == ref.tensor_type, t.name
+            assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(ref.data).view(np.uint8)), \
+                f"{case} {mix}: {t.name} ({gguf.GGMLQuantizationType(t.tensor_type).name}) differs from llama-quantize"
+            compared += 1
+        assert compared > 0

@@ -1,4 +1,4 @@
-"""Every format: the grid contract (dequantize = scale * q + offset), the re-quantize fixed point, zero blocks,
+"""Every format: the grid contract (dequantize = scale * v(q) + offset), the re-quantize fixed point, zero blocks,
 bad input; the int formats' packed layout (all 16 int4 codes, nibble order) and their lossless GGUF mappings."""
 
 import numpy as np
@@ -53,7 +53,7 @@ def test_dequantize_is_the_grid(name):
     s, o, _, _ = expanded_grid(fmt, fmt.params(p), K)
     deq = fmt.dequantize(p)
     assert deq.dtype == torch.float32 and deq.shape == w.shape
-    assert torch.equal(deq, s * fmt.codes(p).float() + o)
+    assert torch.equal(deq, s * fmt.values(fmt.codes(p)) + o)
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -175,7 +175,8 @@ def test_int8_channel_layout():
     assert torch.equal(fmt.dequantize(p), p.data["scale"].float()[:, None] * p.data["qdata"].float())
 
 
-@pytest.mark.parametrize("name", ["int4_g32_sym", "int3_g32_sym", "int8", "q4_0", "q4_1", "q4_k", "q6_k"])
+@pytest.mark.parametrize("name", ["int4_g32_sym", "int3_g32_sym", "int8", "q4_0", "q4_1", "q4_k", "q6_k", "iq4_nl",
+                                  "iq4_xs"])
 def test_importance_lowers_the_weighted_error(name):
     """Importance (imatrix) choices on a row whose columns matter very unequally; error summed over all rows."""
     fmt = get_format(name)
@@ -234,7 +235,8 @@ def test_importance_search_does_not_depend_on_its_slicing(name, monkeypatch):
 
 
 @pytest.mark.parametrize("importance", [None, "per_channel", "per_element"])
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "q3_k",
+                                  "q2_k"])
 def test_llamacpp_port_does_not_depend_on_its_slicing(name, importance, monkeypatch):
     """The GGUF types' llama.cpp ports run over row slices on CPU; slices of 3 rows (the last one shorter) and a
     single slice give the same bytes."""

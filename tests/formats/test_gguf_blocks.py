@@ -11,7 +11,7 @@ from gemmaquant.formats import get_format
 from gemmaquant.formats.ggml_ref import nearest_int, roundf, seqsum, sqrtf
 
 torch.set_num_threads(1)
-GGUF_NAMES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+GGUF_NAMES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "q3_k", "q2_k"]
 
 
 def weights(N=6, K=512, seed=0):

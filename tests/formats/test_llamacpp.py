@@ -25,7 +25,8 @@ pytestmark = pytest.mark.llamacpp
 
 SRC = Path(os.environ.get("LLAMA_CPP_DIR", "/nonexistent")) / "ggml" / "src" / "ggml-quants.c"
 TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
-         "q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K"}
+         "q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K", "iq4_nl": "IQ4_NL", "iq4_xs": "IQ4_XS",
+         "q3_k": "Q3_K", "q2_k": "Q2_K"}
 
 HARNESS = r"""
 #define GGML_COMMON_DECL_C
@@ -40,7 +41,9 @@ void ggml_abort(const char * file, int line, const char * fmt, ...) {
 }
 static size_t block_elems(enum ggml_type t) {
     switch (t) {
-        case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K: return QK_K;
+        case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K: case GGML_TYPE_IQ4_XS: case GGML_TYPE_Q3_K:
+        case GGML_TYPE_Q2_K:
+            return QK_K;
         default: return 32;
     }
 }
@@ -54,6 +57,10 @@ size_t ggml_type_size(enum ggml_type t) {
         case GGML_TYPE_Q4_K: return sizeof(block_q4_K);
         case GGML_TYPE_Q5_K: return sizeof(block_q5_K);
         case GGML_TYPE_Q6_K: return sizeof(block_q6_K);
+        case GGML_TYPE_IQ4_NL: return sizeof(block_iq4_nl);
+        case GGML_TYPE_IQ4_XS: return sizeof(block_iq4_xs);
+        case GGML_TYPE_Q3_K: return sizeof(block_q3_K);
+        case GGML_TYPE_Q2_K: return sizeof(block_q2_K);
         default: fprintf(stderr, "harness: type %d not stubbed\n", (int) t); abort();
     }
 }
@@ -86,7 +93,7 @@ def lib(tmp_path_factory):
 
 
 def cname(type_name: str) -> str:
-    return type_name.lower().replace("_k", "_K")  # Q4_K -> q4_K, Q8_0 -> q8_0
+    return type_name.lower().replace("_k", "_K")  # Q4_K -> q4_K, Q8_0 -> q8_0, IQ4_XS -> iq4_xs
 
 
 def c_quantize(so, type_name: str, w: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
@@ -155,7 +162,7 @@ def test_imatrix_bytes_equal_llamacpp(lib, name):
     assert np.array_equal(ours, ref), f"{name}: rows {bad.tolist()} differ from llama.cpp"
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q4_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q4_k", "q6_k", "iq4_nl", "iq4_xs", "q3_k", "q2_k"])
 def test_per_element_importance_equals_llamacpp_row_by_row(lib, name):
     fmt = get_format(name)
     w = hard_weights(k=512, seed=3)
@@ -175,7 +182,7 @@ def test_dequantize_equals_llamacpp(lib, name):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "q3_k", "q2_k"])
 def test_kquants_random_scales_equal_llamacpp(lib, name, seed):
     """Rows whose magnitude varies by orders of magnitude between sub-blocks, with and without an imatrix."""
     fmt = get_format(name)

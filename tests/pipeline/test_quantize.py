@@ -189,3 +189,43 @@ def test_top_level_verb_takes_a_recipe_object_file_or_name(tmp_path):
     assert (c.work_dir / layer).is_file()
     with pytest.raises(gemmaquant.recipe.RecipeError, match="no bundled recipe"):
         gemmaquant.quantize("tiny-dense", "no/such-recipe", out=tmp_path / "d")
+
+
+def test_a_row_that_does_not_hold_whole_super_blocks_is_refused_by_the_plan():
+    """q4_k's affine block is 32 but a row must hold whole 256-element super-blocks: the plan says so up front."""
+    from gemmaquant.workflow import model_config
+
+    with pytest.raises(gemmaquant.recipe.RecipeError, match=r"192 input features do not fit q4_k's 256-element blocks"):
+        make_plan(model_config("tiny-dense"), Recipe(weight_format="q4_k"))
+    assert make_plan(model_config("tiny-dense"), Recipe(weight_format="iq4_nl"))  # 32-blocks fit 192
+
+
+@pytest.mark.parametrize("mix", ["IQ4_XS", "Q3_K_S"])
+def test_gptq_onto_a_new_gguf_mix_exports_the_grids_it_chose(tmp_path, mix):
+    """GPTQ onto IQ4_XS (IQ4_NL on rows IQ4_XS cannot hold) / Q3_K_S (Q4_0 likewise), then the GGUF: every tensor has the mix's
+    type and its bytes dequantize (gguf.quants) to exactly the values GPTQ chose."""
+    import gguf
+    import numpy as np
+
+    from gemmaquant.export.gguf_mix import gguf_mix_plan
+    from gemmaquant.export.gguf_names import text_name
+    from gemmaquant.workflow import export_outputs
+
+    r = Recipe.from_dict({"method": "gptq", "gguf_type": mix, **SMALL})
+    res = quantize("tiny-moe", r, out=tmp_path / "work", progress=False)
+    files = export_outputs(res.work_dir, tmp_path, "tiny-moe", r, ("gguf",))
+    src = QuantizedSource(res.work_dir)
+    want = gguf_mix_plan(src.config, mix, shapes={p.name: tuple(p.shape) for p in res.plan.values()})
+    seen = set()
+    for t in gguf.GGUFReader(files["gguf"]).tensors:
+        name = text_name(t.name)
+        if name is None or res.plan[name].fmt is None:
+            continue
+        kind = gguf.GGMLQuantizationType(t.tensor_type).name
+        assert kind == want[name], name
+        seen.add(kind)
+        v = src.get(name)
+        ours = torch.stack([p.fmt.dequantize(p) for p in (v if isinstance(v, list) else [v])]).numpy()
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(ours.shape)
+        assert np.array_equal(got.view(np.uint32), ours.view(np.uint32)), name
+    assert {"IQ4_XS": {"IQ4_XS", "IQ4_NL"}, "Q3_K_S": {"Q3_K", "Q4_0"}}[mix] <= seen

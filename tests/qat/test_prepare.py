@@ -228,6 +228,8 @@ def test_bad_input():
         prepare_qat(copy.deepcopy(model), "q4_k")  # 256-weight super-blocks, rows of 128 inputs
     with pytest.raises(QATError, match="unknown format"):
         prepare_qat(copy.deepcopy(model), "int5_g7")
+    with pytest.raises(QATError, match="iq4_nl, a non-uniform codebook grid; QAT trains uniform grids only"):
+        prepare_qat(copy.deepcopy(model), "iq4_nl")
     with pytest.raises(QATError, match="not a Gemma 4 model"):
         prepare_qat(torch.nn.Linear(64, 64), "int4_g32_sym")
     with pytest.raises(QATError, match="nothing to convert"):
