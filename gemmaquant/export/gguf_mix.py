@@ -98,8 +98,8 @@ def _loader_order(g: str) -> tuple[int, str]:
 
 
 def gguf_mix_plan(config: Gemma4Config, mix: str, keep_type: str = "BF16", pure: bool = False,
-                  token_embd_type: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None
-                  ) -> dict[str, str]:
+                  token_embd_type: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None,
+                  tensor_types: dict[str, str] | None = None) -> dict[str, str]:
     """The GGUF type of every text tensor of `config` under file type / mix `mix` (F32, F16, BF16, Q8_0, Q4_0,
     Q4_1, Q5_0, Q5_1, Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, Q5_K_M (= Q5_K), Q6_K).
 
@@ -108,6 +108,8 @@ def gguf_mix_plan(config: Gemma4Config, mix: str, keep_type: str = "BF16", pure:
     pure: llama-quantize `--pure` (no mix rules; every quantizable tensor gets the default type, with fallbacks).
     token_embd_type: llama-quantize `--token-embedding-type` (also applies to `per_layer_token_embd`).
     shapes: our name -> PyTorch shape; defaults to the shapes the config implies.
+    tensor_types: {our name: type} chosen per tensor (a `--target-bpw` search or a `--gguf-mix` file), replacing
+        the mix's choice for those tensors (checked by `check_tensor_types`).
     Returns {our_name: type_name}, type names as in ggml (`Q4_K`, `F32`, ...).
     """
     mix, _, default = file_type(mix)
@@ -153,7 +155,28 @@ def gguf_mix_plan(config: Gemma4Config, mix: str, keep_type: str = "BF16", pure:
             i_attn_v += cat == "attn_v"
             i_ffn_down += cat == "ffn_down"
         plan[name] = fallback(t, ne0)
+    if tensor_types:
+        check_tensor_types(tensor_types, shapes)
+        plan.update(tensor_types)
     return plan
+
+
+def check_tensor_types(tensor_types: dict[str, str], shapes: dict[str, tuple[int, ...]], source: str = "mix") -> None:
+    """A per-tensor choice must name a tensor of the model that gemmaquant may store quantized, a known type, and
+    a type whose block divides the tensor's rows: MixError naming the first that does not."""
+    from gemmaquant.sensitivity import searchable
+
+    for name, t in tensor_types.items():
+        if t not in (*BLOCK_TYPES, *FLOAT_TYPES):
+            raise MixError(f"{source}: unknown GGUF type {t!r} for {name}; valid: {', '.join((*BLOCK_TYPES, *FLOAT_TYPES))}")
+        if name not in shapes:
+            raise MixError(f"{source}: no tensor {name!r} in this model")
+        if not searchable(name, shapes[name]):
+            raise MixError(f"{source}: {name} is not a tensor gemmaquant quantizes (norms, routers, scalars and "
+                           f"per_layer_model_projection keep llama.cpp's float types)")
+        if not fits(t, shapes[name][-1]):
+            raise MixError(f"{source}: {name} has rows of {shapes[name][-1]}, not a multiple of {t}'s "
+                           f"{BLOCK_SIZE[t]}-element blocks")
 
 
 def _impl(t: str, mix: str, cat: str, g: str, ne0: int, tied: bool, n_expert: int, n_layer: int,
