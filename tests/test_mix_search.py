@@ -1,0 +1,132 @@
+"""The per-tensor mix solver against exhaustive search, and the bad input of --target-bpw / --gguf-mix."""
+
+import itertools
+import json
+import random
+
+import pytest
+
+from gemmaquant.config import Gemma4Config
+from gemmaquant.export.gguf_mix import MixError, gguf_mix_plan
+from gemmaquant.mix_search import TargetError, Unit, candidate_types, solve, total
+from gemmaquant.target_mix import budget_bytes, read_mix
+from gemmaquant.workflow import model_config
+
+
+def _random_units(rng: random.Random, n: int, k: int) -> list[Unit]:
+    units = []
+    for i in range(n):
+        b, loss, opts = rng.randint(10, 30), rng.uniform(5, 20), {}
+        for j in range(k):
+            opts[f"T{j}"] = (b, loss)
+            b += rng.randint(3, 15)
+            loss *= rng.uniform(0.2, 1.05)  # mostly better for more bytes, sometimes dominated
+        units.append(Unit(f"u{i}", (1, 1), opts))
+    return units
+
+
+def _brute(units: list[Unit], budget: int) -> float:
+    best = float("inf")
+    for combo in itertools.product(*[list(u.options) for u in units]):
+        b, loss = total(units, {u.name: t for u, t in zip(units, combo)})
+        if b <= budget:
+            best = min(best, loss)
+    return best
+
+
+def test_solver_near_exhaustive_optimum_and_feasible():
+    rng = random.Random(0)
+    gaps = []
+    for trial in range(40):
+        units = _random_units(rng, 4, 4)
+        lo = sum(min(b for b, _ in u.options.values()) for u in units)
+        hi = sum(max(b for b, _ in u.options.values()) for u in units)
+        budget = rng.randint(lo, hi)
+        choice = solve(units, budget)
+        b, loss = total(units, choice)
+        assert b <= budget
+        opt = _brute(units, budget)
+        assert loss >= opt - 1e-9
+        gaps.append(loss / opt - 1 if opt > 0 else 0.0)
+    # the Lagrangian allocation plus single switches: optimal in most instances, never far off
+    assert sum(g < 1e-9 for g in gaps) >= 30, gaps
+    assert max(gaps) < 0.25, max(gaps)
+
+
+def test_solver_exact_at_the_hull_breakpoints():
+    """At a budget the price-ordered hull steps reach exactly, the Lagrangian choice is optimal (Everett)."""
+    rng = random.Random(1)
+    for _ in range(20):
+        units = _random_units(rng, 3, 4)
+        steps = []
+        for u in units:
+            h = u.hull()
+            steps += [((u.options[a][1] - u.options[c][1]) / (u.options[c][0] - u.options[a][0]),
+                       u.options[c][0] - u.options[a][0]) for a, c in zip(h, h[1:])]
+        budget = sum(min(b for b, _ in u.options.values()) for u in units)
+        for _, extra in sorted(steps, reverse=True)[: rng.randint(1, max(1, len(steps)))]:
+            budget += extra
+        assert total(units, solve(units, budget))[1] == pytest.approx(_brute(units, budget))
+
+
+def test_solver_loss_falls_as_the_budget_grows():
+    units = _random_units(random.Random(2), 6, 5)
+    lo = sum(min(b for b, _ in u.options.values()) for u in units)
+    losses = [total(units, solve(units, lo + extra))[1] for extra in range(0, 200, 10)]
+    assert all(a >= b - 1e-12 for a, b in zip(losses, losses[1:]))
+
+
+def test_budget_below_the_cheapest_mix_is_refused():
+    units = _random_units(random.Random(3), 3, 3)
+    with pytest.raises(TargetError, match="below the smallest mix"):
+        solve(units, 5)
+
+
+def test_candidates_are_the_registered_types_that_fit():
+    assert candidate_types(704) == ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16"]
+    assert {"Q4_K", "Q5_K", "Q6_K"} <= set(candidate_types(2304))
+
+
+class _Sens:  # what budget_bytes reads of a Sensitivity
+    def __init__(self, units, fixed, weights):
+        self.units, self.fixed_bytes, self.weights = units, fixed, weights
+
+
+def test_budget_outside_the_grids_names_the_option():
+    s = _Sens([Unit("a", (8, 32), {"Q4_0": (144, 1.0), "F16": (512, 0.0)})], 100, 256)
+    with pytest.raises(TargetError, match=r"--target-bpw 1.0: below the smallest mix"):
+        budget_bytes(s, 1.0, None)
+    with pytest.raises(TargetError, match=r"--target-size 1.0: above the float"):
+        budget_bytes(s, None, 1.0)
+    assert budget_bytes(s, 10.0, None) == 320
+
+
+def test_mix_file_bad_input(tmp_path):
+    cfg = model_config("tiny-dense")
+    f = tmp_path / "mix.json"
+    f.write_text(json.dumps({"tensor_types": {"layers.0.mlp.down_proj.weight": "Q9_X"}}))
+    with pytest.raises(MixError, match=r"unknown GGUF type 'Q9_X' for layers.0.mlp.down_proj.weight"):
+        read_mix(f, cfg)
+    f.write_text(json.dumps({"layers.99.mlp.down_proj.weight": "Q4_0"}))
+    with pytest.raises(MixError, match=r"no tensor 'layers.99.mlp.down_proj.weight'"):
+        read_mix(f, cfg)
+    f.write_text(json.dumps({"layers.0.mlp.down_proj.weight": "Q4_K"}))  # 576 % 256 != 0
+    with pytest.raises(MixError, match=r"rows of 576, not a multiple of Q4_K's 256"):
+        read_mix(f, cfg)
+    f.write_text(json.dumps({"norm.weight": "Q8_0"}))
+    with pytest.raises(MixError, match=r"norm.weight is not a tensor gemmaquant quantizes"):
+        read_mix(f, cfg)
+    f.write_text("{")
+    with pytest.raises(MixError, match="not valid JSON"):
+        read_mix(f, cfg)
+    # GGUF names are accepted and map to ours
+    f.write_text(json.dumps({"blk.0.ffn_down.weight": "q5_1", "token_embd.weight": "Q8_0"}))
+    assert read_mix(f, cfg) == {"layers.0.mlp.down_proj.weight": "Q5_1", "embed_tokens.weight": "Q8_0"}
+
+
+def test_tensor_types_override_the_mix():
+    cfg: Gemma4Config = model_config("tiny-dense")
+    plan = gguf_mix_plan(cfg, "Q4_K_M", tensor_types={"layers.1.mlp.up_proj.weight": "Q8_0",
+                                                       "embed_tokens.weight": "Q4_0"})
+    assert plan["layers.1.mlp.up_proj.weight"] == "Q8_0" and plan["embed_tokens.weight"] == "Q4_0"
+    assert plan["layers.2.mlp.up_proj.weight"] == gguf_mix_plan(cfg, "Q4_K_M")["layers.2.mlp.up_proj.weight"]
