@@ -147,11 +147,12 @@ def main():
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     saved_file = RESULTS / "mix_quality.json"
-    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {"rows": []}
     rows = []
     for fx in [] if args.table_only else args.fixtures.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             rows += run_fixture(fx, args, Path(tmp))
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {"rows": []}  # read last: runs of
+    # other fixtures may have finished meanwhile
     ran = {r["fixture"] for r in rows}
     rows = [r for r in saved["rows"] if r["fixture"] not in ran] + rows
     rows.sort(key=lambda r: (FIXTURES.index(r["fixture"]) if r["fixture"] in FIXTURES else 99, r["bits_per_weight"]))

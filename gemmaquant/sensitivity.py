@@ -56,6 +56,23 @@ class Sensitivity:
                           for u in self.units}}
 
 
+def skeleton(cfg) -> Sensitivity:
+    """The searchable units of `cfg` with the bytes of every candidate (losses 0), the fixed bytes and the weight
+    count: all a budget needs, from the config alone."""
+    from gemmaquant.checkpoint import expected_shapes
+    from gemmaquant.export.gguf_mix import gguf_mix_plan
+    from gemmaquant.export.gguf_pack import tensor_nbytes
+
+    shapes = expected_shapes(cfg)
+    base = gguf_mix_plan(cfg, "Q8_0")  # the types of the tensors the search leaves alone (F32 norms, kept BF16)
+    rope = cfg.global_head_dim // 2  # the generated rope_freqs tensor, F32
+    fixed = 4 * rope + sum(tensor_nbytes(base[n], s) for n, s in shapes.items() if not searchable(n, s))
+    weights = rope + sum(int(torch.Size(s).numel()) for s in shapes.values())
+    units = [Unit(n, tuple(s), {t: (tensor_nbytes(t, tuple(s)), 0.0) for t in candidate_types(s[-1])})
+             for n, s in shapes.items() if searchable(n, s)]
+    return Sensitivity(units, fixed, weights)
+
+
 def searchable(name: str, shape: tuple[int, ...]) -> bool:
     """Whether the search chooses this tensor's type: every quantized matrix and the embedding tables (llama.cpp
     keeps per_layer_model_projection float, and so does gemmaquant; norms, routers, scalars stay F32)."""
@@ -84,31 +101,28 @@ def _matrix_err(w: torch.Tensor, H: torch.Tensor, type_name: str) -> tuple[float
 
 @torch.no_grad()
 def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: bool = True,
-            kl_sequences: int = 8, progress: bool | None = None) -> Sensitivity:
+            kl_sequences: int = 8, progress: bool | None = None, budget_check=None) -> Sensitivity:
     """The options (bytes, loss) of every searchable tensor of `model` (alias, directory or model object) on the
     recipe's calibration data. Nothing the caller passed is modified."""
     from gemmaquant.calibration import calibration_tokens
     from gemmaquant.capture import LayerStats, capture, force_route_rare_experts, group_of
     from gemmaquant.checkpoint import expected_shapes
-    from gemmaquant.export.gguf_mix import gguf_mix_plan
-    from gemmaquant.export.gguf_pack import tensor_nbytes
     from gemmaquant.model.gemma4 import Gemma4, rope_inv_freqs
     from gemmaquant.progress import progress as progress_lines, stage
     from gemmaquant.quantize import Activations, QuantizeError, build_layer, open_source, run_layer
 
     src = open_source(model, tokenizer_dir)
     cfg = src.config
+    if budget_check is not None:  # a budget outside the grids fails before any work
+        budget_check(skeleton(cfg))
     tok_dir = getattr(src, "path", None)
     if tok_dir is None:
         raise QuantizeError("no tokenizer: pass tokenizer_dir= (the directory with tokenizer.json)")
     ids, _ = calibration_tokens(tok_dir, calib or recipe.calibration, recipe.n_samples, recipe.seq_len,
                                 cfg.bos_token_id)
+    sens = skeleton(cfg)
     shapes = expected_shapes(cfg)
-    base = gguf_mix_plan(cfg, "Q8_0")  # the types of the tensors the search leaves alone (F32 norms, kept BF16)
-    rope = cfg.global_head_dim // 2
-    fixed = 4 * rope + sum(tensor_nbytes(base[n], s) for n, s in shapes.items() if not searchable(n, s))
-    weights = rope + sum(int(torch.Size(s).numel()) for s in shapes.values())
-    units = {n: Unit(n, tuple(s)) for n, s in shapes.items() if searchable(n, s)}
+    units = {u.name: u for u in sens.units}
     proxy: dict[str, dict[str, float]] = {}
     refs: dict[str, torch.Tensor] = {}  # unit -> its weights on the cheapest candidate (for the KL measurement)
 
@@ -181,10 +195,9 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
             if t == candidate_types(w.shape[-1])[0]:
                 refs[name] = q
     for name, u in units.items():
-        for t, err in proxy[name].items():
-            u.options[t] = (tensor_nbytes(t, u.shape), err)
-    sens = Sensitivity(list(units.values()), fixed, weights, proxy,
-                       reference_type={n: candidate_types(u.shape[-1])[0] for n, u in units.items()})
+        u.options = {t: (b, proxy[name][t]) for t, (b, _) in u.options.items()}
+    sens.proxy = proxy
+    sens.reference_type = {n: candidate_types(u.shape[-1])[0] for n, u in units.items()}
     if kl:
         stage(f"measuring the KL of each of {len(units)} tensors quantized alone", progress)
         sens.kl = _kl_alone(model, src, cfg, ids[:kl_sequences], refs, progress)

@@ -50,7 +50,8 @@ def choose_mix(model, recipe, *, target_bpw: float | None = None, target_size_gi
 
     if target_bpw is not None and target_size_gib is not None:
         raise TargetError("give one of --target-bpw and --target-size, not both")
-    sens = measure(model, recipe, calib=calib, kl=kl, progress=progress)
+    sens = measure(model, recipe, calib=calib, kl=kl, progress=progress,
+                   budget_check=lambda sk: budget_bytes(sk, target_bpw, target_size_gib))
     budget = budget_bytes(sens, target_bpw, target_size_gib)
     choice = solve(sens.units, budget, sens.fixed_bytes)
     nbytes, loss = total(sens.units, choice)

@@ -130,3 +130,84 @@ def test_tensor_types_override_the_mix():
                                                        "embed_tokens.weight": "Q4_0"})
     assert plan["layers.1.mlp.up_proj.weight"] == "Q8_0" and plan["embed_tokens.weight"] == "Q4_0"
     assert plan["layers.2.mlp.up_proj.weight"] == gguf_mix_plan(cfg, "Q4_K_M")["layers.2.mlp.up_proj.weight"]
+
+
+# ---- the command line: one-line errors, exit 2, before any measurement ----
+@pytest.mark.parametrize("args, msg", [
+    (["--target-bpw", "5"], "compressed-tensors cannot hold"),  # default formats include safetensors
+    (["--format", "gguf", "--target-bpw", "1.0"], "--target-bpw 1.0: below the smallest mix"),
+    (["--format", "gguf", "--target-bpw", "40"], "--target-bpw 40.0: above the float (F16) size"),
+    (["--format", "gguf", "--target-size", "1"], "--target-size 1.0: above the float (F16) size"),
+    (["--format", "gguf", "--target-bpw", "-2"], "must be a positive number"),
+    (["--format", "gguf", "--target-bpw", "5", "--target-size", "1"], "exclude each other"),
+    (["--format", "gguf", "--method", "awq", "--target-bpw", "5"], "AWQ"),
+])
+def test_target_bad_input(args, msg):
+    from typer.testing import CliRunner
+
+    from gemmaquant.cli import app
+
+    r = CliRunner().invoke(app, ["quantize", "tiny-dense", "--dry-run", *args])
+    assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+
+
+def test_gguf_mix_file_dry_run_and_bad_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from gemmaquant.cli import app
+
+    f = tmp_path / "mix.json"
+    f.write_text(json.dumps({"tensor_types": {"layers.0.mlp.down_proj.weight": "Q8_0", "embed_tokens.weight": "Q4_0"}}))
+    r = CliRunner().invoke(app, ["quantize", "tiny-dense", "--dry-run", "--format", "gguf", "--gguf-mix", str(f),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["recipe"]["tensor_types"]["layers.0.mlp.down_proj.weight"] == "Q8_0"
+    f.write_text(json.dumps({"layers.0.mlp.down_proj.weight": "Q7_K"}))
+    r = CliRunner().invoke(app, ["quantize", "tiny-dense", "--dry-run", "--format", "gguf", "--gguf-mix", str(f)])
+    assert r.exit_code == 2 and "unknown GGUF type 'Q7_K'" in r.output and str(f) in r.output
+    r = CliRunner().invoke(app, ["quantize", "tiny-dense", "--dry-run", "--format", "gguf", "--gguf-mix",
+                                 str(tmp_path / "nope.json")])
+    assert r.exit_code == 2 and "mix file not found" in r.output
+
+
+def test_hessian_error_is_the_mean_output_error():
+    """tr(dW H dW^T) with H = X^T X / n is the mean squared output error of the quantized matrix on X."""
+    import torch
+
+    from gemmaquant.sensitivity import _matrix_err
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 64, generator=g), torch.randn(500, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    H = (x.double().T @ x.double() / x.shape[0]).float()
+    for t in ("Q4_0", "Q5_1", "Q8_0"):
+        err, q = _matrix_err(w, H, t)
+        direct = ((x.double() @ (w.double() - q.double()).T) ** 2).sum(1).mean()
+        assert err == pytest.approx(float(direct), rel=1e-5)
+    assert _matrix_err(w, H, "Q4_0")[0] > _matrix_err(w, H, "Q5_0")[0] > _matrix_err(w, H, "Q8_0")[0]
+
+
+@pytest.mark.slow
+def test_measure_on_a_model_object_leaves_it_and_scales_by_the_kl():
+    """On a caller's model object (the edge fixture: PLE tables too): the object is unchanged, every searchable
+    tensor has its candidates, and each loss at the reference type is the KL measured with that tensor alone."""
+    import torch
+
+    import gemmaquant
+    from gemmaquant.fixtures import fixture_path
+    from gemmaquant.recipe import Recipe
+    from gemmaquant.sensitivity import measure
+
+    model = gemmaquant.load("tiny-edge")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = measure(model, Recipe(n_samples=4, seq_len=64, batch_size=4), tokenizer_dir=fixture_path("tiny-edge"),
+                kl_sequences=2, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    names = {u.name for u in s.units}
+    assert {"embed_tokens.weight", "embed_tokens_per_layer.weight"} <= names
+    assert "per_layer_model_projection.weight" not in names
+    for u in s.units:
+        ref = s.reference_type[u.name]
+        assert u.options[ref][1] == pytest.approx(s.kl[u.name])
+        assert u.options["F16"][1] == 0.0
+        assert s.kl[u.name] >= 0
