@@ -62,6 +62,9 @@ def _kld(bins: Path, model: Path, base: Path, held: Path, chunks: int) -> float:
                 "--chunks", chunks, "-ctk", "f32", "-ctv", "f32", "-fa", "off", "--kl-divergence-base", base,
                 "--kl-divergence"])
     m = re.search(r"Mean\s+KLD:\s+([0-9.eE+-]+)", out)
+    if not m:  # llama.cpp's asynchronous log can lose the summary at exit: the last chunk's running mean is it
+        rows = re.findall(r"^\s*\d+\s+[0-9.]+\s+±\s+[0-9.]+\s+[-0-9.]+\s+±\s+[0-9.]+\s+([0-9.]+)\s+±", out, re.M)
+        m = re.match(r"(.*)", rows[-1]) if rows else None
     if not m:
         raise RuntimeError(f"no mean KLD in llama-perplexity's output for {model}:\n{out[-1500:]}")
     return float(m.group(1))
