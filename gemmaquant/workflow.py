@@ -84,6 +84,8 @@ def parse_formats(formats: str | tuple) -> tuple[str, ...]:
 
 
 def scheme_name(recipe: Recipe) -> str:
+    if recipe.tensor_types:  # a per-tensor mix (--target-bpw, --gguf-mix)
+        return "mix"
     return recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format)
 
 
@@ -209,12 +211,13 @@ def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_
             raise UsageError(f"{flag} {v}: must be a positive number")
     if gguf_mix is not None:
         types = read_mix(gguf_mix, cfg)
-        from gemmaquant.target_mix import families, file_type_for
         from gemmaquant.checkpoint import expected_shapes
+        from gemmaquant.target_mix import families
 
         shapes = expected_shapes(cfg)
+        # tensors the file does not name keep the type the recipe alone gives them (--gguf-type, or its grid's)
         mix = {"source": str(gguf_mix), "tensor_types": types, "families": families(types, shapes),
-               "file_type": gguf_type.upper() if gguf_type else file_type_for(types, shapes)}
+               "file_type": recipe.gguf_type or LOSSLESS_GGUF[recipe.weight_format]}
     else:
         request = {"target_bpw": target_bpw, "target_size_gib": target_size, "calibration": str(calib or
                    recipe.calibration), "method": recipe.method}
@@ -244,11 +247,11 @@ def export_steps(name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, 
     steps = {}
     for fmt in (f for f in FORMATS if f in fmts):
         if fmt == "gguf":
-            args = {"type": scheme_name(recipe), "token_embd_type": recipe.embedding_gguf_type}
-            rel = f"{name}-{args['type']}.gguf"
-            if recipe.tensor_types:  # a per-tensor mix: the file is named for it, not for its general.file_type
+            args = {"type": recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format),
+                    "token_embd_type": recipe.embedding_gguf_type}
+            rel = f"{name}-{scheme_name(recipe)}.gguf"  # a per-tensor mix: named for it, not its general.file_type
+            if recipe.tensor_types:
                 args["tensor_types"] = recipe.tensor_types
-                rel = f"{name}-mix.gguf"
         else:
             group = int(recipe.weight_format.split("_g")[1].split("_")[0]) if "_g" in recipe.weight_format else None
             args = {"scheme": "W8A16" if recipe.weight_format == "int8" else "W4A16", "group_size": group or 32}

@@ -211,3 +211,44 @@ def test_measure_on_a_model_object_leaves_it_and_scales_by_the_kl():
         assert u.options[ref][1] == pytest.approx(s.kl[u.name])
         assert u.options["F16"][1] == 0.0
         assert s.kl[u.name] >= 0
+
+
+def test_gguf_mix_end_to_end(tmp_path):
+    """A mix file through the whole command: GPTQ on each chosen grid, each tensor written in its type, the file's
+    bits per weight what the dry run predicts, the mix in the recipe and the report; llama.cpp loads the file
+    (when LLAMA_CPP_DIR points at a build)."""
+    import os
+    import subprocess
+
+    import gguf
+
+    from gemmaquant.export.gguf_names import gguf_name
+    from gemmaquant.export.inspect import file_bits
+    from gemmaquant.workflow import run_quantize
+
+    mix = {"layers.0.self_attn.q_proj.weight": "Q8_0", "layers.1.mlp.down_proj.weight": "Q4_1",
+           "layers.2.self_attn.o_proj.weight": "Q4_K", "layers.3.mlp.gate_proj.weight": "F16",
+           "embed_tokens.weight": "Q5_0"}
+    f = tmp_path / "mix.json"
+    f.write_text(json.dumps({"tensor_types": mix}))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('method = "gptq"\nn_samples = 4\nseq_len = 64\n')
+    kw = dict(formats="gguf", recipe_file=recipe, gguf_mix=f, progress=False)
+    dry = run_quantize("tiny-dense", dry_run=True, **kw)
+    res = run_quantize("tiny-dense", out=tmp_path / "out", evaluate=False, **kw)
+    path = res["files"]["gguf"]
+    assert path.endswith("tiny-dense-mix.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    for name, t in mix.items():
+        assert types[gguf_name(name)] == t
+    assert types[gguf_name("layers.0.self_attn.k_proj.weight")] == "Q4_0"  # the rest: the file type's rule
+    assert file_bits(path)["bits_per_weight"] == pytest.approx(dry["gguf"]["bits_per_weight"], abs=1e-12)
+    assert res["recipe"]["tensor_types"] == mix
+    d = os.environ.get("LLAMA_CPP_DIR")
+    ppl = os.path.join(d or "", "build", "bin", "llama-perplexity")
+    if d and os.path.isfile(ppl):
+        text = tmp_path / "t.txt"
+        text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+        out = subprocess.run([ppl, "-m", path, "-f", str(text), "-c", "64", "-b", "64", "--chunks", "2", "-t", "1"],
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and "PPL" in out.stdout + out.stderr, out.stderr[-2000:]
