@@ -65,6 +65,9 @@ def make_plan(cfg: Gemma4Config, recipe: Recipe) -> dict[str, TensorPlan]:
         why = float_reason(name)
         if why is not None or len(shape) < 2:
             text = FLOAT_REASONS[why or "norm"].format(gguf=embedding_types.get(name))
+            if name in (recipe.tensor_types or {}):
+                text = (f"embedding table: bf16 in safetensors; GGUF gets {recipe.tensor_types[name]} by "
+                        f"round-to-nearest (chosen per tensor)")
             plan[name] = TensorPlan(name, shape, None, text)
             continue
         if mix is not None:
