@@ -43,10 +43,23 @@ def budget_bytes(sens, target_bpw: float | None, target_size_gib: float | None) 
 
 
 def choose_mix(model, recipe, *, target_bpw: float | None = None, target_size_gib: float | None = None,
-               calib: str | None = None, kl: bool = True, progress: bool | None = None) -> dict:
+               calib: str | None = None, kl: bool | None = None, progress: bool | None = None) -> dict:
     """Measure every tensor's sensitivity and solve the allocation for the target. Returns the mix record
-    ({"tensor_types", "file_type", "bits_per_weight", "bytes", "predicted_loss", "families", ...})."""
+    ({"tensor_types", "file_type", "bits_per_weight", "bytes", "predicted_loss", "families", ...}).
+    kl: scale the losses by the KL of each tensor quantized alone (loads the whole model, one forward per tensor);
+    None: on models the report evaluates too (up to evaluate_run.MAX_EVAL_PARAMS), the raw proxy above."""
+    from gemmaquant.evaluate_run import MAX_EVAL_PARAMS
+    from gemmaquant.model.gemma4 import param_counts
+    from gemmaquant.progress import stage
+    from gemmaquant.quantize import open_source
     from gemmaquant.sensitivity import measure
+    from gemmaquant.workflow import model_config
+
+    if kl is None:
+        cfg = model_config(model) if isinstance(model, (str, os.PathLike)) else open_source(model).config
+        kl = param_counts(cfg)["total"] <= MAX_EVAL_PARAMS
+        if not kl:
+            stage("a large model: the losses are the unscaled Hessian proxy (no KL per tensor)", progress)
 
     if target_bpw is not None and target_size_gib is not None:
         raise TargetError("give one of --target-bpw and --target-size, not both")
