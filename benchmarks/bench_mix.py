@@ -182,6 +182,14 @@ def goal_lines(rows: list[dict]) -> list[str]:
         lines.append(f"- {fx}: best gemmaquant file at <= {plain['bits_per_weight']:.3f} bpw ({best['type']}, "
                      f"{best['bits_per_weight']:.3f} bpw): mean KLD {best['kld']:.5f} = **{ratio:.2f}x** llama.cpp "
                      f"Q4_K_M + imatrix ({q4['kld']:.5f}); goal 0.5x {'met' if ratio <= 0.5 else 'NOT met'}")
+        same = []
+        for t in TARGETS:  # the stretch: the same ratio at each llama.cpp mix's own size
+            ref = next((r for r in fr if r["type"] == t and r["imatrix"]), None)
+            mix = next((r for r in fr if r["type"] == f"mix at {t}'s size"), None)
+            if ref and mix:
+                same.append(f"{t} {mix['kld'] / ref['kld']:.2f}x")
+        if same:
+            lines.append(f"  - mix against llama.cpp + imatrix at each mix's own size: {', '.join(same)}")
     return lines
 
 
@@ -217,40 +225,58 @@ def _svg(rows: list[dict]) -> str:
     import math
 
     fixtures = list(dict.fromkeys(r["fixture"] for r in rows))
-    W, H, pad = 330, 260, 45
-    style = {("llama.cpp", False): ("#888", "llama.cpp"), ("llama.cpp", True): ("#1f77b4", "llama.cpp + imatrix"),
-             ("gemmaquant", False): ("#d62728", "gemmaquant")}
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W * len(fixtures)}" height="{H + 30}" '
+    W, H, pad, right = 380, 260, 45, 95
+    colors = {"llama.cpp": "#888", "llama.cpp + imatrix": "#1f77b4", "gemmaquant mix": "#d62728",
+              "gemmaquant GPTQ onto Q4_K_M's mix": "#ff7f0e"}
+
+    def kind(r):
+        if r["source"] == "llama.cpp":
+            return "llama.cpp + imatrix" if r["imatrix"] else "llama.cpp"
+        return "gemmaquant mix" if r["type"].startswith("mix") else "gemmaquant GPTQ onto Q4_K_M's mix"
+
+    def label(r):
+        return r["type"].split(" ")[0] if r["source"] == "llama.cpp" else (
+            "mix@" + r["type"].split(" ")[2].split("'")[0] if r["type"].startswith("mix") else "GPTQ Q4_K_M")
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W * len(fixtures)}" height="{H + 50}" '
            f'font-family="sans-serif" font-size="10">']
     for k, fx in enumerate(fixtures):
         fr = [r for r in rows if r["fixture"] == fx]
         x0 = k * W
         bx = [r["bits_per_weight"] for r in fr]
         ly = [math.log10(max(r["kld"], 1e-8)) for r in fr]
-        xlo, xhi = min(bx) - 0.1, max(bx) + 0.1
-        ylo, yhi = min(ly) - 0.1, max(ly) + 0.1
+        xlo, xhi = min(bx) - 0.15, max(bx) + 0.15
+        ylo, yhi = min(ly) - 0.15, max(ly) + 0.15
 
         def px(b):
-            return x0 + pad + (b - xlo) / (xhi - xlo) * (W - pad - 10)
+            return x0 + pad + (b - xlo) / (xhi - xlo) * (W - pad - right)
 
         def py(v):
             return 10 + (yhi - v) / (yhi - ylo) * (H - pad)
 
-        out.append(f'<rect x="{x0 + pad}" y="10" width="{W - pad - 10}" height="{H - pad}" fill="none" stroke="#000"/>')
-        out.append(f'<text x="{x0 + W / 2}" y="{H + 20}" text-anchor="middle">{fx}: bits per weight</text>')
+        out.append(f'<rect x="{x0 + pad}" y="10" width="{W - pad - right}" height="{H - pad}" fill="none" '
+                   f'stroke="#000"/>')
+        out.append(f'<text x="{x0 + pad + (W - pad - right) / 2}" y="{H + 5}" text-anchor="middle">{fx}: bits per '
+                   f'weight</text>')
         for e in range(math.floor(ylo), math.ceil(yhi) + 1):
-            if ylo <= e <= yhi:
-                out.append(f'<text x="{x0 + pad - 4}" y="{py(e) + 3:.1f}" text-anchor="end">1e{e}</text>')
-        for b in range(math.ceil(xlo), math.floor(xhi) + 1):
-            out.append(f'<text x="{px(b):.1f}" y="{H - pad + 24}" text-anchor="middle">{b}</text>')
+            for m in (1, 2, 5):
+                v = e + math.log10(m)
+                if ylo <= v <= yhi:
+                    out.append(f'<text x="{x0 + pad - 4}" y="{py(v) + 3:.1f}" text-anchor="end">{m}e{e}</text>')
+                    out.append(f'<line x1="{x0 + pad}" x2="{x0 + W - right}" y1="{py(v):.1f}" y2="{py(v):.1f}" '
+                               f'stroke="#ddd"/>')
+        b = math.ceil(xlo * 4) / 4
+        while b <= xhi:
+            out.append(f'<text x="{px(b):.1f}" y="{H - pad + 24}" text-anchor="middle">{b:g}</text>')
+            b += 0.25
         for r, b, v in zip(fr, bx, ly):
-            color, _ = style[(r["source"], bool(r["imatrix"]))]
-            label = r["type"].split(" ")[0] if r["source"] == "llama.cpp" else r["type"].replace("mix at ", "@")
-            out.append(f'<circle cx="{px(b):.1f}" cy="{py(v):.1f}" r="3.5" fill="{color}"/>')
-            out.append(f'<text x="{px(b) + 5:.1f}" y="{py(v) - 4:.1f}" fill="{color}" font-size="8">{label}</text>')
-    for i, (color, name) in enumerate(style.values()):
-        out.append(f'<text x="{pad + 130 * i}" y="{H + 2}" fill="{color}">&#9679; {name}</text>')
-    out.append(f'<text x="4" y="{H / 2}" transform="rotate(-90 8 {H / 2})">mean KLD (log)</text></svg>')
+            c = colors[kind(r)]
+            out.append(f'<circle cx="{px(b):.1f}" cy="{py(v):.1f}" r="3.5" fill="{c}"/>')
+            out.append(f'<text x="{px(b) + 5:.1f}" y="{py(v) + 3:.1f}" fill="{c}" font-size="8">{label(r)}</text>')
+    for i, (name, c) in enumerate(colors.items()):
+        out.append(f'<text x="{pad + 190 * (i % 2)}" y="{H + 22 + 14 * (i // 2)}" fill="{c}">&#9679; {name}</text>')
+    out.append(f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle">mean KLD '
+               f'(llama-perplexity)</text></svg>')
     return "\n".join(out) + "\n"
 
 
