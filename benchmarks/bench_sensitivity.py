@@ -65,6 +65,7 @@ def main():
                 n *= d
             rows.append({"tensor": u.name, "role": role(u.name), "position": position(u.name, n_layers),
                          "weights": n, "cheapest": cheap, "kl_alone": s.kl[u.name],
+                         "proxy_cheapest": s.proxy[u.name][cheap],
                          "kl_per_mbyte_saved": (lc - l8) / max(b8 - bc, 1) * 2**20})
         out[fx] = {"spearman_proxy_vs_kl": s.spearman(), "tensors": rows}
         print(fx, "spearman", s.spearman(), flush=True)
