@@ -20,32 +20,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
 
 
-def role(name: str) -> str:
-    if name == "embed_tokens.weight":
-        return "token embedding (tied output)"
-    if name == "embed_tokens_per_layer.weight":
-        return "per-layer embedding table"
-    if ".experts." in name:
-        return "experts"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "dense MLP"
-    return "PLE gate / projection"
-
-
-def position(name: str, n_layers: int) -> str:
-    if not name.startswith("layers."):
-        return "global"
-    i = int(name.split(".")[1])
-    return "first layer" if i == 0 else "last layer" if i == n_layers - 1 else "middle layers"
-
-
 def main():
     import torch
 
     from gemmaquant.recipe import Recipe
-    from gemmaquant.sensitivity import measure
+    from gemmaquant.sensitivity import measure, position, role
     from gemmaquant.workflow import model_config
 
     ap = argparse.ArgumentParser()

@@ -205,7 +205,43 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
             ref_err = proxy[name][sens.reference_type[name]]
             w = sens.kl[name] / ref_err if ref_err > 0 else 0.0
             u.options = {t: (b, 0.0 if t == FLOAT_CANDIDATE else w * err) for t, (b, err) in u.options.items()}
+    else:  # the measured prior: the KL per unit of proxy of the tensor's role and position on the fixtures
+        for name, u in units.items():
+            w = prior_weight(name, cfg.num_hidden_layers)
+            u.options = {t: (b, 0.0 if t == FLOAT_CANDIDATE else w * err) for t, (b, err) in u.options.items()}
     return sens
+
+
+def role(name: str) -> str:
+    """What a searchable tensor does in Gemma 4 (the groups of docs/quality.md's sensitivity table)."""
+    if name == "embed_tokens.weight":
+        return "token embedding"
+    if name == "embed_tokens_per_layer.weight":
+        return "per-layer embedding table"
+    if ".experts." in name:
+        return "experts"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "dense MLP"
+    return "PLE gate / projection"
+
+
+def position(name: str, n_layers: int) -> str:
+    if not name.startswith("layers."):
+        return "global"
+    i = int(name.split(".")[1])
+    return "first" if i == 0 else "last" if i == n_layers - 1 else "middle"
+
+
+def prior_weight(name: str, n_layers: int) -> float:
+    """KL per unit of Hessian proxy for a tensor of this role and position: the geometric mean of KL_u / proxy_u
+    over the trained fixtures' tensors (benchmarks/bench_sensitivity.py, benchmarks/results/sensitivity.json);
+    used instead of the per-tensor KL where the model is too large to measure it (`kl=False`)."""
+    return PRIOR_WEIGHTS.get((role(name), position(name, n_layers)), PRIOR_WEIGHTS.get((role(name), "any"), 1.0))
+
+
+PRIOR_WEIGHTS: dict[tuple[str, str], float] = {}
 
 
 @torch.no_grad()
