@@ -73,6 +73,11 @@ def skeleton(cfg) -> Sensitivity:
     return Sensitivity(units, fixed, weights)
 
 
+def cheapest(u: Unit) -> str:
+    """The candidate with the fewest bytes (the first registered one among equals: Q4_0 before Q4_K)."""
+    return min(u.options, key=lambda t: u.options[t][0])
+
+
 def searchable(name: str, shape: tuple[int, ...]) -> bool:
     """Whether the search chooses this tensor's type: every quantized matrix and the embedding tables (llama.cpp
     keeps per_layer_model_projection float, and so does gemmaquant; norms, routers, scalars stay F32)."""
@@ -163,13 +168,13 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
                         err += float(share[e]) * ee
                         qs.append(q)
                     proxy[name][t] = err
-                    if t == cands[0]:
+                    if t == cheapest(units[name]):
                         refs[name] = torch.stack(qs)
             else:
                 H = stats.inputs[group_of(rel)].hessian
                 for t in cands:
                     proxy[name][t], q = _matrix_err(w, H, t)
-                    if t == cands[0]:
+                    if t == cheapest(units[name]):
                         refs[name] = q
         del layer, stats
     # the embeddings: token frequencies of the calibration set, and the final-normed hidden state's Gram
@@ -192,12 +197,12 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
             if name == "embed_tokens.weight" and cfg.tie_word_embeddings:
                 err += float(((d @ Hf) * d).sum())
             proxy[name][t] = err
-            if t == candidate_types(w.shape[-1])[0]:
+            if t == cheapest(units[name]):
                 refs[name] = q
     for name, u in units.items():
         u.options = {t: (b, proxy[name][t]) for t, (b, _) in u.options.items()}
     sens.proxy = proxy
-    sens.reference_type = {n: candidate_types(u.shape[-1])[0] for n, u in units.items()}
+    sens.reference_type = {n: cheapest(u) for n, u in units.items()}
     if kl:
         stage(f"measuring the KL of each of {len(units)} tensors quantized alone", progress)
         sens.kl = _kl_alone(model, src, cfg, ids[:kl_sequences], refs, progress)
