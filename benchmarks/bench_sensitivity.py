@@ -29,10 +29,11 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", default=",".join(FIXTURES))
+    ap.add_argument("--table-only", action="store_true", help="rewrite sensitivity.md from sensitivity.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = {}
-    for fx in args.fixtures.split(","):
+    for fx in [] if args.table_only else args.fixtures.split(","):
         n_layers = model_config(fx).num_hidden_layers
         s = measure(fx, Recipe(), progress=False)
         rows = []
@@ -67,7 +68,46 @@ def main():
                          f"{sum(r['kl_per_mbyte_saved'] for r in rs) / len(rs):.2e} |")
         lines.append(f"| {fx} | rank correlation (Spearman) of the raw Hessian proxy with the KL | | | | "
                      f"{d['spearman_proxy_vs_kl']:.2f} | |")
+    lines += ["", "Prior for models too large for the KL per tensor (gemmaquant.sensitivity.PRIOR_WEIGHTS): the geometric "
+              "mean of KL / proxy over the fixtures' tensors of each role and position; rank correlation with the "
+              "KL of the proxy scaled by it, in sample and with the weights fitted on the other two fixtures:", "",
+              "| role | position | KL per unit of proxy |", "|---|---|---|"]
+    w = prior_weights(saved)
+    lines += [f"| {ro} | {pos} | {v:.3g} |" for (ro, pos), v in sorted(w.items())]
+    lines += ["", "| fixture | raw proxy | scaled by the prior | prior fitted on the other fixtures |", "|---|---|---|---|"]
+    for fx in saved:
+        rs = [r for r in saved[fx]["tensors"] if r["proxy_cheapest"] > 0]
+        kl = [r["kl_alone"] for r in rs]
+        loo = prior_weights({f: v for f, v in saved.items() if f != fx})
+        lines.append(f"| {fx} | {_spearman([r['proxy_cheapest'] for r in rs], kl):.2f} | "
+                     f"{_spearman([_w(w, r) * r['proxy_cheapest'] for r in rs], kl):.2f} | "
+                     f"{_spearman([_w(loo, r) * r['proxy_cheapest'] for r in rs], kl):.2f} |")
     (RESULTS / "sensitivity.md").write_text("\n".join(lines) + "\n")
+
+
+def prior_weights(saved: dict) -> dict[tuple[str, str], float]:
+    """(role, position) -> geometric mean of KL / proxy; (role, "any") pools the positions."""
+    import math
+
+    groups: dict[tuple[str, str], list[float]] = {}
+    for d in saved.values():
+        for r in d["tensors"]:
+            if r["proxy_cheapest"] > 0 and r["kl_alone"] > 0:
+                v = math.log(r["kl_alone"] / r["proxy_cheapest"])
+                for key in ((r["role"], r["position"]), (r["role"], "any")):
+                    groups.setdefault(key, []).append(v)
+    return {k: math.exp(sum(v) / len(v)) for k, v in groups.items()}
+
+
+def _w(w: dict, r: dict) -> float:
+    return w.get((r["role"], r["position"]), w.get((r["role"], "any"), 1.0))
+
+
+def _spearman(a, b) -> float:
+    import torch
+
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return float(torch.corrcoef(torch.stack([a.argsort().argsort().double(), b.argsort().argsort().double()]))[0, 1])
 
 
 if __name__ == "__main__":

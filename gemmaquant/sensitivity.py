@@ -13,8 +13,12 @@ statistics from gemmaquant.capture):
 Those errors live in different spaces (q_proj's output is not the residual stream), so they are put on one scale
 by measurement (`kl=True`, the default): for each unit, the KL(float || model) on calibration text with that unit
 alone quantized to its cheapest candidate gives the unit's weight: loss(u, t) = KL_u * err(u, t) / err(u, cheapest).
-That takes one forward of the whole model per unit (the model is loaded: fixture and edge sizes); `kl=False`
-keeps the raw proxy (streaming, bounded memory at any size, but comparable only within a tensor's candidates).
+That takes one forward of the whole model per unit (the model is loaded: fixture and edge sizes). `kl=False`
+(streaming, bounded memory at any size) scales the proxy by a prior measured on the trained fixtures instead: the
+KL per unit of proxy of the tensor's role (attention, dense MLP, experts, embeddings, PLE) and position (first,
+middle, last layer), PRIOR_WEIGHTS. The raw proxy alone does not rank tensors by their KL (Spearman -0.23 to 0.09
+on the fixtures); scaled by the prior fitted on the other fixtures it reaches 0.38-0.65
+(benchmarks/results/sensitivity.md).
 The total loss of a mix is predicted as the sum of its units' losses (additivity, as HAWQ / llama.cpp's target-bpw
 work assume); `Sensitivity.spearman` says how well the raw proxy alone ranks the units against the measured KL.
 """
@@ -246,7 +250,16 @@ def prior_weight(name: str, n_layers: int) -> float:
     return PRIOR_WEIGHTS.get((role(name), position(name, n_layers)), PRIOR_WEIGHTS.get((role(name), "any"), 1.0))
 
 
-PRIOR_WEIGHTS: dict[tuple[str, str], float] = {}
+PRIOR_WEIGHTS: dict[tuple[str, str], float] = {  # benchmarks/results/sensitivity.md, 3 trained fixtures
+    ("PLE gate / projection", "any"): 0.000105, ("PLE gate / projection", "first"): 0.000303,
+    ("PLE gate / projection", "last"): 9.4e-05, ("PLE gate / projection", "middle"): 8.24e-05,
+    ("attention", "any"): 0.000311, ("attention", "first"): 0.00236, ("attention", "last"): 5.12e-05,
+    ("attention", "middle"): 0.000238, ("dense MLP", "any"): 3.95e-05, ("dense MLP", "first"): 0.000118,
+    ("dense MLP", "last"): 2.3e-05, ("dense MLP", "middle"): 3.35e-05, ("experts", "any"): 0.000268,
+    ("experts", "first"): 0.000946, ("experts", "last"): 7.8e-05, ("experts", "middle"): 0.000265,
+    ("per-layer embedding table", "any"): 0.0117, ("per-layer embedding table", "global"): 0.0117,
+    ("token embedding", "any"): 0.000122, ("token embedding", "global"): 0.000122,
+}
 
 
 @torch.no_grad()

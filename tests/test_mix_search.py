@@ -252,3 +252,13 @@ def test_gguf_mix_end_to_end(tmp_path):
         out = subprocess.run([ppl, "-m", path, "-f", str(text), "-c", "64", "-b", "64", "--chunks", "2", "-t", "1"],
                              capture_output=True, text=True)
         assert out.returncode == 0 and "PPL" in out.stdout + out.stderr, out.stderr[-2000:]
+
+
+def test_prior_weights_by_role_and_position():
+    from gemmaquant.sensitivity import prior_weight, role
+
+    assert role("layers.2.experts.gate_up_proj") == "experts" and role("embed_tokens_per_layer.weight") == \
+        "per-layer embedding table"
+    first, middle, last = (prior_weight(f"layers.{i}.self_attn.q_proj.weight", 30) for i in (0, 15, 29))
+    assert first > middle > last  # measured on every fixture: the first layer is the most sensitive per unit
+    assert prior_weight("layers.3.mlp.up_proj.weight", 30) < middle
