@@ -68,13 +68,14 @@ def main():
                          f"{sum(r['kl_per_mbyte_saved'] for r in rs) / len(rs):.2e} |")
         lines.append(f"| {fx} | rank correlation (Spearman) of the raw Hessian proxy with the KL | | | | "
                      f"{d['spearman_proxy_vs_kl']:.2f} | |")
-    lines += ["", "Prior for models too large for the KL per tensor (gemmaquant.sensitivity.PRIOR_WEIGHTS): the geometric "
-              "mean of KL / proxy over the fixtures' tensors of each role and position; rank correlation with the "
-              "KL of the proxy scaled by it, in sample and with the weights fitted on the other two fixtures:", "",
+    lines += ["", "Prior for models too large for the KL per tensor (gemmaquant.sensitivity.PRIOR_WEIGHTS): the "
+              "geometric mean of KL / proxy over the fixtures' tensors of each role and position; rank correlation "
+              "with the KL of the proxy scaled by it, in sample and with the weights fitted on the other two fixtures:", "",
               "| role | position | KL per unit of proxy |", "|---|---|---|"]
     w = prior_weights(saved)
     lines += [f"| {ro} | {pos} | {v:.3g} |" for (ro, pos), v in sorted(w.items())]
-    lines += ["", "| fixture | raw proxy | scaled by the prior | prior fitted on the other fixtures |", "|---|---|---|---|"]
+    lines += ["", "| fixture | raw proxy | scaled by the prior | prior fitted on the other fixtures |",
+              "|---|---|---|---|"]
     for fx in saved:
         rs = [r for r in saved[fx]["tensors"] if r["proxy_cheapest"] > 0]
         kl = [r["kl_alone"] for r in rs]

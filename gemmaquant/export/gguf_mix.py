@@ -168,7 +168,8 @@ def check_tensor_types(tensor_types: dict[str, str], shapes: dict[str, tuple[int
 
     for name, t in tensor_types.items():
         if t not in (*BLOCK_TYPES, *FLOAT_TYPES):
-            raise MixError(f"{source}: unknown GGUF type {t!r} for {name}; valid: {', '.join((*BLOCK_TYPES, *FLOAT_TYPES))}")
+            raise MixError(f"{source}: unknown GGUF type {t!r} for {name}; valid: "
+                           f"{', '.join((*BLOCK_TYPES, *FLOAT_TYPES))}")
         if name not in shapes:
             raise MixError(f"{source}: no tensor {name!r} in this model")
         if not searchable(name, shapes[name]):
