@@ -47,24 +47,23 @@ def choose_mix(model, recipe, *, target_bpw: float | None = None, target_size_gi
     """Measure every tensor's sensitivity and solve the allocation for the target. Returns the mix record
     ({"tensor_types", "file_type", "bits_per_weight", "bytes", "predicted_loss", "families", ...}).
     kl: scale the losses by the KL of each tensor quantized alone (loads the whole model, one forward per tensor);
-    None: on models the report evaluates too (up to evaluate_run.MAX_EVAL_PARAMS), the raw proxy above."""
+    None: on models the report evaluates too (up to evaluate_run.MAX_EVAL_PARAMS); above, the Hessian proxy scaled by
+    the prior per role and position (gemmaquant.sensitivity.PRIOR_WEIGHTS)."""
     from gemmaquant.evaluate_run import MAX_EVAL_PARAMS
     from gemmaquant.model.gemma4 import param_counts
     from gemmaquant.progress import stage
     from gemmaquant.quantize import open_source
-    from gemmaquant.sensitivity import measure
+    from gemmaquant.sensitivity import measure, skeleton
     from gemmaquant.workflow import model_config
 
+    cfg = model_config(model) if isinstance(model, (str, os.PathLike)) else open_source(model).config
+    budget_bytes(skeleton(cfg), target_bpw, target_size_gib)  # a budget outside the grids fails before any work
     if kl is None:
-        cfg = model_config(model) if isinstance(model, (str, os.PathLike)) else open_source(model).config
         kl = param_counts(cfg)["total"] <= MAX_EVAL_PARAMS
         if not kl:
-            stage("a large model: the losses are the unscaled Hessian proxy (no KL per tensor)", progress)
-
-    if target_bpw is not None and target_size_gib is not None:
-        raise TargetError("give one of --target-bpw and --target-size, not both")
-    sens = measure(model, recipe, calib=calib, kl=kl, progress=progress,
-                   budget_check=lambda sk: budget_bytes(sk, target_bpw, target_size_gib))
+            stage("a large model: each tensor's loss is its Hessian proxy scaled by the prior measured on the "
+                  "fixtures for its role and position (no KL per tensor)", progress)
+    sens = measure(model, recipe, calib=calib, kl=kl, progress=progress)
     budget = budget_bytes(sens, target_bpw, target_size_gib)
     choice = solve(sens.units, budget, sens.fixed_bytes)
     nbytes, loss = total(sens.units, choice)
@@ -72,7 +71,7 @@ def choose_mix(model, recipe, *, target_bpw: float | None = None, target_size_gi
     return {"format": MIX_FORMAT, "target_bpw": target_bpw, "target_size_gib": target_size_gib,
             "budget_bytes": budget, "bytes": nbytes, "bits_per_weight": 8 * nbytes / sens.weights,
             "predicted_loss": loss, "loss": "sum of KL(float || model) of each tensor quantized alone" if kl
-            else "Hessian-weighted output error (unnormalised)", "spearman_proxy_vs_kl": sens.spearman(),
+            else "Hessian proxy x the fixtures' KL per unit of proxy for the tensor's role and position", "spearman_proxy_vs_kl": sens.spearman(),
             "file_type": file_type_for(choice, {u.name: u.shape for u in sens.units}),
             "families": families(choice, {u.name: u.shape for u in sens.units}),
             "tensor_types": dict(sorted(choice.items())), "sensitivity": sens.to_dict()}
