@@ -72,6 +72,12 @@ def quantize(
     activation_budget: Optional[float] = typer.Option(None, "--activation-budget", help="GiB of GPU memory the "
                                                       "calibration activations may hold (default: half the free "
                                                       "memory; beyond it they live in host memory; 0: always)"),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: choose a type per tensor by "
+                                               "measured sensitivity for this many bits per weight (file bytes)"),
+    target_size: Optional[float] = typer.Option(None, "--target-size", help="GGUF: as --target-bpw, for a file "
+                                                "of this many GiB"),
+    gguf_mix: Optional[Path] = typer.Option(None, "--gguf-mix", help="GGUF: a mix file (JSON tensor -> type, "
+                                            "as --target-bpw writes it) to quantize onto"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Quantize a Gemma 4 and write GGUF, compressed-tensors safetensors and a report."""
@@ -80,7 +86,8 @@ def quantize(
     res = _run(run_quantize, model, bits=bits, method=method, formats=format, gguf_type=gguf_type,
                group_size=group_size, recipe_file=recipe, calib=calib, out=out, dry_run=dry_run,
                overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False,
-               device=device, activation_budget_gib=activation_budget, resumes="after the last finished layer")
+               device=device, activation_budget_gib=activation_budget, target_bpw=target_bpw,
+               target_size=target_size, gguf_mix=gguf_mix, resumes="after the last finished layer")
     _emit(res, as_json, res["text"])
 
 

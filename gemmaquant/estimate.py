@@ -117,7 +117,9 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
         "time_parts_seconds": {"forward": forward_s, "statistics": stats_s, "gptq": gptq_s},
         "time_basis": f"{throughput.basis} on {throughput.device}",
     }
-    lines = [f"plan: {recipe.method} onto {recipe.gguf_type or recipe.weight_format}, "
+    grid = f"a per-tensor mix (file type {recipe.gguf_type})" if recipe.tensor_types else (recipe.gguf_type or
+                                                                                          recipe.weight_format)
+    lines = [f"plan: {recipe.method} onto {grid}, "
              f"{total / 1e9:.3f}B parameters, {len(plan)} tensors"]
     for t, n in sorted((res["gguf"] or {}).get("params_by_type", {}).items(), key=lambda kv: -kv[1]):
         lines.append(f"  {t:6s} {n / 1e9:9.4f}B params in the GGUF")

@@ -58,19 +58,24 @@ def make_plan(cfg: Gemma4Config, recipe: Recipe) -> dict[str, TensorPlan]:
     if recipe.gguf_type:
         from gemmaquant.export.gguf_mix import gguf_mix_plan
 
-        mix = gguf_mix_plan(cfg, recipe.gguf_type)
+        mix = gguf_mix_plan(cfg, recipe.gguf_type, tensor_types=recipe.tensor_types)
     plan = {}
     embedding_types = _embedding_gguf_types(cfg, recipe)
     for name, shape in expected_shapes(cfg).items():
         why = float_reason(name)
         if why is not None or len(shape) < 2:
             text = FLOAT_REASONS[why or "norm"].format(gguf=embedding_types.get(name))
+            if name in (recipe.tensor_types or {}):
+                text = (f"embedding table: bf16 in safetensors; GGUF gets {recipe.tensor_types[name]} by "
+                        f"round-to-nearest (chosen per tensor)")
             plan[name] = TensorPlan(name, shape, None, text)
             continue
         if mix is not None:
             choice = mix[name]
             if isinstance(choice, str) and choice.upper() in ("F32", "F16", "BF16"):
-                plan[name] = TensorPlan(name, shape, None, f"{recipe.gguf_type}: llama.cpp keeps it {choice}")
+                why = (f"per-tensor mix: {choice}" if name in (recipe.tensor_types or {})
+                       else f"{recipe.gguf_type}: llama.cpp keeps it {choice}")
+                plan[name] = TensorPlan(name, shape, None, why)
                 continue
             fmt = get_format(choice) if isinstance(choice, str) else choice
         else:
@@ -94,7 +99,8 @@ def _embedding_gguf_types(cfg: Gemma4Config, recipe: Recipe) -> dict[str, str]:
     file_type = gguf_file_type(recipe)
     if file_type is None:
         return dict.fromkeys(names, "no GGUF export")
-    mix = gguf_mix_plan(cfg, file_type, token_embd_type=recipe.embedding_gguf_type)
+    mix = gguf_mix_plan(cfg, file_type, token_embd_type=recipe.embedding_gguf_type,
+                        tensor_types=recipe.tensor_types if recipe.gguf_type else None)
     return {n: mix[n] for n in names if n in mix}
 
 

@@ -29,7 +29,7 @@ ADDED_KEYS = {"importance_params": False}
 # Keys only the exporters read: a work directory's values do not depend on them, so a run resumes whatever they are.
 EXPORT_ONLY_KEYS = ("embedding_gguf_type",)
 # Keys left out of `to_dict` (and so of every output file's recipe metadata) while they hold this value.
-OMITTED_AT_DEFAULT = {"forward_dtype": "auto"}
+OMITTED_AT_DEFAULT = {"forward_dtype": "auto", "tensor_types": None}
 FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -42,6 +42,8 @@ class Recipe:
     # token_embd / per_layer_token_embd in GGUF (llama-quantize's --token-embedding-type); None: llama.cpp's rule,
     # Q6_K, or Q8_0 where a row does not fit Q6_K's 256-blocks (and Q8_0 in a Q8_0 file)
     embedding_gguf_type: str | None = None
+    # {tensor name: GGUF type}: per-tensor choices over the gguf_type mix (what `--target-bpw` finds, a mix file)
+    tensor_types: dict | None = None
     calibration: str = "default"  # "default" (bundled set) or a file path
     n_samples: int = 32
     seq_len: int = 256
@@ -62,6 +64,8 @@ class Recipe:
         if self.method not in METHODS:
             raise RecipeError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         check_fields(self, RecipeError, recipe_ranges())
+        if self.tensor_types is not None:
+            _check_tensor_types(self.tensor_types)
         if self.forward_dtype not in FORWARD_DTYPES:
             raise RecipeError(f"forward_dtype {self.forward_dtype!r}; valid: {', '.join(FORWARD_DTYPES)}")
 
@@ -138,6 +142,17 @@ def recipe_ranges() -> dict:
         "damp": between(0.0, MAX_DAMP, f"in [0, {MAX_DAMP}] (a fraction of the Hessian's mean diagonal)"),
         "awq_grid": positive(), "moe_min_tokens": at_least(0),
     }
+
+
+def _check_tensor_types(types) -> None:
+    from gemmaquant.export.gguf_mix import BLOCK_TYPES, FLOAT_TYPES
+
+    if not isinstance(types, dict):
+        raise RecipeError(f"tensor_types must be a table of tensor name -> GGUF type, got {type(types).__name__}")
+    for name, t in types.items():
+        if not isinstance(name, str) or t not in BLOCK_TYPES + FLOAT_TYPES:
+            raise RecipeError(f"tensor_types: unknown GGUF type {t!r} for {name}; valid: "
+                              f"{', '.join(BLOCK_TYPES + FLOAT_TYPES)}")
 
 
 def bundled_recipes() -> list[str]:

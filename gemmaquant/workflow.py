@@ -84,6 +84,8 @@ def parse_formats(formats: str | tuple) -> tuple[str, ...]:
 
 
 def scheme_name(recipe: Recipe) -> str:
+    if recipe.tensor_types:  # a per-tensor mix (--target-bpw, --gguf-mix)
+        return "mix"
     return recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format)
 
 
@@ -121,7 +123,9 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
                  gguf_type: str | None = None, group_size: int | None = None, recipe_file: Path | None = None,
                  calib: Path | None = None, out: Path | None = None, dry_run: bool = False,
                  overwrite: bool = False, evaluate: bool = True, progress: bool | None = None,
-                 device: str = "auto", activation_budget_gib: float | None = None) -> dict:
+                 device: str = "auto", activation_budget_gib: float | None = None,
+                 target_bpw: float | None = None, target_size: float | None = None,
+                 gguf_mix: Path | None = None) -> dict:
     from gemmaquant.device import device_name, resolve_device
     from gemmaquant.plan import make_plan, plan_summary
 
@@ -132,13 +136,19 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     budget = None if activation_budget_gib is None else int(activation_budget_gib * 2**30)
     recipe = resolve_recipe(model, bits, method, fmts, gguf_type, group_size, recipe_file)
     cfg = model_config(model)
+    name = Path(str(model)).name
+    mix = None
+    if target_bpw is not None or target_size is not None or gguf_mix is not None:
+        recipe, mix = resolve_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib,
+                                  out if out is not None else Path(f"{name}-mix"), progress)
     plan = make_plan(cfg, recipe)
     if dry_run:
         from gemmaquant.estimate import estimate
 
         est = estimate(cfg, plan, recipe, fmts, device=dev)
-        return {"dry_run": True, "model": str(model), "recipe": recipe.to_dict(), **est, "text": est["text"]}
-    name = Path(str(model)).name
+        text = est["text"] + (f"\n{mix_summary(mix)}" if mix else "")
+        return {"dry_run": True, "model": str(model), "recipe": recipe.to_dict(), **est,
+                **({"mix": mix} if mix else {}), "text": text}
     out = Path(out) if out is not None else Path(f"{name}-{scheme_name(recipe).lower()}")
     from gemmaquant.evaluate_run import REPORT_FILES
     from gemmaquant.lock import hold
@@ -148,7 +158,13 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
 
     exports = export_steps(name, recipe, fmts)
     with removed_if_left_empty(out), hold(out):  # one run per output directory; a failure before any write
-        prepare_out(out, overwrite, tuple(e[1] for e in exports.values()) + (REPORT_FILES if evaluate else ()))
+        mix_file = f"{name}-mix.json"
+        prepare_out(out, overwrite, tuple(e[1] for e in exports.values()) + (REPORT_FILES if evaluate else ())
+                    + ((mix_file,) if mix else ()))
+        if mix:
+            from gemmaquant.target_mix import write_mix
+
+            write_mix(mix, out / mix_file)
         t0 = time.time()
         stage(f"quantizing on {device_name(dev)}", progress)
         steps = Steps(out)
@@ -161,6 +177,9 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
         summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
                    "calibration_sha256": result.calibration_sha256, "quantize_seconds": round(result.seconds, 2),
                    "device": device_name(dev), "plan": plan_summary(plan)}
+        if mix:
+            summary["mix"] = {k: v for k, v in mix.items() if k != "sensitivity"}
+            summary["mix_file"] = str(out / mix_file)
         if evaluate:
             from gemmaquant.evaluate_run import evaluate_and_report
 
@@ -168,8 +187,63 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
                                                     steps=steps)
         prune_layers(result.work_dir)  # the records stay: a rerun of this command finds its finished outputs
     summary["total_seconds"] = round(time.time() - t0, 2)
-    summary["text"] = _quantize_text(summary)
+    summary["text"] = _quantize_text(summary) + (f"\n{mix_summary(mix)}\n  mix file (--gguf-mix): "
+                                                 f"{summary['mix_file']}" if mix else "")
     return summary
+
+
+def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib, out,
+                progress) -> tuple[Recipe, dict]:
+    """--target-bpw / --target-size (a mix measured and solved) or --gguf-mix FILE (a mix read back): the recipe
+    with the per-tensor types (`tensor_types`), and the mix record. A finished or interrupted run's mix file in
+    `out` for the same request is reused (the measurement is deterministic; this saves it)."""
+    import json
+
+    from gemmaquant.target_mix import choose_mix, read_mix
+
+    given = [f for f, v in (("--target-bpw", target_bpw), ("--target-size", target_size), ("--gguf-mix", gguf_mix))
+             if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"{given[0]} and {given[1]} exclude each other")
+    if "safetensors" in fmts:
+        raise UsageError(f"{given[0]} chooses GGUF types per tensor, which compressed-tensors cannot hold; add "
+                         f"--format gguf")
+    if recipe.method == "awq":
+        raise UsageError(f"{given[0]}: AWQ folds scales across tensors of one mix; use --method gptq, imatrix or rtn")
+    for flag, v in (("--target-bpw", target_bpw), ("--target-size", target_size)):
+        if v is not None and not (isinstance(v, (int, float)) and v > 0 and v == v and v != float("inf")):
+            raise UsageError(f"{flag} {v}: must be a positive number")
+    if gguf_mix is not None:
+        types = read_mix(gguf_mix, cfg)
+        from gemmaquant.checkpoint import expected_shapes
+        from gemmaquant.target_mix import families
+
+        shapes = expected_shapes(cfg)
+        # tensors the file does not name keep the type the recipe alone gives them (--gguf-type, or its grid's)
+        mix = {"source": str(gguf_mix), "tensor_types": types, "families": families(types, shapes),
+               "file_type": recipe.gguf_type or LOSSLESS_GGUF[recipe.weight_format]}
+    else:
+        request = {"target_bpw": target_bpw, "target_size_gib": target_size, "calibration": str(calib or
+                   recipe.calibration), "method": recipe.method}
+        saved = Path(out) / f"{Path(str(model)).name}-mix.json"
+        mix = json.loads(saved.read_text()) if saved.is_file() else None
+        if mix is None or mix.get("request") != request:
+            base = Recipe.from_dict({**recipe.to_dict(), "gguf_type": recipe.gguf_type or "Q8_0"})
+            mix = {"request": request, **choose_mix(model, base, target_bpw=target_bpw, target_size_gib=target_size,
+                                                    calib=calib, progress=progress)}
+        if gguf_type:
+            mix["file_type"] = gguf_type.upper()
+    return Recipe.from_dict({**recipe.to_dict(), "gguf_type": mix["file_type"],
+                             "tensor_types": mix["tensor_types"]}), mix
+
+
+def mix_summary(mix: dict) -> str:
+    from gemmaquant.target_mix import mix_text
+
+    if "bits_per_weight" in mix:
+        return mix_text(mix)
+    return "\n".join([f"mix from {mix['source']}:"] + [f"  {fam:<32} " + ", ".join(types) for fam, types
+                                                          in mix["families"].items()])
 
 
 def export_steps(name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, tuple[dict, str, dict]]:
@@ -177,8 +251,11 @@ def export_steps(name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, 
     steps = {}
     for fmt in (f for f in FORMATS if f in fmts):
         if fmt == "gguf":
-            args = {"type": scheme_name(recipe), "token_embd_type": recipe.embedding_gguf_type}
-            rel = f"{name}-{args['type']}.gguf"
+            args = {"type": recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format),
+                    "token_embd_type": recipe.embedding_gguf_type}
+            rel = f"{name}-{scheme_name(recipe)}.gguf"  # a per-tensor mix: named for it, not its general.file_type
+            if recipe.tensor_types:
+                args["tensor_types"] = recipe.tensor_types
         else:
             group = int(recipe.weight_format.split("_g")[1].split("_")[0]) if "_g" in recipe.weight_format else None
             args = {"scheme": "W8A16" if recipe.weight_format == "int8" else "W4A16", "group_size": group or 32}
@@ -207,8 +284,10 @@ def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple
 
 
 def _quantize_text(s: dict) -> str:
-    lines = [f"quantized {s['model']} with {s['recipe']['method']} onto "
-             f"{s['recipe']['gguf_type'] or s['recipe']['weight_format']} "
+    grid = s['recipe']['gguf_type'] or s['recipe']['weight_format']
+    if s["recipe"].get("tensor_types"):
+        grid = f"a per-tensor mix (file type {grid})"
+    lines = [f"quantized {s['model']} with {s['recipe']['method']} onto {grid} "
              f"in {s['quantize_seconds']:.1f} s on {s.get('device', 'cpu')}"]
     from gemmaquant.export.inspect import file_bits
 

@@ -57,7 +57,8 @@ class Report:
         m, r = self.metrics, self.recipe
         out = [Section("", [
             f"# gemmaquant report: {self.model}", "",
-            f"Recipe: {r.get('method')} onto {r.get('gguf_type') or r.get('weight_format')}, "
+            f"Recipe: {r.get('method')} onto "
+            f"{'a per-tensor mix' if r.get('tensor_types') else r.get('gguf_type') or r.get('weight_format')}, "
             f"{r.get('n_samples')} x {r.get('seq_len')} calibration tokens "
             f"(sha256 {self.calibration_sha256[:16]}...).",
             "", HEADLINE, "",
@@ -76,6 +77,8 @@ class Report:
                 "| variant | bits/weight | KL mean | top-1 |", "|---|---|---|---|",
                 *(f"| {c['label']} | {c['bits_per_weight']:.3f} | {c['kl_mean']:.5f} | {100 * c['top1']:.2f}% |"
                   for c in self.compared)], plots.size_kl(self.compared)))
+        if r.get("tensor_types"):
+            out.append(Section("Per-tensor mix", mix_lines(r["tensor_types"])))
         reasons: dict[str, int] = {}
         for why in self.plan["float_tensors"].values():
             reasons[why] = reasons.get(why, 0) + 1
@@ -131,6 +134,20 @@ class Section:
     title: str
     lines: list[str]
     plot: str = ""
+
+
+def mix_lines(tensor_types: dict) -> list[str]:
+    """The GGUF type of every tensor of a per-tensor mix (`--target-bpw`, `--gguf-mix`), by tensor family."""
+    from gemmaquant.target_mix import family
+
+    fams: dict[str, dict[str, list[str]]] = {}
+    for name, t in sorted(tensor_types.items()):
+        layer = name.split(".")[1] if name.startswith("layers.") else "-"
+        fams.setdefault(family(name), {}).setdefault(t, []).append(layer)
+    return ["Each tensor's GGUF type, chosen per tensor (the full list: report.json, recipe.tensor_types).", "",
+            "| tensor family | type (layers) |", "|---|---|",
+            *(f"| {fam} | " + "; ".join(f"{t} ({', '.join(ls)})" if ls != ["-"] else t for t, ls in types.items())
+              + " |" for fam, types in fams.items())]
 
 
 def routing_lines(m: dict) -> list[str]:

@@ -111,13 +111,15 @@ def _header_bytes(kv_data, infos: list[tuple[str, tuple[int, ...], str, int]], s
 
 def export_gguf(source, out_path: str | os.PathLike, type: str = "Q4_K_M", overwrite: bool = False, *,
                 pure: bool = False, token_embd_type: str | None = None, keep_type: str | None = None,
-                name: str | None = None) -> Path:
+                name: str | None = None, tensor_types: dict[str, str] | None = None) -> Path:
     """Write `source` (a tensor source, see gemmaquant.export.source) as a llama.cpp GGUF file.
 
     type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K (= Q4_K_M), Q4_K_S, Q4_K_M, Q5_K (= Q5_K_M), Q5_K_S,
         Q5_K_M or Q6_K: the file type; it decides the type of every *float* value as llama-quantize would
         (`gguf_mix_plan`, with `pure`, `token_embd_type` as llama-quantize's --pure / --token-embedding-type).
         `Packed` values keep the block type they were quantized to.
+    tensor_types: {our name: GGUF type} for float values chosen per tensor (a `--target-bpw` mix), instead of the
+        file type's rule.
     keep_type: float type of tensors llama-quantize never requantizes (per_layer_model_proj); default: BF16 when
         the value is bf16, else F16 (llama.cpp's converter `--outtype auto`).
     Returns the path written. Raises ExportError (nothing written) for bad input, FileExistsError when
@@ -131,7 +133,8 @@ def export_gguf(source, out_path: str | os.PathLike, type: str = "Q4_K_M", overw
     cfg: Gemma4Config = source.config
     try:
         mix, ftype, _ = file_type(type)
-        plan = gguf_mix_plan(cfg, mix, keep_type=keep_type or "BF16", pure=pure, token_embd_type=token_embd_type)
+        plan = gguf_mix_plan(cfg, mix, keep_type=keep_type or "BF16", pure=pure, token_embd_type=token_embd_type,
+                             tensor_types=tensor_types)
     except MixError as e:
         raise ExportError(str(e)) from None
     check_llamacpp_compatible(cfg)

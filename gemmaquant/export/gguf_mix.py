@@ -120,8 +120,8 @@ def _loader_order(g: str) -> tuple[int, str]:
 
 
 def gguf_mix_plan(config: Gemma4Config, mix: str, keep_type: str = "BF16", pure: bool = False,
-                  token_embd_type: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None
-                  ) -> dict[str, str]:
+                  token_embd_type: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None,
+                  tensor_types: dict[str, str] | None = None) -> dict[str, str]:
     """The GGUF type of every text tensor of `config` under file type / mix `mix` (F32, F16, BF16, Q8_0, Q4_0,
     Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M (= Q3_K), Q3_K_L, Q4_K_S, Q4_K_M (= Q4_K), Q5_K_S, Q5_K_M (= Q5_K),
     Q6_K, IQ4_NL, IQ4_XS), as llama-quantize
@@ -132,14 +132,17 @@ def gguf_mix_plan(config: Gemma4Config, mix: str, keep_type: str = "BF16", pure:
     pure: llama-quantize `--pure` (no mix rules; every quantizable tensor gets the default type, with fallbacks).
     token_embd_type: llama-quantize `--token-embedding-type` (also applies to `per_layer_token_embd`).
     shapes: our name -> PyTorch shape; defaults to the shapes the config implies.
+    tensor_types: {our name: type} chosen per tensor (a `--target-bpw` search or a `--gguf-mix` file), replacing
+        the mix's choice for those tensors (checked by `check_tensor_types`).
     Returns {our_name: type_name}, type names as in ggml (`Q4_K`, `F32`, ...).
     """
-    return {n: t for n, (t, _) in gguf_mix_choices(config, mix, keep_type, pure, token_embd_type, shapes).items()}
+    choices = gguf_mix_choices(config, mix, keep_type, pure, token_embd_type, shapes, tensor_types)
+    return {n: t for n, (t, _) in choices.items()}
 
 
 def gguf_mix_choices(config: Gemma4Config, mix: str, keep_type: str = "BF16", pure: bool = False,
-                     token_embd_type: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None
-                     ) -> dict[str, tuple[str, str]]:
+                     token_embd_type: str | None = None, shapes: dict[str, tuple[int, ...]] | None = None,
+                     tensor_types: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
     """`gguf_mix_plan` with the reason of each choice: {our_name: (type_name, why)}; why is "" for the file
     type's default type, else the llama.cpp rule that chose it and / or the fallback taken ("row of 704:
     704 % 256 = 192, Q4_K impossible -> Q5_0")."""
@@ -188,6 +191,9 @@ def gguf_mix_choices(config: Gemma4Config, mix: str, keep_type: str = "BF16", pu
             i_ffn_down += cat == "ffn_down"
         t, fell = fallback_reason(t, ne0)
         plan[name] = (t, "; ".join(r for r in (why, fell) if r))
+    if tensor_types:  # chosen per tensor: they replace the mix's choice
+        for name, t in check_tensor_types(config, tensor_types, shapes).items():
+            plan[name] = (t, "chosen per tensor (--target-bpw / --gguf-mix)")
     return plan
 
 
@@ -253,6 +259,8 @@ def check_tensor_types(config: Gemma4Config, types: dict[str, str], shapes: dict
     """Validate a per-tensor type mapping (a mix file, a solver's choice): keys are our tensor names or their
     GGUF names, values ggml type names (any case). Returns {our_name: TYPE}. MixError, naming `source`, the tensor
     and the type, for an unknown type, a tensor the model does not have, or a row the type's block cannot hold."""
+    from gemmaquant.sensitivity import searchable
+
     if shapes is None:
         from gemmaquant.checkpoint import expected_shapes
 
@@ -267,6 +275,9 @@ def check_tensor_types(config: Gemma4Config, types: dict[str, str], shapes: dict
         tu = str(t).upper()
         if tu not in BLOCK_SIZE:
             raise MixError(f"{source}: unknown type {t!r} for tensor {key!r}; valid: {', '.join(BLOCK_SIZE)}")
+        if not searchable(name, shapes[name]):
+            raise MixError(f"{source}: {key} is not a tensor gemmaquant quantizes (norms, routers, scalars and "
+                           f"per_layer_model_projection keep llama.cpp's float types)")
         ne0 = shapes[name][-1]
         if not fits(tu, ne0):
             raise MixError(f"{source}: tensor {key!r} has rows of {ne0}, not a multiple of {tu}'s "

@@ -35,7 +35,8 @@ def gguf_types(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe) -> dict[s
     from gemmaquant.export.gguf_mix import gguf_mix_plan
 
     mix = gguf_mix_plan(cfg, gguf_file_type(recipe), token_embd_type=recipe.embedding_gguf_type,
-                        shapes={p.name: tuple(p.shape) for p in plan.values()})
+                        shapes={p.name: tuple(p.shape) for p in plan.values()},
+                        tensor_types=recipe.tensor_types if recipe.gguf_type else None)
     out = {}
     for name, p in plan.items():
         if p.fmt is None:
