@@ -85,3 +85,14 @@ def test_a_run_that_improves_exports_its_best_state(tmp_path, data):
     assert sel["best_kl"] == min(e["kl"] for e in sel["evals"])
     assert sel["qat_beat_ptq"] == (sel["best_step"] != 0) and sel["exported"] in ("best", "gptq")
     assert rep["exposure"]["tokens_seen"] == 6 * 2 * 64 and "held-out selection" in rep["text"]
+
+
+def test_cli_names_a_missing_heldout_file(tmp_path, data):
+    from typer.testing import CliRunner
+
+    from gemmaquant.cli import app
+
+    res = CliRunner().invoke(app, ["qat", "tiny-dense", "--data", str(data), "--heldout", str(tmp_path / "gone.txt"),
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "held-out text" in res.output and "gone.txt" in res.output, res.output
+    assert "Traceback" not in res.output

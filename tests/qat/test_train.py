@@ -75,6 +75,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, data, average):
     assert stopped["stopped_at_step"] == 7
     resumed = qat_train("tiny-moe", out=tmp_path / "cut", **kw)
     assert [x["loss"] for x in resumed["log"]] == [x["loss"] for x in whole["log"]]
+    assert resumed["selection"] == whole["selection"]  # the held-out evaluations and the best state survive
     a, b = packed_of(whole["files"]["quantized"]), packed_of(resumed["files"]["quantized"])
     for name, va in a.items():
         vb = b[name]
@@ -442,8 +443,10 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
                                           "--expert-lr-scale", "2", "--attention-lr-scale", "0.5",
                                           "--average", "0.99", "--gguf-type", "Q4_K_M",
                                           "--embedding-type", "Q6_K", "--fixed-ints",
-                                          "--per-layer-embed-lr", "0"])
+                                          "--per-layer-embed-lr", "0", "--heldout", str(tmp_path / "h.txt"),
+                                          "--export-last", "--seed", "3"])
     assert res.exit_code == 0, res.output
+    assert seen["heldout"] == tmp_path / "h.txt" and seen["export_last"] is True and seen["seed"] == 3
     assert seen["learnable_ints"] is False and seen["per_layer_embed_lr"] == 0.0
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
     assert seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
@@ -457,6 +460,7 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "not both" in res.output and not seen
     res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
+    assert seen["heldout"] is None and seen["export_last"] is False and "seed" not in seen
     assert "learnable_ints" not in seen
     assert seen["bits"] == 4
     seen.clear()
