@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -69,6 +70,7 @@ class HeldoutSelection:
         self.every = eval_every(r)
         self.evals: list[dict] = []
         self.best_step, self.best_kl = None, math.inf
+        self.seconds = 0.0  # spent evaluating in this process (the cost the report states)
         v = teacher.config.vocab_size
         self._teacher_logp = self._logp_all(teacher) if ids.numel() * v * 4 <= HELDOUT_CACHE_BYTES else None
 
@@ -98,6 +100,7 @@ class HeldoutSelection:
     def evaluate(self, step: int, student: nn.Module, average=None) -> bool:
         """Evaluate the values the student would export now; True (and the best file written) when they beat the
         best so far. The student's own values and training mode are left as they were."""
+        t0 = time.time()
         trained = {n: p for n, p in student.named_parameters() if p.requires_grad}
         kept = None
         if average is not None:
@@ -121,6 +124,7 @@ class HeldoutSelection:
                     for n, p in trained.items():
                         p.copy_(kept[n])
         self.evals.append({"step": step, "kl": kl})
+        self.seconds += time.time() - t0
         return better
 
     # ---- the record kept in the resumable checkpoint ----
@@ -164,14 +168,15 @@ class HeldoutSelection:
         return {"source": self.source, "windows": int(self.ids.shape[0]), "seq_len": int(self.ids.shape[1]),
                 "every": self.every, "evals": self.evals, "ptq_kl": ptq, "best_step": self.best_step,
                 "best_kl": self.best_kl, "last_step": last["step"] if last else None,
-                "last_kl": last["kl"] if last else None, "qat_beat_ptq": beat, "exported": exported}
+                "last_kl": last["kl"] if last else None, "qat_beat_ptq": beat, "exported": exported,
+                "seconds": round(self.seconds, 2)}
 
 
 def selection_text(s: dict) -> list[str]:
     """The report's lines on the held-out selection: what was exported, and plainly when QAT did not help."""
     head = (f"  held-out selection ({s['windows']} x {s['seq_len']} tokens of {s['source']}, every {s['every']} "
             f"steps): KL GPTQ start {s['ptq_kl']:.5f}, best {s['best_kl']:.5f} at step {s['best_step']}, last "
-            f"{s['last_kl']:.5f}")
+            f"{s['last_kl']:.5f} ({s['seconds']:.0f} s of evaluation)")
     if s["exported"] == "last":
         tail = "  exported: the last state (export_last)" + ("" if s["qat_beat_ptq"] else
                                                              "; WARNING: QAT never beat its GPTQ start on held-out text")

@@ -21,17 +21,29 @@ import math
 
 MAX_EPOCHS = 5.0
 MIN_STEPS, MAX_STEPS = 200, 1000
+REFERENCE_STEPS, MAX_RATE_SCALE = 1000, 4.0
 
 
 def default_steps(train_tokens: int, batch_size: int, seq_len: int) -> int:
     return max(MIN_STEPS, min(MAX_STEPS, math.floor(MAX_EPOCHS * train_tokens / (batch_size * seq_len))))
 
 
+def rate_scale(steps: int) -> float:
+    """How much the latent-weight and scale rates are raised for a run of `steps`: REFERENCE_STEPS / steps,
+    within [1, MAX_RATE_SCALE] (see the module docstring)."""
+    return min(MAX_RATE_SCALE, max(1.0, REFERENCE_STEPS / steps))
+
+
 def for_data(r, train_tokens: int):
-    """The recipe with steps resolved from the training text when it is None (batch_size already resolved)."""
+    """The recipe with steps resolved from the training text when it is None (batch_size already resolved), then
+    lr and scale_lr, where unset, from the run length."""
+    from gemmaquant.qat.train import LR, SCALE_LR
+
     if r.steps is None:
         r = dataclasses.replace(r, steps=default_steps(train_tokens, r.batch_size, r.seq_len))
-    return r
+    k = rate_scale(r.steps)
+    return dataclasses.replace(r, lr=LR * k if r.lr is None else r.lr,
+                               scale_lr=SCALE_LR * k if r.scale_lr is None else r.scale_lr)
 
 
 def exposure(r, train_tokens: int, params: int) -> dict:

@@ -82,8 +82,10 @@ class QATRecipe:
     batch_size: int | None = None  # sequences per step; None: default_batch_size(config), 32 on an MoE model, else 8
     micro_batch: int | None = None  # windows per forward/backward (gradient accumulation); None: the whole batch
     seq_len: int = 128
-    lr: float = 0.0025  # latent weights, in grid steps per step (see param_groups)
-    scale_lr: float = 7.5e-4  # learnable block scales / mins, relative to the grid step
+    lr: float | None = None  # latent weights, in grid steps per step (see param_groups); None: LR, raised for a
+    # run shorter than 1000 steps (gemmaquant.qat.schedule.rate_scale)
+    scale_lr: float | None = None  # learnable block scales / mins, relative to the grid step; None: SCALE_LR, so
+    # raised too
     float_lr: float = 3e-4  # norms, router, per-layer projections kept in float
     embed_lr: float = 2e-4  # token embeddings, tied to the output head; 0 freezes them
     per_layer_embed_lr: float | None = None  # per-layer embedding tables (E2B, E4B); None: embed_lr; 0 freezes
@@ -150,6 +152,14 @@ class QATRecipe:
         if self.gguf_type is not None:  # a mix: the GGUF of that type, whose block types are the trained ones
             return self.gguf_type, None
         return EXPORTS.get(self.format_name)
+
+
+LR, SCALE_LR = 0.0025, 7.5e-4  # the rates measured at 1000 steps (docs/qat.md)
+
+
+def rates(r: QATRecipe) -> tuple[float, float]:
+    """(lr, scale_lr) of the recipe, the 1000-step defaults where unset (for_data sets them from the run length)."""
+    return (LR if r.lr is None else r.lr), (SCALE_LR if r.scale_lr is None else r.scale_lr)
 
 
 def qat_ranges() -> dict:
@@ -267,6 +277,7 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
     from gemmaquant.qat.prepare import fake_quantizers
 
     groups, taken = [], set()
+    lr, scale_lr = rates(r)
     attention = for_model(r, model.config).attention_lr_scale  # (as qat_train resolves it, where the recipe is silent)
     for mod, pname, fq in fake_quantizers(model):
         latent = mod.parametrizations[pname].original
@@ -277,11 +288,11 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
         step *= r.expert_lr_scale if is_expert(fq.name) else 1.0
         step *= attention if ".self_attn." in f".{fq.name}" else 1.0
         latent.requires_grad_(True)
-        groups.append({"params": [latent], "lr": r.lr * step, "name": f"{fq.name}"})
+        groups.append({"params": [latent], "lr": lr * step, "name": f"{fq.name}"})
         block = dict(fq.named_parameters(recurse=False))
         moves = grid_sensitivity(fq.fmt, fq.block_params()) if block else {}
         for k, p in block.items():  # one unit of k moves the grid moves[k]: lr in grid steps per step for all
-            groups.append({"params": [p], "lr": r.scale_lr * step / (moves[k] or 1.0), "name": f"{fq.name}:{k}"})
+            groups.append({"params": [p], "lr": scale_lr * step / (moves[k] or 1.0), "name": f"{fq.name}:{k}"})
         taken |= {id(latent), *map(id, block.values())}
     floats, embeds, per_layer = [], [], []
     for n, p in model.named_parameters():
