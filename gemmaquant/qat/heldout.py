@@ -34,7 +34,8 @@ BEST = "qat-best.safetensors"
 HELDOUT_CACHE_BYTES = 512 << 20  # the float model's held-out log-probs are kept when they fit in this
 
 
-def split_heldout(stream: Tensor, r, heldout_stream: Tensor | None) -> tuple[Tensor, Tensor, str]:
+def split_heldout(stream: Tensor, r, heldout_stream: Tensor | None, data="training data",
+                  heldout="held-out text") -> tuple[Tensor, Tensor, str]:
     """-> (the training stream, held-out windows [n, seq_len], where they come from). Without a held-out file,
     the last r.heldout_share of the tokens (at least one window) are held out; the windows are non-overlapping
     and spread evenly over the held-out tokens."""
@@ -42,13 +43,14 @@ def split_heldout(stream: Tensor, r, heldout_stream: Tensor | None) -> tuple[Ten
     if heldout_stream is not None:
         held, train, source = heldout_stream, stream, "the held-out file"
         if held.numel() < L:
-            raise QATError(f"held-out text: {held.numel()} tokens, too short for one window of {L} tokens")
+            raise QATError(f"{heldout}: {held.numel()} tokens of held-out text, too short for one window of {L} "
+                           f"tokens")
     else:
         n_hold = max(L, int(stream.numel() * r.heldout_share))
         train, held = stream[:-n_hold], stream[-n_hold:]
         source = f"the last {100 * r.heldout_share:g}% of the training text ({n_hold} tokens, not trained on)"
         if train.numel() < r.batch_size * L + 1:
-            raise QATError(f"training data: {stream.numel()} tokens, too short to hold out {n_hold} tokens for "
+            raise QATError(f"{data}: {stream.numel()} tokens of training data, too short to hold out {n_hold} tokens for "
                            f"best-state selection and still train on batches of {r.batch_size} x {L}; give more "
                            f"text, a held-out file (heldout= / --heldout FILE), or select_windows=0")
     n = min(r.select_windows, held.numel() // L)

@@ -440,7 +440,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     train = stream
     if r.select_windows > 0:  # held-out windows for best-state selection; the rest trains
         held = token_stream(tok_dir, heldout, teacher.config.bos_token_id, "held-out text") if heldout is not None else None
-        train, select_ids, select_source = split_heldout(stream, r, held)
+        train, select_ids, select_source = split_heldout(stream, r, held, data, heldout)
     r = for_data(r, train.numel())
 
     # 1. GPTQ, calibrated on the training text (resumable, in out/.gemmaquant-work)
