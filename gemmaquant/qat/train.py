@@ -36,7 +36,10 @@ E4B's per-layer embedding tables, half of their parameters, and the student shar
 (`shared_tables`): about 24 bytes per parameter fewer for that half, at some cost in quality (docs/qat.md).
 Trained (the default), the table trains on the rows of the training text's tokens only, the others shared with
 the teacher (`SparseRowsEmbedding`): the same result, since the other rows never get a gradient.
-`qat_train` is what `gemmaquant qat MODEL --bits 4 --data FILE --steps N --out DIR` runs.
+Never silently worse (issue 29): part of the text is held out, the GPTQ start and the training are evaluated on it
+as they go, and the best of them is exported (heldout.py); steps and rates left unset follow the amount of text
+(schedule.py).
+`qat_train` is what `gemmaquant qat MODEL --bits 4 --data FILE [--steps N] --out DIR` runs.
 The loss and its hooks are in distill.py; the moving average and the resumable checkpoint in state.py.
 """
 
@@ -439,7 +442,8 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
 
     train = stream
     if r.select_windows > 0:  # held-out windows for best-state selection; the rest trains
-        held = token_stream(tok_dir, heldout, teacher.config.bos_token_id, "held-out text") if heldout is not None else None
+        held = (None if heldout is None else
+                token_stream(tok_dir, heldout, teacher.config.bos_token_id, "held-out text"))
         train, select_ids, select_source = split_heldout(stream, r, held, data, heldout)
     r = for_data(r, train.numel())
 
