@@ -50,8 +50,8 @@ def split_heldout(stream: Tensor, r, heldout_stream: Tensor | None, data="traini
         train, held = stream[:-n_hold], stream[-n_hold:]
         source = f"the last {100 * r.heldout_share:g}% of the training text ({n_hold} tokens, not trained on)"
         if train.numel() < r.batch_size * L + 1:
-            raise QATError(f"{data}: {stream.numel()} tokens of training data, too short to hold out {n_hold} tokens for "
-                           f"best-state selection and still train on batches of {r.batch_size} x {L}; give more "
+            raise QATError(f"{data}: {stream.numel()} tokens of training data, too short to hold out {n_hold} "
+                           f"tokens for best-state selection and still train on batches of {r.batch_size} x {L}; give more "
                            f"text, a held-out file (heldout= / --heldout FILE), or select_windows=0")
     n = min(r.select_windows, held.numel() // L)
     starts = torch.linspace(0, held.numel() - L, n).round().long().tolist() if n > 1 else [0]
@@ -180,8 +180,8 @@ def selection_text(s: dict) -> list[str]:
             f"steps): KL GPTQ start {s['ptq_kl']:.5f}, best {s['best_kl']:.5f} at step {s['best_step']}, last "
             f"{s['last_kl']:.5f} ({s['seconds']:.0f} s of evaluation)")
     if s["exported"] == "last":
-        tail = "  exported: the last state (export_last)" + ("" if s["qat_beat_ptq"] else
-                                                             "; WARNING: QAT never beat its GPTQ start on held-out text")
+        warning = "; WARNING: QAT never beat its GPTQ start on held-out text"
+        tail = "  exported: the last state (export_last)" + ("" if s["qat_beat_ptq"] else warning)
     elif s["qat_beat_ptq"]:
         tail = f"  exported: the best state (step {s['best_step']})"
     else:
