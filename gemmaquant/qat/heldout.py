@@ -51,8 +51,8 @@ def split_heldout(stream: Tensor, r, heldout_stream: Tensor | None, data="traini
         source = f"the last {100 * r.heldout_share:g}% of the training text ({n_hold} tokens, not trained on)"
         if train.numel() < r.batch_size * L + 1:
             raise QATError(f"{data}: {stream.numel()} tokens of training data, too short to hold out {n_hold} "
-                           f"tokens for best-state selection and still train on batches of {r.batch_size} x {L}; give more "
-                           f"text, a held-out file (heldout= / --heldout FILE), or select_windows=0")
+                           f"tokens for best-state selection and still train on batches of {r.batch_size} x {L}; "
+                           f"give more text, a held-out file (heldout= / --heldout FILE), or select_windows=0")
     n = min(r.select_windows, held.numel() // L)
     starts = torch.linspace(0, held.numel() - L, n).round().long().tolist() if n > 1 else [0]
     return train, torch.stack([held[s:s + L] for s in starts]), source
