@@ -115,8 +115,9 @@ def recipe_changes(run: dict) -> dict:
 
     from gemmaquant.qat.train import QATRecipe, for_model
 
-    # batch 32 (session 19) and attention at 0.25x the rates (session 20) on the MoE fixture
-    default = dataclasses.asdict(for_model(QATRecipe(), _config(run["fixture"])))
+    # batch 32 (session 19) and attention at 0.25x the rates (session 20) on the MoE fixture; the steps and rates a
+    # 1000-step run resolves to (issue 29: left unset, they follow the amount of text)
+    default = dataclasses.asdict(thousand_steps(for_model(QATRecipe(), _config(run["fixture"]))))
     ran = dict(default)
     if "recipe" in run:
         ran.update(run["recipe"])
@@ -126,7 +127,7 @@ def recipe_changes(run: dict) -> dict:
     overrides = run.get("overrides") or {}
     ran.update(overrides)
     ran["steps"] = run["steps"]
-    for k in ("batch_size", "attention_lr_scale"):  # (a recipe as written, before qat_train resolved it)
+    for k in ("batch_size", "attention_lr_scale", "lr", "scale_lr"):  # (a recipe as written, unresolved)
         if ran[k] is None:
             ran[k] = default[k]
     changes = {k: v for k, v in ran.items()  # (fields since removed count only where a run set them)
@@ -139,6 +140,16 @@ def recipe_changes(run: dict) -> dict:
     return changes
 
 
+def thousand_steps(r):
+    """The recipe as a 1000-step run resolves it: the steps, and the rates measured at that length."""
+    import dataclasses
+
+    from gemmaquant.qat.train import LR, SCALE_LR
+
+    return dataclasses.replace(r, steps=r.steps or 1000, lr=LR if r.lr is None else r.lr,
+                               scale_lr=SCALE_LR if r.scale_lr is None else r.scale_lr)
+
+
 def _has_router(fixture: str) -> bool:
     return _config(fixture).enable_moe_block
 
@@ -148,7 +159,7 @@ def _default_text() -> str:
 
     from gemmaquant.qat.train import QATRecipe
 
-    d = dataclasses.asdict(QATRecipe())
+    d = dataclasses.asdict(thousand_steps(QATRecipe()))
     shown = ("steps", "lr", "scale_lr", "router_weight", "expert_lr_scale", "average")
     return ", ".join(f"{k} {d[k]}" for k in shown) + "; GPTQ start with imatrix-style block parameters"
 

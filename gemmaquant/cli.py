@@ -147,7 +147,14 @@ def qat(
     bits: Optional[int] = typer.Option(None, help="4 (default), 3, 2 or 8; --format / --gguf-type name the grid "
                                                  "instead"),
     data: Path = typer.Option(..., help="training text"),
-    steps: int = typer.Option(1000), out: Path = typer.Option(...),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: from the amount of text, 200 to 1000; "
+                                                   "docs/qat.md)"),
+    out: Path = typer.Option(...),
+    heldout: Optional[Path] = typer.Option(None, help="held-out text for choosing the exported state and for the "
+                                           "report (default: the last 10% of --data, not trained on)"),
+    export_last: bool = typer.Option(False, "--export-last", help="export the last state even where an earlier "
+                                     "one (or the GPTQ start) does better on the held-out text"),
+    seed: Optional[int] = typer.Option(None, help="seed of the training batches (default 0)"),
     lr: Optional[float] = typer.Option(None, help="latent-weight rate in grid steps per step (default 0.0025); 0 "
                                                   "keeps GPTQ's weights and trains the scales (docs/qat.md)"),
     scale_lr: Optional[float] = typer.Option(None, help="block-scale rate in grid steps per step (default 0.00075)"),
@@ -184,7 +191,8 @@ def qat(
     """Quantization-aware training (distillation from the float model, from GPTQ weights), then export."""
     from gemmaquant.workflow import run_qat
 
-    res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, device=device, lr=lr,
+    res = _run(run_qat, model, bits=bits, data=data, steps=steps, out=out, overwrite=overwrite, device=device,
+               heldout=heldout, export_last=export_last, seed=seed, lr=lr,
                scale_lr=scale_lr, expert_lr_scale=expert_lr_scale, attention_lr_scale=attention_lr_scale,
                batch_size=batch_size, micro_batch=micro_batch,
                weight_format=weight_format, gguf_type=gguf_type, embedding_type=embedding_type, average=average,

@@ -399,8 +399,9 @@ def _params(n: int) -> str:
     return f"{n / 1e9:7.2f}B" if n >= 1e8 else f"{n / 1e6:7.2f}M"
 
 
-def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, overwrite: bool = False,
-            device: str = "auto", **recipe_overrides) -> dict:
+def run_qat(model: str, *, bits: int | None, data: Path, steps: int | None, out: Path, overwrite: bool = False,
+            device: str = "auto", heldout: Path | None = None, export_last: bool = False,
+            **recipe_overrides) -> dict:
     from gemmaquant.qat import QATRecipe, qat_train  # part of every install: an ImportError is a packaging bug
 
     overrides = {k: v for k, v in recipe_overrides.items() if v is not None}
@@ -417,7 +418,8 @@ def run_qat(model: str, *, bits: int | None, data: Path, steps: int, out: Path, 
     QATRecipe(bits=bits, steps=steps, **overrides)  # every option checked before the output directory is made
     with removed_if_left_empty(out):  # a run that fails before writing anything leaves no empty directory
         prepare_out(Path(out), overwrite)
-        res = qat_train(model, bits=bits, data=data, steps=steps, out=out, device=dev, **overrides)
+        res = qat_train(model, bits=bits, data=data, steps=steps, out=out, heldout=heldout, export_last=export_last,
+                        device=dev, **overrides)
     res = dict(res) if isinstance(res, dict) else {"result": str(res)}
     res.setdefault("text", f"QAT finished: {out}")
     return res

@@ -61,6 +61,10 @@ def qat_sections(rep: dict) -> list[Section]:
                          f"weights, distilled from the float model ({rep.get('seconds', 0):.0f} s)."])]
     if "qat" in rep:
         secs.append(Section("Held-out quality against the float model", quality_lines(rep)))
+    if rep.get("selection"):
+        from gemmaquant.qat.heldout import selection_text
+
+        secs.append(Section("Which state was exported", [x.strip() + "." for x in selection_text(rep["selection"])]))
     log = rep.get("log") or []
     secs.append(Section("Training", [f"Training KL (mean of the first and last {min(20, len(log))} steps): "
                                      f"{_value(rep.get('kl_head'))} -> {_value(rep.get('kl_tail'))}."],

@@ -18,8 +18,10 @@ from gemmaquant.qat.prepare import QATError
 
 
 def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, fingerprint: str,
-               log: list[dict], average: "WeightAverage | None" = None, skip: set[str] = frozenset()) -> None:
-    """skip: state-dict names left out (frozen tensors the model shares with the teacher: restored with it)."""
+               log: list[dict], average: "WeightAverage | None" = None, skip: set[str] = frozenset(),
+               extra: dict[str, str] | None = None) -> None:
+    """skip: state-dict names left out (frozen tensors the model shares with the teacher: restored with it);
+    extra: more metadata (the held-out selection's record, gemmaquant.qat.heldout)."""
     from gemmaquant.quantized import save_atomic
 
     tensors = {f"model::{k}": v.detach().contiguous() for k, v in model.state_dict().items() if k not in skip}
@@ -31,7 +33,7 @@ def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: i
             tensors[f"opt::{i}::{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
     meta = {"step": str(step), "fingerprint": fingerprint, "log": json.dumps(log),
             "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-                                        for g in sd["param_groups"]])}
+                                        for g in sd["param_groups"]]), **(extra or {})}
     save_atomic(tensors, path, meta)
 
 

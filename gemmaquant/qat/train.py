@@ -36,7 +36,10 @@ E4B's per-layer embedding tables, half of their parameters, and the student shar
 (`shared_tables`): about 24 bytes per parameter fewer for that half, at some cost in quality (docs/qat.md).
 Trained (the default), the table trains on the rows of the training text's tokens only, the others shared with
 the teacher (`SparseRowsEmbedding`): the same result, since the other rows never get a gradient.
-`qat_train` is what `gemmaquant qat MODEL --bits 4 --data FILE --steps N --out DIR` runs.
+Never silently worse (issue 29): part of the text is held out, the GPTQ start and the training are evaluated on it
+as they go, and the best of them is exported (heldout.py); steps and rates left unset follow the amount of text
+(schedule.py).
+`qat_train` is what `gemmaquant qat MODEL --bits 4 --data FILE [--steps N] --out DIR` runs.
 The loss and its hooks are in distill.py; the moving average and the resumable checkpoint in state.py.
 """
 
@@ -79,12 +82,14 @@ class QATRecipe:
     weight_format: str | None = None  # default: BITS_FORMAT[bits]
     gguf_type: str | None = None  # instead: each weight on the block type this llama.cpp mix gives it (Q4_K_M, ...)
     embedding_type: str | None = None  # train the embedding tables on this GGUF type, the GGUF's token_embd type
-    steps: int = 1000
+    steps: int | None = None  # None: from the training text (gemmaquant.qat.schedule: up to 1000, at least 200)
     batch_size: int | None = None  # sequences per step; None: default_batch_size(config), 32 on an MoE model, else 8
     micro_batch: int | None = None  # windows per forward/backward (gradient accumulation); None: the whole batch
     seq_len: int = 128
-    lr: float = 0.0025  # latent weights, in grid steps per step (see param_groups)
-    scale_lr: float = 7.5e-4  # learnable block scales / mins, relative to the grid step
+    lr: float | None = None  # latent weights, in grid steps per step (see param_groups); None: LR, raised for a
+    # run shorter than 1000 steps (gemmaquant.qat.schedule.rate_scale)
+    scale_lr: float | None = None  # learnable block scales / mins, relative to the grid step; None: SCALE_LR, so
+    # raised too
     float_lr: float = 3e-4  # norms, router, per-layer projections kept in float
     embed_lr: float = 2e-4  # token embeddings, tied to the output head; 0 freezes them
     per_layer_embed_lr: float | None = None  # per-layer embedding tables (E2B, E4B); None: embed_lr; 0 freezes
@@ -107,6 +112,9 @@ class QATRecipe:
     save_every: int = 50
     seed: int = 0
     average: float = 0.99  # decay of the moving average that is exported (0: the last step); see average_decay
+    select_windows: int = 16  # held-out windows of seq_len tokens for best-state selection (heldout.py); 0: none
+    eval_every: int | None = None  # steps between held-out evaluations; None: a twentieth of the run
+    heldout_share: float = 0.1  # of the training text held out for the selection when no held-out file is given
 
     def __post_init__(self):
         from gemmaquant.validate import check_fields
@@ -129,6 +137,11 @@ class QATRecipe:
         for k in ("expert_lr_scale", "attention_lr_scale"):
             if getattr(self, k) is not None and getattr(self, k) < 0:
                 raise QATError(f"{k} multiplies rates: >= 0, got {getattr(self, k)}")
+        if self.select_windows < 0 or (self.eval_every is not None and self.eval_every <= 0):
+            raise QATError(f"select_windows >= 0 (0: no held-out selection) and eval_every > 0 are required, got "
+                           f"{self.select_windows} and {self.eval_every}")
+        if not 0 < self.heldout_share < 1:
+            raise QATError(f"heldout_share is a share of the training text in (0, 1), got {self.heldout_share}")
         if not 0 <= self.average < 1:
             raise QATError(f"average is an EMA decay in [0, 1), got {self.average}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.temperature <= 0:
@@ -143,6 +156,14 @@ class QATRecipe:
         if self.gguf_type is not None:  # a mix: the GGUF of that type, whose block types are the trained ones
             return self.gguf_type, None
         return EXPORTS.get(self.format_name)
+
+
+LR, SCALE_LR = 0.0025, 7.5e-4  # the rates measured at 1000 steps (docs/qat.md)
+
+
+def rates(r: QATRecipe) -> tuple[float, float]:
+    """(lr, scale_lr) of the recipe, the 1000-step defaults where unset (for_data sets them from the run length)."""
+    return (LR if r.lr is None else r.lr), (SCALE_LR if r.scale_lr is None else r.scale_lr)
 
 
 def qat_ranges() -> dict:
@@ -199,14 +220,15 @@ def default_heldout() -> Path:
 
 
 # ---- pieces -------------------------------------------------------------------------------------------------
-def token_stream(tokenizer_dir: str | os.PathLike, data: str | os.PathLike, bos: int = 2) -> Tensor:
+def token_stream(tokenizer_dir: str | os.PathLike, data: str | os.PathLike, bos: int = 2,
+                 what: str = "training data") -> Tensor:
     """All documents of `data` (.txt: blank-line or <eos> separated; .jsonl: "text" fields), BOS before each."""
     from gemmaquant.calibration import CalibrationError, load_tokenizer, read_texts
 
     try:
         texts = read_texts(Path(data))
     except CalibrationError as e:
-        raise QATError(f"training data: {e}") from None
+        raise QATError(f"{what}: {e}") from None
     tok = load_tokenizer(tokenizer_dir)
     ids: list[int] = []
     for enc in tok.encode_batch(texts, add_special_tokens=False):
@@ -259,6 +281,7 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
     from gemmaquant.qat.prepare import fake_quantizers
 
     groups, taken = [], set()
+    lr, scale_lr = rates(r)
     attention = for_model(r, model.config).attention_lr_scale  # (as qat_train resolves it, where the recipe is silent)
     for mod, pname, fq in fake_quantizers(model):
         latent = mod.parametrizations[pname].original
@@ -269,11 +292,11 @@ def param_groups(model: nn.Module, r: QATRecipe) -> list[dict]:
         step *= r.expert_lr_scale if is_expert(fq.name) else 1.0
         step *= attention if ".self_attn." in f".{fq.name}" else 1.0
         latent.requires_grad_(True)
-        groups.append({"params": [latent], "lr": r.lr * step, "name": f"{fq.name}"})
+        groups.append({"params": [latent], "lr": lr * step, "name": f"{fq.name}"})
         block = dict(fq.named_parameters(recurse=False))
         moves = grid_sensitivity(fq.fmt, fq.block_params()) if block else {}
         for k, p in block.items():  # one unit of k moves the grid moves[k]: lr in grid steps per step for all
-            groups.append({"params": [p], "lr": r.scale_lr * step / (moves[k] or 1.0), "name": f"{fq.name}:{k}"})
+            groups.append({"params": [p], "lr": scale_lr * step / (moves[k] or 1.0), "name": f"{fq.name}:{k}"})
         taken |= {id(latent), *map(id, block.values())}
     floats, embeds, per_layer = [], [], []
     for n, p in model.named_parameters():
@@ -382,23 +405,31 @@ def _device_for(model, device) -> torch.device:
     return resolve_device(device)
 
 
-def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps: int = 1000,
+def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps: int | None = None,
               out: str | os.PathLike | None = None, *, tokenizer_dir: str | os.PathLike | None = None,
               heldout: str | os.PathLike | None = None, eval_seqs: int = 16, eval_seq_len: int = 128,
-              export: bool = True, progress: bool | None = None, stop_after_step: int | None = None,
-              device: str | torch.device | None = None, **recipe_overrides) -> dict:
+              export: bool = True, export_last: bool = False, progress: bool | None = None,
+              stop_after_step: int | None = None, device: str | torch.device | None = None,
+              **recipe_overrides) -> dict:
     """Quantization-aware training of a Gemma 4 onto `bits`-bit weights; returns a summary dict ("text" included).
 
     model: alias (`tiny-moe`, `26b-a4b`, ...), checkpoint directory, or a Gemma 4 model object (then pass
         tokenizer_dir unless it is a transformers model loaded from a local directory).
     data: the training text (.txt, documents separated by blank lines or `<eos>` lines; or .jsonl), also
         GPTQ's calibration text. `recipe_overrides`: any QATRecipe field (lr, batch_size, seq_len, ...).
+    steps: None sets the run's length from the amount of text (gemmaquant.qat.schedule).
+    heldout: a held-out text file: the best-state selection evaluates on it (else on the last heldout_share of
+        `data`, then not trained on), and the report's held-out quality is measured on it (else on the bundled
+        held-out set). The exported files are the state with the lowest held-out KL among the GPTQ start and
+        the evaluations every eval_every steps (gemmaquant.qat.heldout); export_last=True exports the last
+        state instead. select_windows=0 turns the selection off (the last state is exported).
     out: the output directory:
         .gemmaquant-work/                GPTQ's resumable work directory, and qat-checkpoint.safetensors
         quantized/                       the QAT result in the work-directory layout (QuantizedSource), any format
         <name>-Q4_0.gguf, safetensors/   GGUF and compressed-tensors exports (4 and 8 bits)
         qat-report.json                  loss curve, held-out KL / top-1 / perplexity of GPTQ and QAT vs float,
-                                         the share of GPTQ's KL removed with its 95% interval (gap_removed)
+                                         the share of GPTQ's KL removed with its 95% interval (gap_removed),
+                                         the held-out selection (which state was exported, and why)
     Running the same call again after an interruption resumes from the last saved step (same result).
     device: where the teacher, the student and the training live ('auto', 'cpu', 'cuda', 'cuda:N'); None: the
         device of a model object's parameters, 'auto' for an alias or a path. The results come back to host memory.
@@ -421,6 +452,15 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         p.requires_grad_(False)
     stream = token_stream(tok_dir, data, teacher.config.bos_token_id)
     check_data(stream, r, data)
+    from gemmaquant.qat.heldout import HeldoutSelection, selection_text, split_heldout
+    from gemmaquant.qat.schedule import exposure, for_data
+
+    train = stream
+    if r.select_windows > 0:  # held-out windows for best-state selection; the rest trains
+        held = (None if heldout is None else
+                token_stream(tok_dir, heldout, teacher.config.bos_token_id, "held-out text"))
+        train, select_ids, select_source = split_heldout(stream, r, held, data, heldout)
+    r = for_data(r, train.numel())
 
     # 1. GPTQ, calibrated on the training text (resumable, in out/.gemmaquant-work)
     n_cal = min(r.calib_samples, stream.numel() // r.calib_seq_len)
@@ -443,7 +483,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     student = copy.deepcopy(teacher, memo={id(t): t for t in shared})
     prepare_qat(student, ptq_recipe, learnable_scales=r.learnable_scales, init=ptq_src, scale_grad=r.scale_grad,
                 learnable_ints=r.learnable_ints)
-    train_used_rows(student, stream, r)
+    train_used_rows(student, train, r)
     embeddings = embeddings_on_grid(student, r.embedding_type) if r.embedding_type else []
     student.train()
     fingerprint = json.dumps({"recipe": dataclasses.asdict(r), "ptq": ptq.calibration_sha256,
@@ -458,6 +498,13 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     average = WeightAverage(student, decay) if decay > 0 else None
     skip = {k for k, v in student.state_dict().items() if any(v.data_ptr() == t.data_ptr() for t in shared)}
     start, log = (load_state(ckpt, student, opt, fingerprint, average, skip) if ckpt.is_file() else (0, []))
+    select = HeldoutSelection(teacher, select_ids, ptq.work_dir, r, select_source) if r.select_windows else None
+    if select is not None and start:
+        select.restore(ckpt)
+    elif select is not None:
+        stage(f"QAT: held-out KL of the GPTQ start on {select_ids.shape[0]} x {r.seq_len} tokens", progress)
+        select.evaluate(0, student, average)
+    extra = select.state if select is not None else dict
 
     # 3. distillation
     stage(f"QAT 2/4: distillation from the float model, {r.steps} steps of {r.batch_size} x {r.seq_len} tokens"
@@ -469,7 +516,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     try:
         for step in bar:
             opt.zero_grad(set_to_none=True)
-            loss, parts = accumulate_gradients(student, teacher, batch_at(stream, step, r).to(dev), s_taps, t_taps,
+            loss, parts = accumulate_gradients(student, teacher, batch_at(train, step, r).to(dev), s_taps, t_taps,
                                                r)
             gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], r.grad_clip)
             f = lr_factor(step, r)
@@ -483,8 +530,11 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
             bar.set_postfix(kl=f"{parts['kl']:.4f}")
             done = step + 1
             stop = stop_after_step is not None and done > stop_after_step
-            if done % r.save_every == 0 or done == r.steps or stop:
-                save_state(ckpt, student, opt, done, fingerprint, log, average, skip)
+            improved = select is not None and select.due(done, r.steps) and select.evaluate(done, student, average)
+            if improved:
+                bar.set_postfix(kl=f"{parts['kl']:.4f}", best=f"{select.best_kl:.5f}@{done}")
+            if done % r.save_every == 0 or done == r.steps or stop or improved:  # (the best file is never ahead)
+                save_state(ckpt, student, opt, done, fingerprint, log, average, skip, extra())
             if stop:
                 return {"stopped_at_step": done, "log": log, "text": f"QAT stopped after step {done}"}
     finally:
@@ -493,7 +543,9 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     # 4. convert, write, export
     stage(f"QAT 3/4: writing {out / 'quantized'}" + (" and the exports" if export and r.exports() else ""),
           progress)
-    if average is not None:
+    if select is not None and not export_last:
+        select.apply_best(student)  # the values of the best held-out evaluation, the GPTQ start included
+    elif average is not None:
         average.apply()
     opt.zero_grad(set_to_none=True)
     opt.state.clear()  # the gradients, AdamW moments and average are done with: freed before the export's copies
@@ -530,7 +582,10 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
     report = {"model": name, "recipe": dataclasses.asdict(r), "format": r.format_name, "steps": r.steps,
               "kl_first": log[0]["kl"] if log else None, "kl_last": log[-1]["kl"] if log else None,
               "kl_head": window_mean(log[:TRAIN_WINDOW]), "kl_tail": window_mean(log[-TRAIN_WINDOW:]),
-              "log": log, "files": files, "work_dir": str(Path(ptq.work_dir)), "ptq_recipe": ptq_recipe.to_dict()}
+              "log": log, "files": files, "work_dir": str(Path(ptq.work_dir)), "ptq_recipe": ptq_recipe.to_dict(),
+              "exposure": exposure(r, int(train.numel()), sum(p.numel() for p in teacher.parameters()))}
+    if select is not None:
+        report["selection"] = select.summary(export_last)
     if eval_seqs > 0:
         stage(f"QAT 4/4: held-out KL of GPTQ and QAT against the float model ({eval_seqs} x {eval_seq_len} "
               f"tokens)", progress)
@@ -548,7 +603,7 @@ def qat_train(model, bits: int = 4, data: str | os.PathLike | None = None, steps
         if eval_seqs >= 2 and report["ptq"]["kl_mean"] > 0:  # the share of GPTQ's KL QAT removes, with its 95% CI
             report["gap_removed"] = share_removed(report["ptq"]["kl_windows"], report["qat"]["kl_windows"])
     report["seconds"] = round(time.time() - t0, 2)
-    report["text"] = _summary(report, out)
+    report["text"] = _summary(report, out, selection_text(report["selection"]) if select is not None else [])
     (out / "qat-report.json").write_text(json.dumps(report, indent=2, default=str))
     from gemmaquant.eval.qat_report import save_qat_report
 
@@ -578,7 +633,7 @@ def window_mean(entries: list[dict]) -> float | None:
     return round(sum(e["kl"] for e in entries) / len(entries), 6) if entries else None
 
 
-def _summary(rep: dict, out: Path) -> str:
+def _summary(rep: dict, out: Path, selection: list[str] = ()) -> str:
     from gemmaquant.eval.routing import routing_text
 
     lines = [f"QAT of {rep['model']} onto {rep['format']}: {rep['steps']} steps, training KL "
@@ -592,6 +647,7 @@ def _summary(rep: dict, out: Path) -> str:
         for label, m in (("GPTQ", p), ("QAT", q)):
             if m.get("routing"):
                 lines.append(f"  {label} {routing_text(m)}")
+    lines += selection
     if "gap_removed" in rep:
         g = rep["gap_removed"]
         lines.append(f"  QAT removes {100 * g['share']:.1f}% of GPTQ's KL (95% CI {100 * g['ci95'][0]:.1f}-"

@@ -93,7 +93,7 @@ def test_qat_gguf_with_trained_subscales(llama_cpp, token_ids, fp32_eps, tmp_pat
     data.write_text("\n<eos>\n".join(documents("train")[:40]) + "\n")
     rep = qat_train("tiny-moe", gguf_type="Q4_K_M", data=data, steps=3, out=tmp_path / "qat", progress=False,
                     scale_lr=0.05, batch_size=2, seq_len=64, calib_samples=4, calib_seq_len=64, eval_seqs=2,
-                    eval_seq_len=64)
+                    eval_seq_len=64, export_last=True)  # (3 steps may not beat GPTQ: the trained state)
     gptq, qat = QuantizedSource(rep["work_dir"]), QuantizedSource(rep["files"]["quantized"])
     values = {n: qat.get(n) for n in qat.names()}
     kquants = [n for n, v in values.items() if isinstance(v, Packed) and "sc" in v.data]  # (experts: Q5_0 lists)

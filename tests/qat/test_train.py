@@ -75,6 +75,8 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, data, average):
     assert stopped["stopped_at_step"] == 7
     resumed = qat_train("tiny-moe", out=tmp_path / "cut", **kw)
     assert [x["loss"] for x in resumed["log"]] == [x["loss"] for x in whole["log"]]
+    timeless = (lambda sel: {k: v for k, v in sel.items() if k != "seconds"})  # (evaluation time differs)
+    assert timeless(resumed["selection"]) == timeless(whole["selection"])  # the evaluations and the best survive
     a, b = packed_of(whole["files"]["quantized"]), packed_of(resumed["files"]["quantized"])
     for name, va in a.items():
         vb = b[name]
@@ -313,7 +315,11 @@ def test_per_layer_table_trains_on_the_rows_of_the_training_text_as_the_whole_ta
     with safe_open(str(next((tmp_path / "cut").rglob(CHECKPOINT))), framework="pt") as f:
         rows = f.get_tensor("model::embed_tokens_per_layer.rows")
         assert not any(k.endswith("embed_tokens_per_layer.weight") or k.endswith(".table") for k in f.keys())
-    used = torch.unique(token_stream(fixture_path("tiny-edge"), data))
+    from gemmaquant.qat.heldout import split_heldout
+    from gemmaquant.qat.train import QATRecipe
+
+    held_back = split_heldout(token_stream(fixture_path("tiny-edge"), data), QATRecipe(batch_size=2, seq_len=64), None)
+    used = torch.unique(held_back[0])  # the rows of the text that trains (the held-out tail does not)
     assert rows.shape[0] == used.numel() < 4096
     resumed = qat_train("tiny-edge", out=tmp_path / "cut", **kw)
     assert [x["loss"] for x in resumed["log"]] == [x["loss"] for x in sparse["log"]]
@@ -442,8 +448,10 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
                                           "--expert-lr-scale", "2", "--attention-lr-scale", "0.5",
                                           "--average", "0.99", "--gguf-type", "Q4_K_M",
                                           "--embedding-type", "Q6_K", "--fixed-ints",
-                                          "--per-layer-embed-lr", "0"])
+                                          "--per-layer-embed-lr", "0", "--heldout", str(tmp_path / "h.txt"),
+                                          "--export-last", "--seed", "3"])
     assert res.exit_code == 0, res.output
+    assert seen["heldout"] == tmp_path / "h.txt" and seen["export_last"] is True and seen["seed"] == 3
     assert seen["learnable_ints"] is False and seen["per_layer_embed_lr"] == 0.0
     assert seen["lr"] == 0.0 and seen["scale_lr"] == 0.01 and seen["batch_size"] == 4 and seen["steps"] == 3
     assert seen["average"] == 0.99 and seen["gguf_type"] == "Q4_K_M"
@@ -457,6 +465,7 @@ def test_cli_passes_recipe_options_through(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "not both" in res.output and not seen
     res = CliRunner().invoke(app, args + ["--overwrite"])
     assert res.exit_code == 0 and "lr" not in seen and "weight_format" not in seen  # the recipe's defaults apply
+    assert seen["heldout"] is None and seen["export_last"] is False and "seed" not in seen
     assert "learnable_ints" not in seen
     assert seen["bits"] == 4
     seen.clear()
