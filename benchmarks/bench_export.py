@@ -13,6 +13,7 @@ whether the two files picked the same type for every tensor.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -42,6 +43,26 @@ def synthetic_checkpoint(work: Path) -> Path:
                        global_head_dim=512, attention_k_eq_v=True, layer_types=(SLIDING,) * 5 + (FULL,),
                        sliding_window=1024, final_logit_softcapping=30.0, hidden_size_per_layer_input=0,
                        max_position_embeddings=8192)
+    save_checkpoint(random_model(cfg, dtype=torch.bfloat16), out, dtype=torch.bfloat16, tokenizer_dir=TOKENIZER_DIR)
+    return out
+
+
+def synthetic_moe_checkpoint(work: Path) -> Path:
+    """~0.17 B parameters with 26B-A4B's widths (hidden 2816, dense MLP 2112, experts 704, 16 / 8 heads): 2 layers
+    (sliding, full) and 4 experts instead of 30 and 128. Rows of 2112 and 704 are not multiples of 256, so
+    llama-quantize's fallbacks (Q5_0 for Q4_K, Q8_0 for Q6_K) are exercised as on the released model."""
+    import torch
+
+    from gemmaquant.checkpoint import save_checkpoint
+    from gemmaquant.config import FULL, SLIDING, VARIANTS
+    from gemmaquant.fixtures import TOKENIZER_DIR
+    from gemmaquant.model.testing import random_model
+
+    out = work / "synthetic-26b-a4b-width"
+    if (out / "config.json").is_file():
+        return out
+    cfg = dataclasses.replace(VARIANTS["26b-a4b"], vocab_size=4096, num_hidden_layers=2, layer_types=(SLIDING, FULL),
+                              num_experts=4, top_k_experts=2, max_position_embeddings=8192)
     save_checkpoint(random_model(cfg, dtype=torch.bfloat16), out, dtype=torch.bfloat16, tokenizer_dir=TOKENIZER_DIR)
     return out
 

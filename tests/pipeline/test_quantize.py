@@ -189,3 +189,31 @@ def test_top_level_verb_takes_a_recipe_object_file_or_name(tmp_path):
     assert (c.work_dir / layer).is_file()
     with pytest.raises(gemmaquant.recipe.RecipeError, match="no bundled recipe"):
         gemmaquant.quantize("tiny-dense", "no/such-recipe", out=tmp_path / "d")
+
+
+def test_rtn_runs_no_forward_and_writes_the_float_exports_bytes(tmp_path, monkeypatch):
+    """Plain RTN reads no statistics, so the quantizer runs no calibration forward (issue 26: the CLI's RTN path
+    took 16x llama.cpp's time, most of it in that forward), and its GGUF holds exactly what export_gguf writes
+    from the float checkpoint (the llama-quantize path): the same tensors, types and bytes."""
+    import importlib
+
+    import gguf
+    import numpy as np
+
+    from gemmaquant.export import FloatSource, export_gguf
+    from gemmaquant.workflow import run_quantize
+
+    def no_forward(*a, **k):
+        raise AssertionError("RTN ran a calibration forward")
+
+    monkeypatch.setattr(importlib.import_module("gemmaquant.quantize"), "run_layer", no_forward)
+    res = run_quantize("tiny-moe", method="rtn", formats="gguf", gguf_type="Q4_K_M", out=tmp_path / "o",
+                       evaluate=False, progress=False, device="cpu")
+    assert not list((tmp_path / "o").rglob("acts_*.safetensors"))
+    ref = export_gguf(FloatSource(resolve("tiny-moe")), tmp_path / "ref.gguf", type="Q4_K_M")
+    ours = {t.name: t for t in gguf.GGUFReader(res["files"]["gguf"]).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type, name
+        assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), name
