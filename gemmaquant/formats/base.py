@@ -128,7 +128,7 @@ class QuantFormat:
         raise NotImplementedError
 
 
-REFERENCE_CHUNK = 1 << 20  # elements per row slice of a llama.cpp port on CPU (ReferenceQuantizer)
+REFERENCE_CHUNK = 1 << 18  # elements per row slice of a llama.cpp port on CPU (ReferenceQuantizer)
 
 
 class ReferenceQuantizer(QuantFormat):
@@ -138,7 +138,8 @@ class ReferenceQuantizer(QuantFormat):
 
     On CPU the port runs over slices of whole rows of about REFERENCE_CHUNK elements: its many elementwise
     passes then stay in cache (about 4x faster on a [2048, 5376] Q4_K fit than whole-matrix passes, whose
-    temporaries are the matrix's size each), and its memory is bounded. Every block is fit from its own values
+    temporaries are the matrix's size each; 2^18 elements, 1 MiB a buffer, beat 2^16 .. 2^20 on a Q4_K / Q6_K fit
+    on one thread, benchmarks/results/bench_export.md), and its memory is bounded. Every block is fit from its own values
     alone, so the result does not depend on the slicing."""
 
     def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:

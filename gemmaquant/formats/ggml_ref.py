@@ -106,21 +106,21 @@ def round_codes_(t: Tensor, bound: Tensor, lo: int, hi: int) -> Tensor:
     return t.copy_(nearest_int(t).clamp(lo, hi))
 
 
-def first_min(x: Tensor) -> Tensor:
-    """`min = x[0]; if (x[i] < min) min = x[i];` over dim 0, including the sign of a zero minimum."""
-    mn = x.amin(0)
+def first_min(x: Tensor, dim: int = 0) -> Tensor:
+    """`min = x[0]; if (x[i] < min) min = x[i];` over `dim`, including the sign of a zero minimum."""
+    mn = x.amin(dim)
     if not bool((mn == 0).any()):
         return mn
-    first_zero = (x == 0).int().argmax(0, keepdim=True)  # the first zero wins a tie between 0.0 and -0.0
-    return torch.where(mn == 0, x.gather(0, first_zero)[0], mn)
+    first_zero = (x == 0).int().argmax(dim, keepdim=True)  # the first zero wins a tie between 0.0 and -0.0
+    return torch.where(mn == 0, x.gather(dim, first_zero).squeeze(dim), mn)
 
 
-def max_abs(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }` from amax = max = 0, over dim 0."""
+def max_abs(x: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
+    """`if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }` from amax = max = 0, over `dim`."""
     ax = x.abs()
-    i = ax.argmax(0, keepdim=True)  # the first index of the largest |x|
-    amax = ax.gather(0, i)[0]
-    return amax, torch.where(amax > 0, x.gather(0, i)[0], 0.0)
+    i = ax.argmax(dim, keepdim=True)  # the first index of the largest |x|
+    amax = ax.gather(dim, i).squeeze(dim)
+    return amax, torch.where(amax > 0, x.gather(dim, i).squeeze(dim), 0.0)
 
 
 def make_qx_quants(x: Tensor, nmax: int, qw: Tensor | None) -> tuple[Tensor, Tensor]:
