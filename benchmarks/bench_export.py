@@ -3,11 +3,15 @@
 
     LLAMA_CPP_DIR=/path/to/llama.cpp python benchmarks/bench_export.py [--threads 1] [--quick]
 
-Models: a bundled tiny fixture (tiny-moe) and a larger synthetic dense model with real Gemma 4 head geometry
-(head dims 256 / 512, rows that are multiples of 256, so Q4_K / Q6_K are used as on the released models) written
-once into --work. Both sides run as fresh processes (interpreter start and imports included). Every timing is the
-best of --repeat runs. Results: benchmarks/results/bench_export.json and .md, with each side's file size and
-whether the two files picked the same type for every tensor.
+Models: a bundled tiny fixture (tiny-moe), a larger synthetic dense model with real Gemma 4 head geometry
+(head dims 256 / 512, rows that are multiples of 256, so Q4_K / Q6_K are used as on the released models) and a
+synthetic with 26B-A4B's widths (rows of 2112 and 704 take llama-quantize's Q5_0 / Q8_0 fallbacks), written once
+into --work. gemmaquant runs twice: the library's export_gguf(FloatSource(dir)), and the command line
+`gemmaquant quantize DIR --method rtn --gguf-type TYPE --format gguf --no-eval` (the quantizer's work directory,
+then the export). All run as fresh processes (interpreter start and imports included), OMP_NUM_THREADS and
+torch's threads set to --threads. Every timing is the best of --repeat runs. Results:
+benchmarks/results/bench_export.json and .md, with each side's file size and whether the files picked the same
+type and hold the same bytes for every tensor.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ def tensor_types(path: Path) -> dict[str, tuple[str, bytes]]:
 def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: int, qtype: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     ours_out, conv_out, quant_out = work / f"{name}-ours.gguf", work / f"{name}-bf16.gguf", work / f"{name}-llama.gguf"
+    cli_dir = work / f"{name}-cli"
     ours_cmd = [sys.executable, "-c", (
         "import torch, sys; torch.set_num_threads(%d); sys.path.insert(0, %r)\n"
         "from gemmaquant.export import FloatSource, export_gguf\n"
@@ -93,18 +98,26 @@ def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: 
     conv_cmd = [sys.executable, str(llama / "convert_hf_to_gguf.py"), str(ckpt), "--outfile", str(conv_out),
                 "--outtype", "bf16"]
     quant_cmd = [str(llama / "build/bin/llama-quantize"), str(conv_out), str(quant_out), qtype, str(threads)]
+    cli_cmd = [sys.executable, "-c", "import sys; sys.argv[0] = 'gemmaquant'; from gemmaquant.cli import app; app()",
+               "quantize", str(ckpt), "--method", "rtn", "--gguf-type", qtype, "--format", "gguf", "--no-eval",
+               "--device", "cpu", "--out", str(cli_dir), "--overwrite"]
     ours = min(run(ours_cmd, env) for _ in range(repeat))
+    cli = min(run(cli_cmd, {**env, "PYTHONPATH": str(ROOT)}) for _ in range(repeat))
     conv = min(run(conv_cmd, env) for _ in range(repeat))
     quant = min(run(quant_cmd, env) for _ in range(repeat))
     a, b = tensor_types(ours_out), tensor_types(quant_out)
+    c = tensor_types(next(cli_dir.glob("*.gguf")))
     same = sorted(n for n in a if n in b and a[n][0] == b[n][0])
     identical = sorted(n for n in a if n in b and a[n] == b[n])
+    cli_identical = sorted(n for n in c if n in b and c[n] == b[n])
     return {"model": name, "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
             "gemmaquant_s": round(ours, 3), "llamacpp_convert_s": round(conv, 3),
             "llamacpp_quantize_s": round(quant, 3), "llamacpp_total_s": round(conv + quant, 3),
             "ratio_gemmaquant_over_llamacpp": round(ours / (conv + quant), 3),
+            "gemmaquant_cli_s": round(cli, 3), "ratio_cli_over_llamacpp": round(cli / (conv + quant), 3),
             "gemmaquant_bytes": ours_out.stat().st_size, "llamacpp_bytes": quant_out.stat().st_size,
-            "tensor_types_equal": f"{len(same)}/{len(b)}", "tensors_byte_identical": f"{len(identical)}/{len(b)}"}
+            "tensor_types_equal": f"{len(same)}/{len(b)}", "tensors_byte_identical": f"{len(identical)}/{len(b)}",
+            "cli_tensors_byte_identical": f"{len(cli_identical)}/{len(b)}"}
 
 
 def main() -> None:
@@ -115,6 +128,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny fixture only")
     ap.add_argument("--type", default="Q4_K_M", help="GGUF file type / mix (default Q4_K_M)")
+    ap.add_argument("--note", default="", help="a line for the results (e.g. how loaded the machine was)")
     args = ap.parse_args()
     if not args.llama_cpp:
         sys.exit("set LLAMA_CPP_DIR or pass --llama-cpp")
@@ -126,18 +140,23 @@ def main() -> None:
     models = {"tiny-moe": FIXTURES["tiny-moe"]}
     if not args.quick:
         models["synthetic-dense-0.4B"] = synthetic_checkpoint(work)
+        models["synthetic-26b-a4b-width-0.17B"] = synthetic_moe_checkpoint(work)
     rows = [bench(n, p, Path(args.llama_cpp), work, args.threads, args.repeat, args.type) for n, p in models.items()]
     meta = {"type": args.type, "threads": args.threads, "repeat": args.repeat, "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count()}
+            "machine": platform.machine(), "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+            "note": args.note}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_export.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    cols = ["model", "checkpoint_bytes", "gemmaquant_s", "llamacpp_convert_s", "llamacpp_quantize_s",
-            "llamacpp_total_s", "ratio_gemmaquant_over_llamacpp", "gemmaquant_bytes", "llamacpp_bytes",
-            "tensor_types_equal", "tensors_byte_identical"]
+    cols = ["model", "checkpoint_bytes", "gemmaquant_s", "gemmaquant_cli_s", "llamacpp_convert_s",
+            "llamacpp_quantize_s", "llamacpp_total_s", "ratio_gemmaquant_over_llamacpp", "ratio_cli_over_llamacpp",
+            "gemmaquant_bytes", "llamacpp_bytes", "tensor_types_equal", "tensors_byte_identical",
+            "cli_tensors_byte_identical"]
     md = [f"# HF checkpoint -> {args.type} GGUF, end to end", "",
           f"gemmaquant `export_gguf(FloatSource(dir), out, type=\"{args.type}\")` vs llama.cpp `convert_hf_to_gguf.py "
           f"--outtype bf16` + `llama-quantize {args.type}`; {args.threads} thread(s), best of {args.repeat}, fresh "
-          f"processes. ratio < 1 means gemmaquant is faster.", "",
+          f"processes; the command line: `gemmaquant quantize DIR --method rtn --gguf-type {args.type} --format gguf "
+          f"--no-eval`. ratio < 1 means gemmaquant is faster.", "",
+          *([f"Note: {args.note}", ""] if args.note else []),
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     (RESULTS / "bench_export.md").write_text("\n".join(md) + "\n")
