@@ -35,7 +35,7 @@ from gemmaquant.plan import TensorPlan, make_plan
 from gemmaquant.progress import progress as progress_lines, stage
 from gemmaquant.quantized import finished_layers, save_atomic, save_layer, write_json_atomic
 from gemmaquant.recipe import Recipe
-from gemmaquant.validate import check_float_checkpoint, check_float_values
+from gemmaquant.validate import all_finite, check_float_checkpoint, check_float_values
 
 WORK_DIR = ".gemmaquant-work"
 LAYERS_RECORD = "layers.json"  # written when every layer is finished; kept when the layer files are pruned
@@ -229,7 +229,7 @@ def quantize_one_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor]
     lt = time.time()
     layer = build_layer(cfg, i, state, device)
     for name, t in layer.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise QuantizeError(f"tensor 'layers.{i}.{name}' contains NaN or Inf")
     stats = LayerStats(acc_dtype=torch.float64 if device.type == "cpu" else torch.float32)
     if acts is None:

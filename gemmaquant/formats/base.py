@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gemmaquant.validate import all_finite
+
 PER_ROW = 1 << 62  # `block` of a format with one affine pair per row, whatever K is
 
 
@@ -38,8 +40,8 @@ def check_weight(w: Tensor, block: int, what: str = "weight") -> None:
         raise ValueError(f"{what}: expected a 2-D [N, K] tensor, got shape {list(w.shape)}")
     if block < PER_ROW and w.shape[1] % block:
         raise ValueError(f"{what}: K = {w.shape[1]} inputs per row is not a multiple of the {block}-element block")
-    finite = torch.isfinite(w)
-    if not bool(finite.all()):
+    if not all_finite(w):
+        finite = torch.isfinite(w)
         n_nan, n_inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
         r, c = (int(i) for i in (~finite).nonzero()[0])
         raise ValueError(f"{what}: contains NaN or Inf ({n_nan} NaN, {n_inf} Inf; first at [{r}, {c}]); "

@@ -42,13 +42,13 @@ def full(like: Tensor, v: float) -> Tensor:
 
 
 def div(a: Tensor | float, b: Tensor | float) -> Tensor:
-    """IEEE float32 a / b with both operands as tensors of the same shape (see the module docstring)."""
+    """IEEE float32 a / b with both operands tensors (see the module docstring; a broadcast operand is fine: only a
+    0-dim CPU tensor as divisor becomes a reciprocal on CUDA, and a Python scalar is made a full tensor here)."""
     if not isinstance(a, Tensor):
         a = full(b, a)
     if not isinstance(b, Tensor):
         b = full(a, b)
-    a, b = torch.broadcast_tensors(a, b)
-    return torch.div(a.contiguous(), b.contiguous())
+    return torch.div(a, b)
 
 
 def nearest_int(x: Tensor) -> Tensor:
@@ -72,18 +72,17 @@ def roundf(x: Tensor) -> Tensor:
 def seqsum(*ts: Tensor):
     """Sum over dim 0 as `float s = 0; for (i...) s += t[i];` does: fp32 adds in index order (torch.sum reorders).
     One result per argument (a tuple when several)."""
-    accs = [torch.zeros_like(t[0]) for t in ts]
-    for i in range(ts[0].shape[0]):
-        accs = [a + t[i] for a, t in zip(accs, ts)]
+    accs = [rowsum_(torch.empty_like(t[0]), t) for t in ts]
     return accs[0] if len(ts) == 1 else tuple(accs)
 
 
 def rowsum_(acc: Tensor, t: Tensor) -> Tensor:
     """seqsum into a given accumulator: acc = +0, then acc += t[i] for i in index order (t [n, ...], acc t[0]'s
     shape); sums stacked on a middle axis are taken together. On CPU, index_add_ with every index 0 is that loop
-    in C++ (ATen's index_add_cpu_ adds the slices one after another, in index order, with add's kernel; alpha 1
-    makes acc + 1 * t[i] exactly acc + t[i]); CUDA's index_add_ uses atomics (any order), so there a Python loop
-    adds the rows."""
+    in C++ (torch documents index_add_ as adding "in the order given in index"; ATen's index_add_cpu_ adds the
+    slices one after another with add's kernel, and alpha 1 makes acc + 1 * t[i] exactly acc + t[i];
+    tests/formats/test_llamacpp.py compares the bytes); CUDA's index_add_ uses atomics (any order), so there a
+    Python loop adds the rows."""
     acc.zero_()
     if t.device.type == "cpu":
         acc.unsqueeze(0).index_add_(0, torch.zeros(t.shape[0], dtype=torch.int64), t)
