@@ -120,6 +120,35 @@ def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: 
             "cli_tensors_byte_identical": f"{len(cli_identical)}/{len(b)}"}
 
 
+def device_check(work: Path, threads: int) -> None:
+    """The 26B-A4B-width synthetic exported by export_gguf on cuda and on the CPU (fresh processes): seconds each
+    and whether the two files are identical. Results: benchmarks/results/bench_export_cuda.{json,md}."""
+    import hashlib
+
+    ckpt = synthetic_moe_checkpoint(work)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    row = {"model": "synthetic-26b-a4b-width-0.17B", "type": "Q4_K_M"}
+    for dev in ("cuda", "cpu"):
+        out = work / f"device-{dev}.gguf"
+        cmd = [sys.executable, "-c", (
+            "import torch, sys; torch.set_num_threads(%d); sys.path.insert(0, %r)\n"
+            "from gemmaquant.export import FloatSource, export_gguf\n"
+            "export_gguf(FloatSource(%r), %r, type='Q4_K_M', overwrite=True, device=%r)"
+            % (threads, str(ROOT), str(ckpt), str(out), dev))]
+        row[f"{dev}_s"] = round(run(cmd, env), 3)
+        row[f"{dev}_sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
+    row["identical"] = row["cuda_sha256"] == row["cpu_sha256"]
+    import torch
+
+    row["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_export_cuda.json").write_text(json.dumps(row, indent=2))
+    md = ["# export_gguf on cuda against the CPU", "", "| " + " | ".join(row) + " |", "|" + "---|" * len(row),
+          "| " + " | ".join(str(v) for v in row.values()) + " |"]
+    (RESULTS / "bench_export_cuda.md").write_text("\n".join(md) + "\n")
+    print(json.dumps(row))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"), help="llama.cpp tree with build/bin")
@@ -129,7 +158,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny fixture only")
     ap.add_argument("--type", default="Q4_K_M", help="GGUF file type / mix (default Q4_K_M)")
     ap.add_argument("--note", default="", help="a line for the results (e.g. how loaded the machine was)")
+    ap.add_argument("--device-check", action="store_true",
+                    help="instead: the 26B-width synthetic exported on cuda and on the CPU (no llama.cpp needed)")
     args = ap.parse_args()
+    if args.device_check:
+        sys.path.insert(0, str(ROOT))
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        return device_check(work, args.threads)
     if not args.llama_cpp:
         sys.exit("set LLAMA_CPP_DIR or pass --llama-cpp")
     sys.path.insert(0, str(ROOT))
