@@ -20,6 +20,12 @@ Speed (the candidate searches are most of a K-quant export): the searches run on
 in-place ops (no temporaries the size of x), the three sums of a candidate are taken in one row loop over a
 [n, 3, B] buffer, and `round_codes_` rounds with torch.round (one pass) where a per-block bound proves every
 value below 2^22 in magnitude, where it equals nearest_int; elsewhere it falls back to nearest_int itself.
+
+Devices: the same code runs on CUDA with the same bytes. What could change a byte there, and why it does not:
+an FMA contraction (each step is its own kernel, so nothing is contracted), a division by a Python scalar (made
+a tensor, see div), float32 sqrt (done in float64), a reduction in another order (min / max / argmax are exact;
+the ordered sums are a loop of add_ on CUDA, whose index_add_ adds with atomics in any order), TF32 (no matmul).
+tests/formats/test_gguf_device.py checks it on a GPU (scripts/gpu_check.sh, stage export).
 """
 
 from __future__ import annotations
