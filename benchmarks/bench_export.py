@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -72,11 +73,20 @@ def synthetic_moe_checkpoint(work: Path) -> Path:
 
 
 def run(cmd: list[str], env: dict) -> float:
+    return run_timed(cmd, env)[0]
+
+
+def run_timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and its children). On a machine shared with
+    other work the CPU time is the steadier of the two: it does not count the time the process waited."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed:\n{r.stderr[-2000:]}")
-    return time.perf_counter() - t
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def tensor_types(path: Path) -> dict[str, tuple[str, bytes]]:
@@ -101,10 +111,15 @@ def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: 
     cli_cmd = [sys.executable, "-c", "import sys; sys.argv[0] = 'gemmaquant'; from gemmaquant.cli import app; app()",
                "quantize", str(ckpt), "--method", "rtn", "--gguf-type", qtype, "--format", "gguf", "--no-eval",
                "--device", "cpu", "--out", str(cli_dir), "--overwrite"]
-    ours = min(run(ours_cmd, env) for _ in range(repeat))
-    cli = min(run(cli_cmd, {**env, "PYTHONPATH": str(ROOT)}) for _ in range(repeat))
-    conv = min(run(conv_cmd, env) for _ in range(repeat))
-    quant = min(run(quant_cmd, env) for _ in range(repeat))
+    # interleaved, so that a change in the machine's load falls on every side alike
+    runs: dict[str, list] = {"ours": [], "cli": [], "conv": [], "quant": []}
+    cli_env = {**env, "PYTHONPATH": str(ROOT)}
+    for _ in range(repeat):
+        for key, cmd, e in (("ours", ours_cmd, env), ("cli", cli_cmd, cli_env), ("conv", conv_cmd, env),
+                            ("quant", quant_cmd, env)):
+            runs[key].append(run_timed(cmd, e))
+    (ours, ours_cpu), (cli, cli_cpu), (conv, conv_cpu), (quant, quant_cpu) = (
+        (min(w for w, _ in runs[k]), min(c for _, c in runs[k])) for k in ("ours", "cli", "conv", "quant"))
     a, b = tensor_types(ours_out), tensor_types(quant_out)
     c = tensor_types(next(cli_dir.glob("*.gguf")))
     same = sorted(n for n in a if n in b and a[n][0] == b[n][0])
@@ -115,6 +130,10 @@ def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: 
             "llamacpp_quantize_s": round(quant, 3), "llamacpp_total_s": round(conv + quant, 3),
             "ratio_gemmaquant_over_llamacpp": round(ours / (conv + quant), 3),
             "gemmaquant_cli_s": round(cli, 3), "ratio_cli_over_llamacpp": round(cli / (conv + quant), 3),
+            "gemmaquant_cpu_s": round(ours_cpu, 3), "gemmaquant_cli_cpu_s": round(cli_cpu, 3),
+            "llamacpp_cpu_s": round(conv_cpu + quant_cpu, 3),
+            "ratio_cpu_gemmaquant_over_llamacpp": round(ours_cpu / (conv_cpu + quant_cpu), 3),
+            "ratio_cpu_cli_over_llamacpp": round(cli_cpu / (conv_cpu + quant_cpu), 3),
             "gemmaquant_bytes": ours_out.stat().st_size, "llamacpp_bytes": quant_out.stat().st_size,
             "tensor_types_equal": f"{len(same)}/{len(b)}", "tensors_byte_identical": f"{len(identical)}/{len(b)}",
             "cli_tensors_byte_identical": f"{len(cli_identical)}/{len(b)}"}
@@ -185,13 +204,16 @@ def main() -> None:
     (RESULTS / "bench_export.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     cols = ["model", "checkpoint_bytes", "gemmaquant_s", "gemmaquant_cli_s", "llamacpp_convert_s",
             "llamacpp_quantize_s", "llamacpp_total_s", "ratio_gemmaquant_over_llamacpp", "ratio_cli_over_llamacpp",
-            "gemmaquant_bytes", "llamacpp_bytes", "tensor_types_equal", "tensors_byte_identical",
-            "cli_tensors_byte_identical"]
+            "gemmaquant_cpu_s", "gemmaquant_cli_cpu_s", "llamacpp_cpu_s", "ratio_cpu_gemmaquant_over_llamacpp",
+            "ratio_cpu_cli_over_llamacpp", "gemmaquant_bytes", "llamacpp_bytes", "tensor_types_equal",
+            "tensors_byte_identical", "cli_tensors_byte_identical"]
     md = [f"# HF checkpoint -> {args.type} GGUF, end to end", "",
           f"gemmaquant `export_gguf(FloatSource(dir), out, type=\"{args.type}\")` vs llama.cpp `convert_hf_to_gguf.py "
           f"--outtype bf16` + `llama-quantize {args.type}`; {args.threads} thread(s), best of {args.repeat}, fresh "
           f"processes; the command line: `gemmaquant quantize DIR --method rtn --gguf-type {args.type} --format gguf "
-          f"--no-eval`. ratio < 1 means gemmaquant is faster.", "",
+          f"--no-eval`. ratio < 1 means gemmaquant is faster. `_s`: wall seconds; `_cpu_s`: CPU seconds (user + "
+          f"system) of the process, which do not count time spent waiting for a shared machine's cores. The four "
+          f"commands run interleaved, each the best of the runs.", "",
           *([f"Note: {args.note}", ""] if args.note else []),
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
