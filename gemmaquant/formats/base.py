@@ -140,9 +140,9 @@ class ReferenceQuantizer(QuantFormat):
 
     On CPU the port runs over slices of whole rows of about REFERENCE_CHUNK elements: its many elementwise
     passes then stay in cache (about 4x faster on a [2048, 5376] Q4_K fit than whole-matrix passes, whose
-    temporaries are the matrix's size each; 2^18 elements, 1 MiB a buffer, beat 2^16 .. 2^20 on a Q4_K / Q6_K fit
-    on one thread, benchmarks/results/bench_export.md), and its memory is bounded. Every block is fit from its own values
-    alone, so the result does not depend on the slicing."""
+    temporaries are the matrix's size each; of 2^16 .. 2^20 elements, 2^18 (1 MiB a buffer) was the fastest on a
+    [512, 8192] Q4_K / Q6_K fit on one thread, in CPU time), and its memory is bounded. Every block is fit from its
+    own values alone, so the result does not depend on the slicing."""
 
     def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:
         if params is not None:
