@@ -30,8 +30,10 @@ AWQ_NO_CLIP = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")  # llm-awq:
 
 
 def sqnr_db(w: Tensor, w_hat: Tensor) -> float:
-    err = (w.double() - w_hat.double()).pow(2).sum().item()
-    return float("inf") if err == 0 else 10.0 * torch.log10(w.double().pow(2).sum() / err).item()
+    wd = w.to(torch.float64, copy=True)  # (once; the same float64 ops and sums as ever, so the same value)
+    d = wd - w_hat.double()
+    err = d.pow_(2).sum().item()
+    return float("inf") if err == 0 else 10.0 * torch.log10(wd.pow_(2).sum() / err).item()
 
 
 def _param(layer: DecoderLayer, name: str) -> torch.nn.Parameter:

@@ -7,6 +7,8 @@
         write layer i and the new inputs atomically          <- a killed run resumes here
 Memory: one layer's weights and statistics plus the calibration activations. The result is a work directory
 (`gemmaquant.quantized`) that the exporters turn into GGUF and compressed-tensors files.
+Plain round-to-nearest (method "rtn") reads no statistics: it runs no calibration forward, keeps no activations,
+and each layer is only read, quantized and written (`uses_activations`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from gemmaquant.plan import TensorPlan, make_plan
 from gemmaquant.progress import progress as progress_lines, stage
 from gemmaquant.quantized import finished_layers, read_record, save_atomic, save_layer, write_json_atomic
 from gemmaquant.recipe import Recipe
-from gemmaquant.validate import check_float_checkpoint, check_float_values
+from gemmaquant.validate import all_finite, check_float_checkpoint, check_float_values
 
 WORK_DIR = ".gemmaquant-work"
 LAYERS_RECORD = "layers.json"  # written when every layer is finished; kept when the layer files are pruned
@@ -218,18 +220,30 @@ class QuantizeResult:
     seconds: float
 
 
-def quantize_one_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor], acts: Activations,
+def uses_activations(recipe: Recipe) -> bool:
+    """Whether the recipe's algorithm reads calibration statistics (Hessians, input rows, expert routing).
+    Plain RTN does not: its layers need no calibration forward and no activations between layers."""
+    return recipe.method != "rtn"
+
+
+def quantize_one_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor], acts: Activations | None,
                        layer_plan: dict[str, TensorPlan], recipe: Recipe, inv_freqs, device: torch.device,
                        fwd_dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
     """Layer i, start to finish, with no file I/O: build it on `device`, collect its statistics on `acts`,
     quantize its matrices, and replace `acts` by the quantized layer's outputs (in place). Returns (the layer's
-    values in host memory, for `save_layer`; its report entry)."""
+    values in host memory, for `save_layer`; its report entry). acts None (a recipe that reads no statistics,
+    see `uses_activations`): the matrices are quantized and nothing is run."""
     lt = time.time()
     layer = build_layer(cfg, i, state, device)
     for name, t in layer.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise QuantizeError(f"tensor 'layers.{i}.{name}' contains NaN or Inf")
     stats = LayerStats(acc_dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    if acts is None:
+        values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plan, recipe)
+        info = {"layer": i, "sqnr_db": sqnr, "expert_sqnr_db": expert_sqnr, "seconds": round(time.time() - lt, 3),
+                "expert_tokens": None, "forced_experts": []}
+        return to_host(values), info
     samples = AWQ_SAMPLES if recipe.method == "awq" else 0  # only AWQ reads input rows; the rest, Hessians
     batched = batched_experts(device)
     with capture(layer, stats, max_samples=samples, batched=batched):
@@ -350,18 +364,20 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
     for name, t in globals_.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise QuantizeError(f"tensor {name!r} contains NaN or Inf")
-    with torch.device("meta"):
-        shell = Gemma4(cfg)
-    shell.load_state_dict({k: v.float() for k, v in globals_.items()}, strict=False, assign=True)
-    batches = ids.split(recipe.batch_size)
-    embedded = [shell.embed(b) for b in batches]
-    acts = Activations(h=[e[0] for e in embedded], ple=[e[1] for e in embedded])
+    acts = None
+    if uses_activations(recipe):
+        with torch.device("meta"):
+            shell = Gemma4(cfg)
+        shell.load_state_dict({k: v.float() for k, v in globals_.items()}, strict=False, assign=True)
+        batches = ids.split(recipe.batch_size)
+        embedded = [shell.embed(b) for b in batches]
+        acts = Activations(h=[e[0] for e in embedded], ple=[e[1] for e in embedded])
+        del shell, embedded
     if not (work / "globals.safetensors").is_file():
         save_atomic({k: v.contiguous() for k, v in globals_.items()}, work / "globals.safetensors")
-    del shell, embedded
 
     start = finished_layers(work)
-    if start > 0:
+    if start > 0 and acts is not None:
         acts.load_into(work / f"acts_{start:05d}.safetensors")
     inv_freqs = rope_inv_freqs(cfg)
     layer_plans = [{k[len(f"layers.{i}."):]: v for k, v in plan.items() if k.startswith(f"layers.{i}.")}
@@ -370,7 +386,8 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
         stage(f"resuming {work}: layers 0-{start - 1} were finished by an earlier run", progress)
     bar = progress_lines(range(start, cfg.num_hidden_layers), desc="quantize", unit="layer", initial=start,
                          total=cfg.num_hidden_layers, enabled=progress)
-    acts.move(ActivationBudget(dev, activation_budget).home(acts.nbytes()))
+    if acts is not None:
+        acts.move(ActivationBudget(dev, activation_budget).home(acts.nbytes()))
     # on a GPU a thread reads (and pins) layer i+1 from the checkpoint while layer i is worked on
     prefetch = ThreadPoolExecutor(1) if dev.type == "cuda" else None
     read = (lambda j: host_copy(src.layer_state(j), dev))
@@ -390,7 +407,8 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
             del state_i
             # order matters for resumption: inputs of layer i+1, then layer i (its .json last), then drop layer
             # i's inputs
-            acts.save(work / f"acts_{i + 1:05d}.safetensors", i + 1)
+            if acts is not None:
+                acts.save(work / f"acts_{i + 1:05d}.safetensors", i + 1)
             save_layer(work, i, values, info)
             (work / f"acts_{i:05d}.safetensors").unlink(missing_ok=True)
             del values

@@ -149,11 +149,21 @@ def check_float_checkpoint(ckpt) -> None:
                                   f"checkpoint must hold float weights; a quantized one is read by its own loader)")
 
 
-def require_finite(t, name: str, where, error: type[Exception]) -> None:
-    """A float tensor without NaN or Inf."""
+def all_finite(t) -> bool:
+    """No NaN or Inf in t. One read-only pass: a sum is finite when every term is (NaN and Inf propagate); only
+    a sum that overflowed, or a tensor that does hold NaN / Inf, is checked element by element."""
     import torch
 
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32 if t.element_size() < 4 else None))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def require_finite(t, name: str, where, error: type[Exception]) -> None:
+    """A float tensor without NaN or Inf."""
+    if t.is_floating_point() and not all_finite(t):
         raise error(f"{where}: tensor {name!r} contains NaN or Inf")
 
 

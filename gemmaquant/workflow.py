@@ -173,7 +173,7 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
         result = quantize(model, recipe, out=out, calib=calib, progress=progress, layers_needed=not done,
                           device=dev, activation_budget=budget)
         stage(f"exporting {' and '.join(fmts)} into {out}", progress)
-        files = export_outputs(result.work_dir, out, name, recipe, fmts, steps=steps)
+        files = export_outputs(result.work_dir, out, name, recipe, fmts, steps=steps, device=dev)
         summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
                    "calibration_sha256": result.calibration_sha256, "quantize_seconds": round(result.seconds, 2),
                    "device": device_name(dev), "plan": plan_summary(plan)}
@@ -265,9 +265,10 @@ def export_steps(name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, 
 
 
 def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple[str, ...],
-                   steps=None) -> dict[str, str]:
+                   steps=None, device: torch.device | None = None) -> dict[str, str]:
     """Write each format's file into out; with `steps` (gemmaquant.resume.Steps), a format whose recorded output
-    is complete and unchanged is skipped, and each one written is recorded."""
+    is complete and unchanged is skipped, and each one written is recorded. device: where the GGUF exporter
+    RTN-quantizes the values the work directory holds in float (the same bytes on every device)."""
     from gemmaquant.export import export_compressed_tensors, export_gguf
     from gemmaquant.quantized import QuantizedSource
 
@@ -276,8 +277,10 @@ def export_outputs(work: Path, out: Path, name: str, recipe: Recipe, fmts: tuple
         files[fmt] = str(out / rel)
         if steps is not None and steps.complete(fmt, key):
             continue
-        exporter = export_gguf if fmt == "gguf" else export_compressed_tensors
-        exporter(QuantizedSource(work), out / rel, overwrite=True, **args)
+        if fmt == "gguf":
+            export_gguf(QuantizedSource(work), out / rel, overwrite=True, device=device, **args)
+        else:
+            export_compressed_tensors(QuantizedSource(work), out / rel, overwrite=True, **args)
         if steps is not None:
             steps.record(fmt, key, [rel])
     return files

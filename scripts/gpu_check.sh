@@ -8,7 +8,7 @@
 # after every row.
 #
 #   scripts/gpu_check.sh                       # everything
-#   STAGES="tests mm" scripts/gpu_check.sh      # some stages: tests, tune, mm, graph, attn, pipeline, decode
+#   STAGES="tests mm" scripts/gpu_check.sh      # some stages: tests, tune, mm, graph, attn, pipeline, decode, export
 #   STAGES=decode scripts/gpu_check.sh          # decode tokens/s of int4 / int8 against bf16 on 26b-a4b and 31b
 #                                               # layers, CUDA graphs, batch 1 and 16 (decode_model.{json,md})
 #   STAGES=pipeline scripts/gpu_check.sh        # quantize on the GPU: a tiny quantize on cuda, the experts' GPTQ
@@ -16,6 +16,8 @@
 #                                               # estimate from throughput probed on the GPU (dry_run.txt), then
 #                                               # bench_pipeline on 26b-a4b and 31b geometry (pipeline_quantize.log,
 #                                               # pipeline_cuda.{json,md}: compare its projection with dry_run.txt)
+#   STAGES=export scripts/gpu_check.sh          # GGUF fits on the GPU give the CPU's bytes (export_tests.log) and
+#                                               # the 0.4B / 26B-width export timed on cuda against the CPU
 #   BATCHES=1,16,256 scripts/gpu_check.sh
 #
 # Python packages missing on the machine can be put as wheels in .whl/ (installed with --no-index). The device
@@ -25,7 +27,7 @@
 set -u
 OUT="${OUT:-gpu_out}"
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-pipeline decode tests tune graph mm attn}"  # the quantize pipeline first: it has never run on a GPU
+STAGES="${STAGES:-pipeline decode export tests tune graph mm attn}"  # the quantize pipeline first: it has never run on a GPU
 BATCHES="${BATCHES:-1,4,16,64,256}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -43,6 +45,19 @@ fi
 'device', torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" || exit 1
 stamp "set-up done"
 
+if [[ " $STAGES " == *" export "* ]]; then
+    # every GGUF block fit (RTN and imatrix searches) on cuda against the CPU, byte for byte
+    timeout "${EXPORT_TESTS_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/formats/test_gguf_device.py \
+        > "$OUT/export_tests.log" 2>&1
+    echo "GGUF device tests exit status $?"
+    tail -3 "$OUT/export_tests.log"
+    # a synthetic checkpoint exported on cuda and on the CPU: seconds each, and whether the files are identical
+    timeout "${EXPORT_BENCH_TIMEOUT:-300}" "$PY" benchmarks/bench_export.py --device-check --work /tmp/gq-export \
+        > "$OUT/export_device.log" 2>&1
+    echo "export on cuda exit status $?"
+    tail -5 "$OUT/export_device.log"
+    stamp "export done"
+fi
 if [[ " $STAGES " == *" tests "* ]]; then
     # test_benchmark_smoke_run runs the interpreter, which in Triton <= 3.6 fails with numpy >= 2.4 (int() of a
     # 1-element array, at every loop with run-time bounds); it runs where the interpreter tests run (CI).

@@ -19,7 +19,9 @@ from torch import Tensor
 
 def check_finite(t: Tensor, name: str) -> None:
     """Raise a ValueError naming `name` when `t` holds a NaN or an infinity."""
-    if not torch.isfinite(t).all():
+    from gemmaquant.validate import all_finite
+
+    if not all_finite(t):
         bad = (~torch.isfinite(t)).sum().item()
         kinds = ", ".join(k for k, m in (("NaN", torch.isnan(t)), ("Inf", torch.isinf(t))) if m.any())
         raise ValueError(f"{name} has {bad} non-finite value(s) ({kinds}); shape {tuple(t.shape)}")

@@ -111,7 +111,8 @@ def _header_bytes(kv_data, infos: list[tuple[str, tuple[int, ...], str, int]], s
 
 def export_gguf(source, out_path: str | os.PathLike, type: str = "Q4_K_M", overwrite: bool = False, *,
                 pure: bool = False, token_embd_type: str | None = None, keep_type: str | None = None,
-                name: str | None = None, tensor_types: dict[str, str] | None = None) -> Path:
+                name: str | None = None, tensor_types: dict[str, str] | None = None,
+                device: str | torch.device | None = None) -> Path:
     """Write `source` (a tensor source, see gemmaquant.export.source) as a llama.cpp GGUF file.
 
     type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K (= Q4_K_M), Q4_K_S, Q4_K_M, Q5_K (= Q5_K_M), Q5_K_S,
@@ -122,10 +123,16 @@ def export_gguf(source, out_path: str | os.PathLike, type: str = "Q4_K_M", overw
         file type's rule.
     keep_type: float type of tensors llama-quantize never requantizes (per_layer_model_proj); default: BF16 when
         the value is bf16, else F16 (llama.cpp's converter `--outtype auto`).
+    device: where float values are RTN-quantized ('cpu', 'cuda', 'cuda:N', 'auto'); None: where each value lies
+        (the CPU for a checkpoint). The bytes are the same on every device (gemmaquant.formats.ggml_ref).
     Returns the path written. Raises ExportError (nothing written) for bad input, FileExistsError when
     `out_path` exists and not `overwrite`.
     """
     out = Path(out_path)
+    if device is not None:
+        from gemmaquant.device import resolve_device
+
+        device = resolve_device(device)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists (pass overwrite=True to replace it)")
     if out.is_dir():
@@ -178,7 +185,7 @@ def export_gguf(source, out_path: str | os.PathLike, type: str = "Q4_K_M", overw
             infos = [(ROPE_FREQS, tuple(rope.shape), "F32", _write(f, [rope.numpy()]))]
             for n, g, shape in entries:
                 value = source.get(n)
-                type_name, chunks = _encode(n, value, plan[n], shape, keep_auto)
+                type_name, chunks = _encode(n, value, plan[n], shape, keep_auto, device)
                 nbytes = _write(f, chunks)
                 if nbytes != tensor_nbytes(type_name, shape):
                     raise ExportError(f"{n}: wrote {nbytes} bytes for {type_name} {list(shape)}, expected "
@@ -223,7 +230,7 @@ def _check_names(names: list[str], plan: dict[str, str]) -> None:
                           f"cannot load a model without it")
 
 
-def _encode(name: str, value, planned: str, shape: tuple[int, ...], keep_auto: bool):
+def _encode(name: str, value, planned: str, shape: tuple[int, ...], keep_auto: bool, device=None):
     """-> (ggml type name, chunk iterator) for one source value."""
     if isinstance(value, torch.Tensor):
         if tuple(value.shape) != tuple(shape):
@@ -233,7 +240,7 @@ def _encode(name: str, value, planned: str, shape: tuple[int, ...], keep_auto: b
         t = planned
         if keep_auto and _is_kept(name):
             t = "BF16" if value.dtype == torch.bfloat16 else "F16"
-        return t, float_chunks(value, t, name)
+        return t, float_chunks(value, t, name, device)
     packs = value if isinstance(value, list) else [value]
     if planned == "F32":
         raise ExportError(f"{name}: a quantized value, but llama.cpp reads this tensor as F32")

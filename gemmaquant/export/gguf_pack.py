@@ -64,8 +64,10 @@ def packed_type(p) -> str | None:
 # producers: each yields contiguous numpy arrays whose bytes, concatenated, are the tensor data
 
 
-def float_chunks(w: torch.Tensor, type_name: str, name: str) -> Iterator[np.ndarray]:
-    """A float tensor as F32 / F16 / BF16 (no rounding beyond the cast) or RTN-quantized to a block type."""
+def float_chunks(w: torch.Tensor, type_name: str, name: str, device: torch.device | None = None
+                 ) -> Iterator[np.ndarray]:
+    """A float tensor as F32 / F16 / BF16 (no rounding beyond the cast) or RTN-quantized to a block type, on
+    `device` (None: where w lies); the chunks come back as host arrays."""
     rows = w.reshape(-1, w.shape[-1]) if w.ndim > 1 else w.reshape(1, -1)
     step = max(1, CHUNK_BYTES // (rows.shape[1] * 4))
     if type_name not in FLOAT_TYPES:
@@ -84,6 +86,7 @@ def float_chunks(w: torch.Tensor, type_name: str, name: str) -> Iterator[np.ndar
         elif type_name == "BF16":
             yield chunk.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
         else:
+            chunk = chunk if device is None else chunk.to(device, non_blocking=False)
             yield np.ascontiguousarray(fmt.to_gguf_bytes(fmt.quantize(chunk.float())))
 
 

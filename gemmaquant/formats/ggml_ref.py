@@ -15,6 +15,17 @@ Rules kept to stay bit-exact (float arithmetic is not associative):
   * sqrtf goes through float64 (torch's float32 sqrt is not correctly rounded on CPU);
   * nearest_int is ggml's magic-number rounding (half to even, garbage beyond 2^22, as in C), and a value
     stored in a uint8_t / int8_t wraps modulo 256.
+
+Speed (the candidate searches are most of a K-quant export): the searches run on preallocated buffers with
+in-place ops (no temporaries the size of x), the three sums of a candidate are taken in one row loop over a
+[n, 3, B] buffer, and `round_codes_` rounds with torch.round (one pass) where a per-block bound proves every
+value below 2^22 in magnitude, where it equals nearest_int; elsewhere it falls back to nearest_int itself.
+
+Devices: the same code runs on CUDA with the same bytes. What could change a byte there, and why it does not:
+an FMA contraction (each step is its own kernel, so nothing is contracted), a division by a Python scalar (made
+a tensor, see div), float32 sqrt (done in float64), a reduction in another order (min / max / argmax are exact;
+the ordered sums are a loop of add_ on CUDA, whose index_add_ adds with atomics in any order), TF32 (no matmul).
+tests/formats/test_gguf_device.py checks it on a GPU (scripts/gpu_check.sh, stage export).
 """
 
 from __future__ import annotations
@@ -37,13 +48,13 @@ def full(like: Tensor, v: float) -> Tensor:
 
 
 def div(a: Tensor | float, b: Tensor | float) -> Tensor:
-    """IEEE float32 a / b with both operands as tensors of the same shape (see the module docstring)."""
+    """IEEE float32 a / b with both operands tensors (see the module docstring; a broadcast operand is fine: only a
+    0-dim CPU tensor as divisor becomes a reciprocal on CUDA, and a Python scalar is made a full tensor here)."""
     if not isinstance(a, Tensor):
         a = full(b, a)
     if not isinstance(b, Tensor):
         b = full(a, b)
-    a, b = torch.broadcast_tensors(a, b)
-    return torch.div(a.contiguous(), b.contiguous())
+    return torch.div(a, b)
 
 
 def nearest_int(x: Tensor) -> Tensor:
@@ -67,25 +78,54 @@ def roundf(x: Tensor) -> Tensor:
 def seqsum(*ts: Tensor):
     """Sum over dim 0 as `float s = 0; for (i...) s += t[i];` does: fp32 adds in index order (torch.sum reorders).
     One result per argument (a tuple when several)."""
-    accs = [torch.zeros_like(t[0]) for t in ts]
-    for i in range(ts[0].shape[0]):
-        accs = [a + t[i] for a, t in zip(accs, ts)]
+    accs = [rowsum_(torch.empty_like(t[0]), t) for t in ts]
     return accs[0] if len(ts) == 1 else tuple(accs)
 
 
-def first_min(x: Tensor) -> Tensor:
-    """`min = x[0]; if (x[i] < min) min = x[i];` over dim 0, including the sign of a zero minimum."""
-    mn = x.amin(0)
-    first_zero = (x == 0).int().argmax(0, keepdim=True)  # the first zero wins a tie between 0.0 and -0.0
-    return torch.where(mn == 0, x.gather(0, first_zero)[0], mn)
+def rowsum_(acc: Tensor, t: Tensor) -> Tensor:
+    """seqsum into a given accumulator: acc = +0, then acc += t[i] for i in index order (t [n, ...], acc t[0]'s
+    shape); sums stacked on a middle axis are taken together. On CPU, index_add_ with every index 0 is that loop
+    in C++ (torch documents index_add_ as adding "in the order given in index"; ATen's index_add_cpu_ adds the
+    slices one after another with add's kernel, and alpha 1 makes acc + 1 * t[i] exactly acc + t[i];
+    tests/formats/test_llamacpp.py compares the bytes); CUDA's index_add_ uses atomics (any order), so there a
+    Python loop adds the rows."""
+    acc.zero_()
+    if t.device.type == "cpu":
+        acc.unsqueeze(0).index_add_(0, torch.zeros(t.shape[0], dtype=torch.int64), t)
+        return acc
+    for row in t.unbind(0):
+        acc.add_(row)
+    return acc
 
 
-def max_abs(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }` from amax = max = 0, over dim 0."""
+ROUND_SAFE = 4194000.0  # |v| below this (< 2^22 - 1): nearest_int(v) is round-half-even(v), what torch.round gives
+
+
+def round_codes_(t: Tensor, bound: Tensor, lo: int, hi: int) -> Tensor:
+    """In place: t <- float(clamp(nearest_int(t), lo, hi)), t [n, B] float32. bound [B] must bound |t| in column
+    b; when every bound is below ROUND_SAFE (always, but for degenerate blocks) a single torch.round pass is
+    exact, otherwise the magic-number nearest_int itself is used. A -0.0 code may appear where nearest_int
+    gives +0: codes are only multiplied, summed from +0 or stored as integers, where the sign of a zero is lost."""
+    if bool((bound < ROUND_SAFE).all()):  # (NaN bounds fail the test)
+        return t.round_().clamp_(lo, hi)
+    return t.copy_(nearest_int(t).clamp(lo, hi))
+
+
+def first_min(x: Tensor, dim: int = 0) -> Tensor:
+    """`min = x[0]; if (x[i] < min) min = x[i];` over `dim`, including the sign of a zero minimum."""
+    mn = x.amin(dim)
+    if not bool((mn == 0).any()):
+        return mn
+    first_zero = (x == 0).int().argmax(dim, keepdim=True)  # the first zero wins a tie between 0.0 and -0.0
+    return torch.where(mn == 0, x.gather(dim, first_zero).squeeze(dim), mn)
+
+
+def max_abs(x: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
+    """`if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }` from amax = max = 0, over `dim`."""
     ax = x.abs()
-    i = ax.argmax(0, keepdim=True)  # the first index of the largest |x|
-    amax = ax.gather(0, i)[0]
-    return amax, torch.where(amax > 0, x.gather(0, i)[0], 0.0)
+    i = ax.argmax(dim, keepdim=True)  # the first index of the largest |x|
+    amax = ax.gather(dim, i).squeeze(dim)
+    return amax, torch.where(amax > 0, x.gather(dim, i).squeeze(dim), 0.0)
 
 
 def make_qx_quants(x: Tensor, nmax: int, qw: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -96,24 +136,31 @@ def make_qx_quants(x: Tensor, nmax: int, qw: Tensor | None) -> tuple[Tensor, Ten
     mx = torch.where(zero, 1.0, mx)
     w = x * x if qw is None else qw
     wx = w * x
+    P = torch.empty((x.shape[0], 2, x.shape[1]), dtype=x.dtype, device=x.device)  # w x l | w l l, per row
+    sums = torch.empty((2, x.shape[1]), dtype=x.dtype, device=x.device)
 
-    def attempt(iscale):
-        l = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
-        lf = l.float()
-        sumlx, suml2 = seqsum(wx * lf, (w * lf) * lf)
-        return l + nmax, sumlx, suml2
+    def attempt(iscale, l):  # l <- float(clamp(nearest_int(iscale * x), -nmax, nmax - 1)); -> (sumlx, suml2)
+        round_codes_(torch.mul(x, iscale, out=l), (iscale * amax).abs(), -nmax, nmax - 1)
+        torch.mul(wx, l, out=P[:, 0])
+        torch.mul(w, l, out=P[:, 1]).mul_(l)
+        return rowsum_(sums, P).clone().unbind(0)
 
-    L, sumlx, suml2 = attempt(div(-nmax, mx))
+    L = torch.empty_like(x)  # the codes of each candidate; the winner's are computed again at the end
+    best_iscale = div(-nmax, mx)
+    sumlx, suml2 = attempt(best_iscale, L)
     scale = torch.where(suml2 != 0, div(sumlx, torch.where(suml2 != 0, suml2, 1.0)), 0.0)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        Lc, sumlx, suml2 = attempt(div(f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(step))), mx))
+        iscale = div(f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(step))), mx)
+        sumlx, suml2 = attempt(iscale, L)
         upd = (suml2 > 0) & ((sumlx * sumlx) > (best * suml2))
-        L = torch.where(upd, Lc, L)
+        best_iscale = torch.where(upd, iscale, best_iscale)
         scale = torch.where(upd, div(sumlx, torch.where(upd, suml2, 1.0)), scale)
         best = torch.where(upd, scale * sumlx, best)
+    round_codes_(torch.mul(x, best_iscale, out=L), (best_iscale * amax).abs(), -nmax, nmax - 1)
+    L = L.int() + nmax
     return torch.where(zero, 0.0, scale), torch.where(zero, 0, L)
 
 
@@ -121,30 +168,40 @@ def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float,
     """make_qkx2_quants / make_qkx3_quants with weights given (the two are then the same code), x, w [n, B] ->
     (scale [B], the_min [B] >= 0, L [n, B] in [0, nmax]):  x ~ scale * L - the_min. use_mad: the error is
     sum w |diff| instead of sum w diff^2 (Q2_K's reference quantizer)."""
-    mn = first_min(x)
-    mx = x.amax(0)
-    mn = torch.where(mn > 0, 0.0, mn)
+    xmin, mx = first_min(x), x.amax(0)
+    mn = torch.where(xmin > 0, 0.0, xmin)
     flat = mx == mn  # (max - min == 0 exactly when max == min: float subtraction underflows gradually)
     sum_w, sum_x = seqsum(w, w * x)
+    E = torch.empty_like(x)  # the error terms of a candidate
+    P = torch.empty((x.shape[0], 3, x.shape[1]), dtype=x.dtype, device=x.device)  # w l | w l l | w l x, per row
+    sums = torch.empty((3, x.shape[1]), dtype=x.dtype, device=x.device)
+    err = torch.empty_like(sums[0])
 
-    def codes(iscale, mn):
-        return nearest_int(iscale * (x - mn)).clamp(0, nmax).float()
+    def codes(iscale, mn, out):  # out <- float(clamp(nearest_int(iscale * (x - mn)), 0, nmax))
+        # |iscale * (x - mn)| peaks at x = min or max (float subtraction and product are monotone)
+        bound = torch.maximum((iscale * (xmin - mn)).abs(), (iscale * (mx - mn)).abs())
+        return round_codes_(torch.sub(x, mn, out=out).mul_(iscale), bound, 0, nmax)
 
-    def error(scale, mn, L):
-        diff = (scale * L + mn) - x
-        return seqsum(w * (diff.abs() if use_mad else diff * diff))
+    def error(scale, mn, L):  # sum of w * diff^2 (use_mad: w * |diff|), diff = (scale * L + mn) - x
+        torch.mul(L, scale, out=E).add_(mn).sub_(x)
+        E.abs_() if use_mad else E.mul_(E)
+        return rowsum_(err, E.mul_(w)).clone()
 
     rng = torch.where(flat, 1.0, mx - mn)
     iscale = div(nmax, rng)
     scale = div(1.0, iscale)
-    L = codes(iscale, mn)
-    best = error(scale, mn, L)
+    La = codes(iscale, mn, torch.empty_like(x))  # the codes of each candidate; the winner's are computed again
+    best = error(scale, mn, La)
+    best_iscale, best_codes_min = iscale, mn  # what the winner's codes were computed from
     for step in range(nstep + 1):
         rng = torch.where(flat, 1.0, mx - mn)  # min moves when a better fit is found, and so does the range
         c = np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)
-        La = codes(div(float(c), rng), mn)
-        wl = w * La
-        s_l, s_l2, s_xl = seqsum(wl, wl * La, wl * x)
+        iscale = div(float(c), rng)
+        codes(iscale, mn, La)
+        torch.mul(w, La, out=P[:, 0])
+        torch.mul(P[:, 0], La, out=P[:, 1])
+        torch.mul(P[:, 0], x, out=P[:, 2])
+        s_l, s_l2, s_xl = rowsum_(sums, P).clone().unbind(0)
         D = sum_w * s_l2 - s_l * s_l
         ok = D > 0
         Ds = torch.where(ok, D, 1.0)
@@ -155,11 +212,13 @@ def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float,
         t_scale = torch.where(pos, div(s_xl, torch.where(pos, s_l2, 1.0)), t_scale)
         cur = error(t_scale, t_min, La)
         upd = ok & (cur < best) & ~flat
-        L = torch.where(upd, La, L)
+        best_iscale = torch.where(upd, iscale, best_iscale)
+        best_codes_min = torch.where(upd, mn, best_codes_min)
         best = torch.where(upd, cur, best)
         scale = torch.where(upd, t_scale, scale)
         mn = torch.where(upd, t_min, mn)
-    return torch.where(flat, 0.0, scale), -mn, torch.where(flat, 0, L.int())
+    L = codes(best_iscale, best_codes_min, La).int()
+    return torch.where(flat, 0.0, scale), -mn, torch.where(flat, 0, L)
 
 
 def make_qp_quants(x: Tensor, nmax: int, qw: Tensor) -> tuple[Tensor, Tensor]:

@@ -51,10 +51,10 @@ class GGUFLegacy(ReferenceQuantizer):
         """ggml quantize_row_*_ref, or llama.cpp quantize_row_*_impl with importance -> (codes [N, K], params)."""
         N, K = w.shape
         nbytes, has_min, bits, off = LAYOUT[self.type_name]
-        x = w.reshape(-1, 32).T.contiguous()  # [32, B]: column b is block b (ggml_ref's layout)
         qw = None if importance is None else check_importance(importance, w)
         m = None
         if qw is not None and self.type_name != "Q8_0":
+            x = w.reshape(-1, 32).T.contiguous()  # [32, B]: column b is block b (ggml_ref's layout)
             sigma2 = div(seqsum(w.T * w.T), float(K))  # [N] mean x^2 over the row (strided rows of w.T: no copy)
             weight = (qw * sqrtf(sigma2[:, None] + w * w)).reshape(-1, 32).T.contiguous()
             if has_min:
@@ -62,24 +62,24 @@ class GGUFLegacy(ReferenceQuantizer):
                 m = -m  # y.m = -min
             else:
                 d, q = make_qx_quants(x, off, weight)
-        elif self.type_name == "Q8_0":
-            d = div(x.abs().amax(0), 127.0)
-            idd = torch.where(d != 0, div(1.0, torch.where(d != 0, d, 1.0)), 0.0)
-            q = roundf(x * idd)
-        elif has_min:
-            m = first_min(x)
-            d = div(x.amax(0) - m, float((1 << bits) - 1))
-            idd = torch.where(d != 0, div(1.0, torch.where(d != 0, d, 1.0)), 0.0)
-            q = torch.trunc((x - m) * idd + 0.5)  # (int8_t) / (uint8_t)(x0 + 0.5f)
-        else:
-            d = div(max_abs(x)[1], float(-off))  # max / -8, max / -16
-            idd = torch.where(d != 0, div(1.0, torch.where(d != 0, d, 1.0)), 0.0)
-            q = torch.trunc(x * idd + (off + 0.5))  # (int8_t)(x0 + 8.5f): one add of 8.5
+            q = q.T  # [B, 32]
+        else:  # _ref: block by block, in the row layout x [B, 32] (one block a row: no transposed copies)
+            x = w.reshape(-1, 32)
+            if self.type_name == "Q8_0":
+                d = div(x.abs().amax(-1), 127.0)
+                q = roundf(x * _inverse(d)[:, None])
+            elif has_min:
+                m = first_min(x, -1)
+                d = div(x.amax(-1) - m, float((1 << bits) - 1))
+                q = torch.trunc((x - m[:, None]) * _inverse(d)[:, None] + 0.5)  # (int8_t) / (uint8_t)(x0 + 0.5f)
+            else:
+                d = div(max_abs(x, -1)[1], float(-off))  # max / -8, max / -16
+                q = torch.trunc(x * _inverse(d)[:, None] + (off + 0.5))  # (int8_t)(x0 + 8.5f): one add of 8.5
         q = q.clamp(-128 if bits == 8 else 0, 127 if bits == 8 else (1 << bits) - 1)  # MIN(15, ...) / MIN(31, ...)
         params = {"d": d.to(torch.float16).view(N, K // 32)}
         if has_min:
             params["m"] = m.to(torch.float16).view(N, K // 32)
-        return q.T.reshape(N, K).to(torch.int32), params
+        return q.reshape(N, K).to(torch.int32), params
 
     def grid(self, params: dict):
         d = params["d"].float()
@@ -124,11 +124,10 @@ class GGUFLegacy(ReferenceQuantizer):
         if bits == 8:
             parts.append(q.astype(np.int8).view(np.uint8))
         else:
-            u = q.astype(np.uint32)
-            if bits == 5:
-                qh = ((u >> 4) & 1) << np.arange(32, dtype=np.uint32)
-                parts.append(qh.sum(-1, dtype=np.uint32).reshape(N, G, 1).view(np.uint8))
-            lo = (u & 0xF).astype(np.uint8)
+            u = q.astype(np.uint8)  # codes are in [0, 31]
+            if bits == 5:  # qh: little-endian u32 whose bit j is bit 4 of q[j], i.e. 4 bytes of 8 bits, LSB first
+                parts.append(np.packbits((u >> 4) & 1, axis=-1, bitorder="little"))
+            lo = u & 0xF
             parts.append(lo[..., :16] | (lo[..., 16:] << 4))
         return np.concatenate(parts, axis=-1).reshape(N, G * nbytes)
 
@@ -152,6 +151,11 @@ class GGUFLegacy(ReferenceQuantizer):
                 q = q | (((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32) << 4)
         codes = torch.from_numpy(np.ascontiguousarray(q.reshape(N, K)).astype(np.int32))
         return Packed(self, (N, K), {"codes": codes, **data})
+
+
+def _inverse(d: Tensor) -> Tensor:
+    """`id = d ? 1.0f/d : 0.0f`"""
+    return torch.where(d != 0, div(1.0, torch.where(d != 0, d, 1.0)), 0.0)
 
 
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 = (GGUFLegacy(t) for t in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"))

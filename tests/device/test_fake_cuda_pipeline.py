@@ -98,3 +98,16 @@ def test_fake_cuda_catches_a_tensor_left_on_the_cpu():
         x = torch.ones(4, device="cuda")
         with pytest.raises(Exception, match="device"):
             x + torch.ones(4)
+
+
+def test_rtn_layers_without_activations_on_a_fake_cuda_device():
+    """Plain RTN reads no statistics: quantize_one_layer gets no activations, runs nothing, and what it hands to
+    the writer comes back in host memory."""
+    r = Recipe.from_dict({"method": "rtn", "n_samples": 4, "seq_len": 16, "batch_size": 2})
+    states, cfg, _, plans = _inputs("tiny-moe", r)
+    inv = rope_inv_freqs(cfg)
+    with fake_cuda():  # layer 0: attention, dense MLP and experts (fake tensors cost about a millisecond an op)
+        values, info = quantize_one_layer(cfg, 0, states[0], None, plans[0], r, inv, CUDA, torch.bfloat16)
+    wrong = [n for n, t in _host_tensors(values) if t.device.type != "cpu"]
+    assert not wrong, f"values left on the device: {wrong}"
+    assert info["expert_tokens"] is None and set(values) == set(plans[0])

@@ -218,6 +218,22 @@ def test_rtn_export_equals_format_quantization(tmp_path):
         assert torch.equal(back[name], want.float()), name
 
 
+def test_export_device_cpu_is_the_default_file_and_a_missing_device_is_refused(tmp_path, monkeypatch):
+    """device= moves each float chunk where it is quantized; on the CPU that is the default's file, byte for byte
+    (a GPU's bytes are compared in tests/formats/test_gguf_device.py), and a device that is not there is refused
+    before anything is written."""
+    from gemmaquant.device import DeviceError
+
+    src = FloatSource(FIXTURES["tiny-moe"])
+    a = export_gguf(src, tmp_path / "a.gguf", type="Q4_K_M")
+    b = export_gguf(src, tmp_path / "b.gguf", type="Q4_K_M", device="cpu")
+    assert a.read_bytes() == b.read_bytes()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        export_gguf(src, tmp_path / "c.gguf", type="Q4_K_M", device="cuda")
+    assert not (tmp_path / "c.gguf").exists()
+
+
 @pytest.mark.parametrize("kind", ["gguf-types", "int4-g32", "int8-channel"])
 def test_packed_values_written_bit_for_bit(kind, tmp_path):
     """A source of already-quantized values (what PTQ / QAT chose): GGUF block formats are written byte for byte;

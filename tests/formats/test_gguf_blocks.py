@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gemmaquant.formats import get_format
-from gemmaquant.formats.ggml_ref import nearest_int, roundf, seqsum, sqrtf
+from gemmaquant.formats.ggml_ref import ROUND_SAFE, nearest_int, round_codes_, roundf, rowsum_, seqsum, sqrtf
 
 torch.set_num_threads(1)
 GGUF_NAMES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "q3_k", "q2_k"]
@@ -127,6 +127,32 @@ def test_seqsum_adds_in_index_order():
     assert seqsum(t).tolist() == [1.0, 6.0]  # ((1e8 + 1) - 1e8) + 1 in fp32: the first 1 is lost
     a, b = seqsum(t, 2 * t)
     assert a.tolist() == [1.0, 6.0] and b.tolist() == [2.0, 12.0]
+
+
+def test_round_codes_is_nearest_int_then_clamp():
+    """The one-pass torch.round where the bound allows it, ggml's magic number (garbage beyond 2^22) where not."""
+    g = torch.Generator().manual_seed(7)
+    t = torch.cat([torch.randn(4, 256, generator=g) * 20, (torch.arange(256) / 2.0 - 64).repeat(4, 1)])  # ties
+    for lo, hi in ((0, 15), (-32, 31)):
+        want = nearest_int(t).clamp(lo, hi).float()
+        got = round_codes_(t.clone(), t.abs().amax(0), lo, hi)
+        assert torch.equal(got, want)
+    big = torch.tensor([[5e6, -7e6, 4194303.5, 3.0]])  # beyond the safe bound: the magic-number path
+    bound = big.abs().amax(0)
+    assert not bool((bound < ROUND_SAFE).all())
+    assert torch.equal(round_codes_(big.clone(), bound, -64, 63), nearest_int(big).clamp(-64, 63).float())
+
+
+def test_rowsum_adds_in_index_order_like_a_loop():
+    t = torch.tensor([[1e8, 0.0], [1.0, 1.0], [-1e8, 2.0], [1.0, 3.0]], dtype=torch.float32)
+    stacked = torch.stack([t, 2 * t, -t], 1)  # [n, 3, B]: three sums at once
+    acc = rowsum_(torch.full((3, 2), 5.0), stacked)  # the accumulator starts from +0 whatever it held
+    assert acc.tolist() == [[1.0, 6.0], [2.0, 12.0], [-1.0, -6.0]]
+    x = torch.randn(32, 3, 1000, generator=torch.Generator().manual_seed(8)) * torch.logspace(-8, 8, 1000)
+    loop = torch.zeros(3, 1000)
+    for row in x:
+        loop = loop + row
+    assert torch.equal(rowsum_(torch.empty(3, 1000), x), loop)
 
 
 def test_sqrtf_is_correctly_rounded():

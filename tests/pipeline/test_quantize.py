@@ -229,3 +229,31 @@ def test_gptq_onto_a_new_gguf_mix_exports_the_grids_it_chose(tmp_path, mix):
         got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(ours.shape)
         assert np.array_equal(got.view(np.uint32), ours.view(np.uint32)), name
     assert {"IQ4_XS": {"IQ4_XS", "IQ4_NL"}, "Q3_K_S": {"Q3_K", "Q4_0"}}[mix] <= seen
+
+
+def test_rtn_runs_no_forward_and_writes_the_float_exports_bytes(tmp_path, monkeypatch):
+    """Plain RTN reads no statistics, so the quantizer runs no calibration forward (issue 26: the CLI's RTN path
+    took 16x llama.cpp's time, most of it in that forward), and its GGUF holds exactly what export_gguf writes
+    from the float checkpoint (the llama-quantize path): the same tensors, types and bytes."""
+    import importlib
+
+    import gguf
+    import numpy as np
+
+    from gemmaquant.export import FloatSource, export_gguf
+    from gemmaquant.workflow import run_quantize
+
+    def no_forward(*a, **k):
+        raise AssertionError("RTN ran a calibration forward")
+
+    monkeypatch.setattr(importlib.import_module("gemmaquant.quantize"), "run_layer", no_forward)
+    res = run_quantize("tiny-moe", method="rtn", formats="gguf", gguf_type="Q4_K_M", out=tmp_path / "o",
+                       evaluate=False, progress=False, device="cpu")
+    assert not list((tmp_path / "o").rglob("acts_*.safetensors"))
+    ref = export_gguf(FloatSource(resolve("tiny-moe")), tmp_path / "ref.gguf", type="Q4_K_M")
+    ours = {t.name: t for t in gguf.GGUFReader(res["files"]["gguf"]).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type, name
+        assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), name
