@@ -83,8 +83,8 @@ def test_budget_below_the_cheapest_mix_is_refused():
 
 
 def test_candidates_are_the_registered_types_that_fit():
-    assert candidate_types(704) == ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16"]
-    assert {"Q4_K", "Q5_K", "Q6_K"} <= set(candidate_types(2304))
+    assert candidate_types(704) == ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "F16"]  # 32-blocks only
+    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"} <= set(candidate_types(2304))
 
 
 class _Sens:  # what budget_bytes reads of a Sensitivity
@@ -165,7 +165,7 @@ def test_gguf_mix_file_dry_run_and_bad_file(tmp_path):
     assert res["recipe"]["tensor_types"]["layers.0.mlp.down_proj.weight"] == "Q8_0"
     f.write_text(json.dumps({"layers.0.mlp.down_proj.weight": "Q7_K"}))
     r = CliRunner().invoke(app, ["quantize", "tiny-dense", "--dry-run", "--format", "gguf", "--gguf-mix", str(f)])
-    assert r.exit_code == 2 and "unknown GGUF type 'Q7_K'" in r.output and str(f) in r.output
+    assert r.exit_code == 2 and "unknown type 'Q7_K'" in r.output and str(f) in r.output
     r = CliRunner().invoke(app, ["quantize", "tiny-dense", "--dry-run", "--format", "gguf", "--gguf-mix",
                                  str(tmp_path / "nope.json")])
     assert r.exit_code == 2 and "mix file not found" in r.output
