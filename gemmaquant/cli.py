@@ -69,6 +69,8 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output directory"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="measure KL divergence etc. and write the report"),
     device: str = typer.Option("auto", "--device", help="auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N"),
+    from_qat: Optional[bool] = typer.Option(None, "--from-qat/--no-from-qat", help="read a QAT checkpoint's int4 "
+                                            "lattice back instead of rounding it again (default: detected)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Quantize a Gemma 4 and write GGUF, compressed-tensors safetensors and a report."""
@@ -77,7 +79,7 @@ def quantize(
     res = _run(run_quantize, model, bits=bits, method=method, formats=format, gguf_type=gguf_type,
                group_size=group_size, recipe_file=recipe, calib=calib, out=out, dry_run=dry_run,
                overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False,
-               device=device, resumes="after the last finished layer")
+               device=device, from_qat=from_qat, resumes="after the last finished layer")
     _emit(res, as_json, res["text"])
 
 
