@@ -27,6 +27,13 @@ def quantized_names(ckpt: Checkpoint) -> list[str]:
             and len(ckpt.shape(n)) >= 2]
 
 
+def small_recipe(directory, method: str):
+    """The default int4 g32 recipe with a small calibration set (the lattice needs none; GPTQ some)."""
+    path = directory / f"int4-{method}.toml"
+    path.write_text(f'method = "{method}"\nweight_format = "int4_g32_sym"\nn_samples = 4\nseq_len = 64\n')
+    return path
+
+
 def gguf_values(path) -> dict[str, np.ndarray]:
     r = gguf.GGUFReader(str(path))
     return {t.name: t for t in r.tensors}
@@ -36,8 +43,8 @@ def gguf_values(path) -> dict[str, np.ndarray]:
 def dense(tmp_path_factory):
     root = tmp_path_factory.mktemp("qat-dense")
     codes = make_lattice_checkpoint("tiny-dense", root / "qat", seed=1)
-    res = run_quantize(str(root / "qat"), method="gptq", out=root / "out", evaluate=False, progress=False,
-                       device="cpu")
+    res = run_quantize(str(root / "qat"), recipe_file=small_recipe(root, "gptq"), out=root / "out", evaluate=False,
+                       progress=False, device="cpu")
     return root, codes, res
 
 
@@ -99,8 +106,8 @@ def test_cli_from_qat_on_float_weights_exits_2_with_one_line(tmp_path):
 
 def test_partial_lattice_lists_what_was_rerounded(tmp_path):
     make_lattice_checkpoint("tiny-dense", tmp_path / "qat", seed=2, off_tensors=(OFF,))
-    res = run_quantize(str(tmp_path / "qat"), method="rtn", out=tmp_path / "out", evaluate=False, progress=False,
-                       device="cpu", formats="gguf")
+    res = run_quantize(str(tmp_path / "qat"), recipe_file=small_recipe(tmp_path, "rtn"), out=tmp_path / "out",
+                       evaluate=False, progress=False, device="cpu", formats="gguf")
     assert set(res["lattice"]["rerounded"]) == {f"{OFF}.weight"}
     assert res["lattice"]["rerounded"][f"{OFF}.weight"]["by"] == "rtn"
     assert f"re-rounded by rtn: {OFF}.weight" in res["text"]
@@ -114,11 +121,12 @@ def test_library_call_on_a_model_object_detects_it_and_leaves_it_unchanged(dense
     root, _, _ = dense
     model = gemmaquant.load(root / "qat")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = gemmaquant.quantize(model, "default/int4-rtn", out=tmp_path, tokenizer_dir=root / "qat", progress=False)
+    recipe = small_recipe(tmp_path, "rtn")
+    res = gemmaquant.quantize(model, recipe, out=tmp_path / "on", tokenizer_dir=root / "qat", progress=False)
     assert res.recipe.weight_format == "int4_g32_lattice" and res.lattice["share"] == 1.0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    off = gemmaquant.quantize(model, "default/int4-rtn", out=tmp_path / "off", tokenizer_dir=root / "qat",
-                              progress=False, from_qat=False)
+    off = gemmaquant.quantize(model, recipe, out=tmp_path / "off", tokenizer_dir=root / "qat", progress=False,
+                              from_qat=False)
     assert off.recipe.weight_format == "int4_g32_sym" and off.lattice is None
 
 
@@ -126,8 +134,8 @@ def test_compressed_tensors_checkpoint_repacks_to_the_same_q4_0(tmp_path):
     """tiny-moe (experts too): our W4A16 export of a QAT checkpoint, given back to `quantize`, becomes a Q4_0 GGUF
     whose blocks are byte for byte those of the GGUF written from the lattice directly."""
     make_lattice_checkpoint("tiny-moe", tmp_path / "qat", seed=3)
-    res = run_quantize(str(tmp_path / "qat"), method="rtn", out=tmp_path / "out", evaluate=False, progress=False,
-                       device="cpu")
+    res = run_quantize(str(tmp_path / "qat"), recipe_file=small_recipe(tmp_path, "rtn"), out=tmp_path / "out",
+                       evaluate=False, progress=False, device="cpu")
     ct = res["files"]["safetensors"]
     rep = run_quantize(ct, out=tmp_path / "repacked", progress=False)
     assert "no rounding" in rep["text"]
@@ -139,13 +147,13 @@ def test_compressed_tensors_checkpoint_repacks_to_the_same_q4_0(tmp_path):
         assert np.array_equal(a[g].data, b[g].data), n
 
 
-def test_repack_refuses_a_scale_fp16_cannot_hold(tmp_path):
+def test_repack_refuses_a_scale_fp16_cannot_hold(dense, tmp_path):
+    import shutil
+
     from safetensors.torch import save_file
 
-    make_lattice_checkpoint("tiny-dense", tmp_path / "qat", seed=4)
-    res = run_quantize(str(tmp_path / "qat"), method="rtn", out=tmp_path / "out", evaluate=False, progress=False,
-                       device="cpu", formats="safetensors")
-    ct = res["files"]["safetensors"]
+    ct = tmp_path / "ct"
+    shutil.copytree(dense[2]["files"]["safetensors"], ct)
     f = f"{ct}/model.safetensors"
     sd = load_file(f)
     key = next(k for k in sd if k.endswith("q_proj.weight_scale"))
@@ -153,4 +161,4 @@ def test_repack_refuses_a_scale_fp16_cannot_hold(tmp_path):
     sd[key][0, 0] = 1e-30  # a bf16 value far below fp16's range
     save_file(sd, f, metadata={"format": "pt"})
     with pytest.raises(LatticeError, match="weight_scale holds a value fp16 cannot store"):
-        run_quantize(ct, out=tmp_path / "repacked", progress=False)
+        run_quantize(str(ct), out=tmp_path / "repacked", progress=False)
