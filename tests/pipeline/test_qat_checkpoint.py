@@ -162,3 +162,33 @@ def test_repack_refuses_a_scale_fp16_cannot_hold(dense, tmp_path):
     save_file(sd, f, metadata={"format": "pt"})
     with pytest.raises(LatticeError, match="weight_scale holds a value fp16 cannot store"):
         run_quantize(str(ct), out=tmp_path / "repacked", progress=False)
+
+
+def test_qat_train_output_is_read_back_and_repacked_exactly(tmp_path):
+    """The second QAT-like fixture: gemmaquant's own qat_train result. Its compressed-tensors export repacks into
+    the very Q4_0 blocks qat_train's GGUF holds; its weights saved as a bf16 checkpoint are detected as a QAT
+    checkpoint, every group is read back, and the Q4_0 GGUF gives those weights back bit for bit."""
+    from gemmaquant.checkpoint import save_checkpoint
+    from gemmaquant.fixtures import documents, fixture_path
+    from gemmaquant.qat import qat_train
+
+    data = tmp_path / "train.txt"
+    data.write_text("\n<eos>\n".join(documents("train")[:20]) + "\n")
+    rep = qat_train("tiny-dense", bits=4, data=data, steps=2, out=tmp_path / "qat", progress=False, batch_size=2,
+                    seq_len=32, calib_samples=4, calib_seq_len=32, eval_seqs=0)
+    repacked = run_quantize(rep["files"]["safetensors"], out=tmp_path / "repacked", progress=False)
+    a, b = gguf_values(rep["files"]["gguf"]), gguf_values(repacked["files"]["gguf"])
+    names = [n for n in a if a[n].tensor_type == gguf.GGMLQuantizationType.Q4_0]
+    assert names and all(np.array_equal(a[n].data, b[n].data) for n in names)
+
+    ckpt_dir = save_checkpoint(gemmaquant.load(rep["files"]["safetensors"]), tmp_path / "ckpt",
+                               tokenizer_dir=fixture_path("tiny-dense"))
+    res = run_quantize(str(ckpt_dir), recipe_file=small_recipe(tmp_path, "gptq"), out=tmp_path / "out",
+                       evaluate=False, progress=False, device="cpu", formats="gguf")
+    assert res["lattice"]["share"] == 1.0 and res["lattice"]["detection"]["detected"]
+    ckpt = Checkpoint(ckpt_dir)
+    ours = gguf_values(res["files"]["gguf"])
+    for n in quantized_names(ckpt):
+        t = ours[gguf_name(n)]
+        deq = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(ckpt.shape(n))
+        assert torch.equal(deq.to(torch.bfloat16), ckpt.get(n)), n

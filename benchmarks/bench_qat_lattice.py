@@ -1,0 +1,120 @@
+"""QAT checkpoints to Q4_0: the lattice read back vs rounding it again, measured by llama.cpp (issue 31).
+
+For each trained fixture made QAT-like (gemmaquant.fixtures.lattice: every quantizable matrix projected onto a
+bf16-step int4 group-32 lattice), the base is llama.cpp's own F32 conversion of that checkpoint; every row is a
+GGUF of the same checkpoint compared with it by `llama-perplexity --kl-divergence` (F32 KV cache, flash attention
+off, 40 windows of 128 tokens of the bundled held-out text):
+
+    llama.cpp BF16             convert_hf_to_gguf --outtype bf16: the same weights, llama.cpp's bf16 compute path
+    lattice Q4_0 (emb X)       gemmaquant quantize (QAT detected): the checkpoint's steps and codes, token
+                               embedding table as X (Q6_K is llama.cpp's default for it; Q8_0; BF16)
+    llama.cpp Q4_0             convert_hf_to_gguf --outtype bf16, then llama-quantize Q4_0 (the usual conversion)
+    gemmaquant RTN / GPTQ Q4_0 gemmaquant quantize --no-from-qat (int4 g32 absmax/7 grid, rounded again)
+
+    LLAMA_CPP_DIR=/work/llama/src python benchmarks/bench_qat_lattice.py [--fixtures tiny-dense,...]
+writes benchmarks/results/qat_lattice.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gemmaquant.eval.llamacpp_kl import kl_to_base, llama_cpp_text, save_base_logits  # noqa: E402
+
+EMBEDDINGS = ("Q6_K", "Q8_0", "BF16")
+
+
+def convert(src: Path, out: Path, outtype: str, llama: Path) -> Path:
+    subprocess.run([sys.executable, str(llama / "convert_hf_to_gguf.py"), str(src), "--outfile", str(out),
+                    "--outtype", outtype], check=True, capture_output=True)
+    return out
+
+
+def ours(qat: Path, work: Path, method: str, from_qat: bool, embeddings: tuple[str, ...]) -> dict[str, Path]:
+    """gemmaquant's quantize of the QAT checkpoint, exported to Q4_0 with each token-embedding type."""
+    from gemmaquant.export import export_gguf
+    from gemmaquant.quantize import quantize
+    from gemmaquant.quantized import QuantizedSource
+    from gemmaquant.recipe import default_recipe
+
+    res = quantize(str(qat), default_recipe(None, 4, method), out=work, progress=False, device="cpu",
+                   from_qat=from_qat)
+    assert (res.recipe.weight_format == "int4_g32_lattice") == from_qat
+    files = {}
+    for emb in embeddings:
+        files[emb] = export_gguf(QuantizedSource(res.work_dir), work / f"q4_0-{emb}.gguf", type="Q4_0",
+                                 token_embd_type=emb, overwrite=True)
+    return files
+
+
+def bench_fixture(name: str, tmp: Path, llama: Path, bins: Path, text: Path) -> list[dict]:
+    from gemmaquant.fixtures.lattice import make_lattice_checkpoint
+
+    qat = tmp / name / "qat"
+    make_lattice_checkpoint(name, qat, seed=0)
+    base = convert(qat, tmp / name / "f32.gguf", "f32", llama)
+    logits = tmp / name / "base.kld"
+    save_base_logits(bins, base, text, logits)
+    bf16 = convert(qat, tmp / name / "bf16.gguf", "bf16", llama)
+    llq = tmp / name / "llama-q4_0.gguf"
+    subprocess.run([str(bins / "llama-quantize"), str(bf16), str(llq), "Q4_0", "2"], check=True, capture_output=True)
+    rows = [("llama.cpp BF16 (same weights)", bf16)]
+    t0 = time.time()
+    lat = ours(qat, tmp / name / "lattice", "rtn", True, EMBEDDINGS)
+    rows += [(f"lattice Q4_0 (emb {e})", p) for e, p in lat.items()]
+    rows.append(("llama.cpp Q4_0 (llama-quantize)", llq))
+    for method in ("rtn", "gptq"):
+        p = ours(qat, tmp / name / method, method, False, ("Q6_K",))["Q6_K"]
+        rows.append((f"gemmaquant {method.upper()} Q4_0 (emb Q6_K, --no-from-qat)", p))
+    print(f"{name}: quantized in {time.time() - t0:.0f} s", flush=True)
+    out = []
+    for label, path in rows:
+        m = kl_to_base(bins, path, text, logits)
+        out.append({"fixture": name, "row": label, **m})
+        print(f"  {label:48s} KL {m['kl_mean']:.6f}  p99 {m['kl_p99']:.6f}  same top {100 * m['same_top']:.2f}%",
+              flush=True)
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# QAT checkpoint to Q4_0: the lattice read back vs rounded again (llama.cpp KL to the QAT model)", "",
+             "Produced by `LLAMA_CPP_DIR=/work/llama/src python benchmarks/bench_qat_lattice.py` "
+             "(see its docstring for every row). Base: llama.cpp's F32 conversion of the QAT-like fixture; "
+             "`llama-perplexity --kl-divergence`, F32 KV cache, flash attention off, 40 x 128 tokens.", "",
+             "| fixture | GGUF | mean KL | p99 KL | max KL | same top |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['fixture']} | {r['row']} | {r['kl_mean']:.6f} | {r['kl_p99']:.6f} | {r['kl_max']:.5f} | "
+                     f"{100 * r['same_top']:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fixtures", default="tiny-dense,tiny-moe,tiny-edge")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat_lattice"))
+    a = ap.parse_args()
+    llama = Path(os.environ.get("LLAMA_CPP_DIR", "/work/llama/src"))
+    bins = llama / "build" / "bin"
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        text = llama_cpp_text(tmp / "heldout.txt")
+        for name in a.fixtures.split(","):
+            rows += bench_fixture(name, tmp, llama, bins, text)
+    Path(a.out + ".json").write_text(json.dumps({"rows": rows}, indent=2))
+    Path(a.out + ".md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
