@@ -5,6 +5,8 @@ bad input (forced on float weights, a tensor off the lattice) is refused or repo
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -111,6 +113,10 @@ def test_partial_lattice_lists_what_was_rerounded(tmp_path):
     assert set(res["lattice"]["rerounded"]) == {f"{OFF}.weight"}
     assert res["lattice"]["rerounded"][f"{OFF}.weight"]["by"] == "rtn"
     assert f"re-rounded by rtn: {OFF}.weight" in res["text"]
+    from gemmaquant.eval.report import lattice_lines
+
+    layers = json.loads((tmp_path / "out" / ".gemmaquant-work" / "layers.json").read_text())
+    assert f"| {OFF}.weight | {192 * 576 // 32} | rtn |" in lattice_lines(layers)  # the report's table
     ckpt = Checkpoint(tmp_path / "qat")
     t = gguf_values(res["files"]["gguf"])[gguf_name("layers.0.mlp.down_proj.weight")]
     deq = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(t.data.shape[0], -1)
