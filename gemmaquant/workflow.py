@@ -20,7 +20,7 @@ from gemmaquant.validate import check_count
 
 
 FORMATS = ("gguf", "safetensors")
-# our grid -> the GGUF type that holds it exactly (int4_g32_lattice: a QAT checkpoint's lattice, gemmaquant.qat_checkpoint)
+# our grid -> the GGUF type that holds it exactly (int4_g32_lattice: a QAT checkpoint's lattice, qat_checkpoint.py)
 LOSSLESS_GGUF = {"int4_g32_sym": "Q4_0", "int8": "Q8_0", "int4_g32_lattice": "Q4_0"}
 
 

@@ -30,12 +30,16 @@ def llama_cpp_text(path: Path, chars: int = 60000) -> Path:
 
 
 def _run(bins: Path, model: Path, text: Path, n_ctx: int, chunks: int, threads: int, extra: list[str]) -> str:
+    """llama-perplexity's output (stdout and its log together, through a file: its log is written by a thread)."""
     cmd = [str(bins / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
            "-t", str(threads), "--chunks", str(chunks), "-fa", "off", "-ctk", "f32", "-ctv", "f32", *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    log = model.with_name(model.name + ".perplexity.log")
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    out = log.read_text(errors="replace")
     if r.returncode != 0:
-        raise LlamaCppError(f"llama-perplexity failed on {model}:\n{r.stderr[-2000:]}")
-    return r.stdout + r.stderr
+        raise LlamaCppError(f"llama-perplexity failed on {model}:\n{out[-2000:]}")
+    return out
 
 
 def save_base_logits(bins: Path, base: Path, text: Path, logits: Path, *, n_ctx: int = 128, chunks: int = 40,
@@ -46,7 +50,10 @@ def save_base_logits(bins: Path, base: Path, text: Path, logits: Path, *, n_ctx:
 def kl_to_base(bins: Path, model: Path, text: Path, logits: Path, *, n_ctx: int = 128, chunks: int = 40,
                threads: int = 2) -> dict:
     """{"kl_mean", "kl_p99", "kl_max", "same_top", "ppl_ratio"} of `model` against the saved base logits."""
-    out = _run(bins, model, text, n_ctx, chunks, threads, ["--kl-divergence-base", str(logits), "--kl-divergence"])
+    extra = ["--kl-divergence-base", str(logits), "--kl-divergence"]
+    out = _run(bins, model, text, n_ctx, chunks, threads, extra)
+    if "Same top p" not in out:  # the statistics block lost on the way out (seen once under load): run it again
+        out = _run(bins, model, text, n_ctx, chunks, threads, extra)
 
     def num(pattern: str) -> float:
         m = re.search(pattern, out)

@@ -32,5 +32,5 @@ def get_format(name: str) -> QuantFormat:
     return FORMATS[key]
 
 
-__all__ = ["Packed", "QuantFormat", "FORMATS", "get_format", "IntGroup", "Int4Group", "Int8Channel", "GGUFLegacy", "Int4Lattice",
-           "KQuant", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+__all__ = ["Packed", "QuantFormat", "FORMATS", "get_format", "IntGroup", "Int4Group", "Int8Channel", "GGUFLegacy",
+           "Int4Lattice", "KQuant", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
