@@ -1,4 +1,4 @@
-"""algorithms/lattice.py: the int4 lattice of a QAT checkpoint read back exactly, against the codes it was built with."""
+"""algorithms/lattice.py: the int4 lattice of a QAT checkpoint read back exactly, against the codes that built it."""
 
 import torch
 
