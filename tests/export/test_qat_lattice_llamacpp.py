@@ -62,11 +62,14 @@ def test_lattice_q4_0_matches_the_qat_model_in_llamacpp_and_llama_quantize_does_
     print(f"\nKL / same top: bf16 {noise['kl_mean']:.2e} / {noise['same_top']:.4f}, lattice Q4_0 "
           f"{ours['kl_mean']:.2e} / {ours['same_top']:.4f}, llama-quantize Q4_0 {theirs['kl_mean']:.2e} / "
           f"{theirs['same_top']:.4f}")
-    assert ours["kl_mean"] <= NOISE_FACTOR * max(noise["kl_mean"], 1e-6)
-    assert ours["same_top"] >= 0.98
-    assert theirs["kl_mean"] >= WORSE_FACTOR * ours["kl_mean"]
-    assert theirs["same_top"] <= ours["same_top"] - 0.02
+    # measured (2 cores): bf16 path 5e-6 / 99.92%, lattice Q4_0 5.6e-5 / 98.97%, llama-quantize Q4_0 5.0e-3 / 93.21%.
+    # The lattice file's weights are the checkpoint's to its bf16 rounding (test_qat_checkpoint.py), so what KL is
+    # left is llama.cpp's Q4_0 compute (activations rounded to Q8_0 for the Q4_0 x Q8_0 dot products).
+    assert noise["kl_mean"] <= ours["kl_mean"] <= MAX_KL
+    assert ours["same_top"] >= 0.985
+    assert theirs["kl_mean"] >= WORSE * ours["kl_mean"]  # measured 89x
+    assert theirs["same_top"] <= ours["same_top"] - 0.03  # measured 5.8 points
 
 
-NOISE_FACTOR = 4.0  # placeholder, set from the measurement below
-WORSE_FACTOR = 10.0
+MAX_KL = 1e-4  # mean KL the lattice Q4_0 may show in llama.cpp (measured 5.6e-5)
+WORSE = 20.0  # how many times llama-quantize's Q4_0 KL must exceed it at least
