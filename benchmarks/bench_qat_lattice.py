@@ -13,7 +13,8 @@ off, 40 windows of 128 tokens of the bundled held-out text):
     gemmaquant RTN / GPTQ Q4_0 gemmaquant quantize --no-from-qat (int4 g32 absmax/7 grid, rounded again)
 
     LLAMA_CPP_DIR=/work/llama/src python benchmarks/bench_qat_lattice.py [--fixtures tiny-dense,...]
-writes benchmarks/results/qat_lattice.json and .md.
+writes benchmarks/results/qat_lattice.json and .md; `--speed-only` measures the recovery's throughput instead
+(benchmarks/results/qat_lattice_speed.json and .md).
 """
 
 from __future__ import annotations
@@ -101,11 +102,43 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recovery_speed(out: str, rows: int = 4096, cols: int = 4096) -> None:
+    """Lattice recovery throughput (what `quantize --dry-run` and a QAT run spend per weight), this machine's
+    torch threads: a [rows, cols] bf16 matrix on the lattice (half the groups with a negative extremum at -8,
+    the rest at +-7) and the same matrix off it (float weights, rejected by the distinct-value bound)."""
+    import torch
+
+    from gemmaquant.algorithms.lattice import recover_lattice
+    from gemmaquant.fixtures.lattice import project_to_lattice
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(rows, cols, generator=gen) * 0.02
+    on, _, _ = project_to_lattice(w, gen)
+    res = {"shape": [rows, cols], "threads": torch.get_num_threads()}
+    for label, m in (("on_lattice", on), ("float", w.to(torch.bfloat16))):
+        recover_lattice(m[:64])  # warm-up
+        t = time.perf_counter()
+        share = recover_lattice(m).share
+        dt = time.perf_counter() - t
+        res[label] = {"seconds": round(dt, 3), "ns_per_weight": round(1e9 * dt / m.numel(), 2), "share": share}
+    Path(out + "_speed.json").write_text(json.dumps(res, indent=2))
+    Path(out + "_speed.md").write_text(
+        "# Lattice recovery speed\n\n`python benchmarks/bench_qat_lattice.py --speed-only` "
+        f"({res['threads']} torch threads, one [{rows}, {cols}] bf16 matrix):\n\n"
+        "| weights | seconds | ns per weight | share recovered |\n|---|---|---|---|\n"
+        + "".join(f"| {k} | {res[k]['seconds']} | {res[k]['ns_per_weight']} | {res[k]['share']:.3f} |\n"
+                  for k in ("on_lattice", "float")))
+    print(json.dumps(res, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", default="tiny-dense,tiny-moe,tiny-edge")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat_lattice"))
+    ap.add_argument("--speed-only", action="store_true", help="only the recovery throughput (qat_lattice_speed.*)")
     a = ap.parse_args()
+    if a.speed_only:
+        return recovery_speed(a.out)
     llama = Path(os.environ.get("LLAMA_CPP_DIR", "/work/llama/src"))
     bins = llama / "build" / "bin"
     rows = []

@@ -5,15 +5,16 @@ A QAT checkpoint published in bf16 (Google's Gemma 4 QAT weights) holds, in each
     w[k] = bf16(d * q[k]),   q[k] integer in [-8, 7],   d > 0 the group's step (the Q4_0 / W4A16 g32 grid)
 
 Recovery, per group (`recover_lattice`, vectorised over groups):
-  1. A group with more than 9 distinct magnitudes |w| cannot be on the lattice (|q| takes the values 0..8), and
-     is left at once; an all-zero group is the lattice with d = 0, q = 0.
+  1. An all-zero group is the lattice with d = 0, q = 0. A group with more than 9 distinct magnitudes |w| cannot
+     be on the lattice (|q| takes the values 0..8): once m = 8 and 7 are tried (which find most lattice groups),
+     such groups are dropped before the other m.
   2. The largest |w| belongs to the largest |q| (rounding is monotone), so |q_a| = m for some m in 8..1
      (m = 8 only when w_a < 0: the code +8 does not exist). Trying m from 8 down takes the finest step whose
      codes fit: when every code shares a factor (codes {-4, 2, 0}), the lattice with the larger codes is kept.
-  3. For each m the candidate steps are the bf16 values nearest |w_a| / m and their two neighbours on each
-     side (|w_a| is itself rounded, so d lies within about one bf16 ulp of |w_a| / m); the codes are
-     q = round(w / d) clamped to [-8, 7], and the candidate is accepted only if bf16(d * q) == w for all 32
-     weights (or d * q == w exactly: a copy held in fp32).
+  3. For each m the codes are q = round(w / d0), d0 = bf16(|w_a| / m), clamped to [-8, 7] (m is ruled out at
+     once when some w / d0 is far from its code: NEAR); the candidate steps are d0 and its two bf16 neighbours
+     on each side (|w_a| is itself rounded, so d lies within about one bf16 ulp of |w_a| / m), and a step is
+     accepted only if bf16(d * q) == w for all 32 weights (or d * q == w exactly: a copy held in fp32).
 A group that passes is *recovered*: its step (bf16, what a compressed-tensors W4A16 scale stores) and codes
 reproduce the checkpoint's weights bit for bit (up to the sign of a zero) in any consumer that rounds d * q to
 bf16, and to within the checkpoint's own bf16 rounding in one that keeps d * q in fp32 (llama.cpp). Steps finer
@@ -35,6 +36,9 @@ GROUP = 32
 QMIN, QMAX = -8, 7
 MAX_DISTINCT = 9  # distinct |w| in a lattice group: |q| in {0, 1, ..., 8}
 NEIGHBOURS = (0, -1, 1, -2, 2)  # bf16 ulps around |w_a| / m, nearest first
+# |w / d0 - q| on the lattice: w and d0 = bf16(|w_a| / m) each carry a relative error below 2^-8, so at |q| <= 8 it
+# stays under 0.07; a larger one rules m out before its steps are tried (a wrong m puts codes 1/7 or more off)
+NEAR = 0.125
 CHUNK_GROUPS = 1 << 16  # groups per slice on the CPU (bounded temporaries)
 
 
@@ -88,24 +92,31 @@ def _recover_groups(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     mag = b.abs()
     a = b.gather(1, mag.argmax(1, keepdim=True))[:, 0]  # the signed extremum
     zero = mag.amax(1) == 0
-    srt = mag.sort(1).values
-    distinct = 1 + (srt[:, 1:] != srt[:, :-1]).sum(1)
     exact = zero.clone()
-    todo = (~zero) & (distinct <= MAX_DISTINCT)
+    todo = ~zero
     for m in range(8, 0, -1):
+        if m == 6:  # most lattice groups are found by now; what is left of the rest is mostly off any lattice
+            rest = todo.nonzero()[:, 0]
+            srt = mag[rest].sort(1).values
+            todo[rest[(srt[:, 1:] != srt[:, :-1]).sum(1) + 1 > MAX_DISTINCT]] = False
+        idx = (todo & ((a < 0) if m == 8 else True)).nonzero()[:, 0]
+        if idx.numel() == 0:
+            continue
+        d0 = (a[idx].abs() / m).to(torch.bfloat16)
+        bi = b[idx]
+        x = bi / d0.float()[:, None]
+        q = (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(QMIN, QMAX)
+        near = (x - q).abs().amax(1) <= NEAR  # the codes of this m, if any, are these (see NEAR)
+        idx, d0, bi, q = idx[near], d0[near], bi[near], q[near]
+        left = torch.ones(idx.numel(), dtype=torch.bool, device=b.device)
         for k in NEIGHBOURS:
-            idx = (todo & ((a < 0) if m == 8 else True)).nonzero()[:, 0]
-            if idx.numel() == 0:
-                break
-            d = _bf16_neighbour((a[idx].abs() / m).to(torch.bfloat16), k)
-            df = d.float()[:, None]
-            x = b[idx] / df
-            q = (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(QMIN, QMAX)
-            y = df * q  # exact in fp32: an 8-bit step times a 4-bit code
-            ok = ((y == b[idx]) | (y.to(torch.bfloat16).float() == b[idx])).all(1)
+            d = _bf16_neighbour(d0, k)
+            y = d.float()[:, None] * q  # exact in fp32: an 8-bit step times a 4-bit code
+            ok = left & ((y == bi) | (y.to(torch.bfloat16).float() == bi)).all(1)
             hit = idx[ok]
             step[hit], codes[hit], exact[hit] = d[ok], q[ok].to(torch.int32), True
             todo[hit] = False
+            left &= ~ok
     return step, codes, exact
 
 
