@@ -74,9 +74,9 @@ def _quantize_matrix(w: Tensor, fmt, method: str, stats, recipe: Recipe, name: s
 
 def _lattice_matrix(w, fmt, method, stats, recipe, name, awq_scale, factors, log):
     """A matrix of a QAT checkpoint: every group on the lattice keeps its own step and codes (no algorithm runs
-    on a matrix wholly on it); the others are re-rounded by the recipe's method, whose result is then given the
-    recovered groups' step and codes back (GPTQ's error feedback from them was the bf16 rounding of d * q, a
-    fraction of a bf16 ulp)."""
+    on a matrix wholly on it); the others are re-rounded by the recipe's method on the Int4Lattice grid (whose fit
+    gives the recovered groups their own step), and the recovered groups then get their codes back: GPTQ may have
+    moved a few of them by the errors it pushed from the re-rounded columns, which its updates elsewhere assumed."""
     from gemmaquant.algorithms.lattice import recover_lattice
 
     fit = recover_lattice(w)
