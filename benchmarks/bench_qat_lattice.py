@@ -147,8 +147,8 @@ def main() -> None:
         text = llama_cpp_text(tmp / "heldout.txt")
         for name in a.fixtures.split(","):
             rows += bench_fixture(name, tmp, llama, bins, text)
-    Path(a.out + ".json").write_text(json.dumps({"rows": rows}, indent=2))
-    Path(a.out + ".md").write_text(markdown(rows))
+            Path(a.out + ".json").write_text(json.dumps({"rows": rows}, indent=2))  # after each fixture
+            Path(a.out + ".md").write_text(markdown(rows))
     print(markdown(rows))
 
 
