@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from gemmaquant.capture import LINEAR_GROUPS, LayerStats, group_of
+from gemmaquant.formats.int4_lattice import Int4Lattice
 from gemmaquant.model.gemma4 import DecoderLayer
 from gemmaquant.plan import TensorPlan
 from gemmaquant.recipe import Recipe
@@ -44,9 +45,12 @@ def _param(layer: DecoderLayer, name: str) -> torch.nn.Parameter:
 
 
 def _quantize_matrix(w: Tensor, fmt, method: str, stats, recipe: Recipe, name: str = "",
-                     awq_scale: Tensor | None = None, factors: dict | None = None):
+                     awq_scale: Tensor | None = None, factors: dict | None = None, lattice=None):
     """One matrix -> Packed. factors: {id(stats): HessianFactor}, so that the matrices reading the same inputs
-    (q/k/v, gate/up) share one factorization of their Hessian under GPTQ."""
+    (q/k/v, gate/up) share one factorization of their Hessian under GPTQ. lattice: a qat_checkpoint.LatticeLog
+    when `fmt` is the QAT lattice grid (then see _lattice_matrix)."""
+    if lattice is not None and isinstance(fmt, Int4Lattice):
+        return _lattice_matrix(w, fmt, method, stats, recipe, name, awq_scale, factors, lattice)
     from gemmaquant.algorithms import awq_clip, gptq, rtn
     from gemmaquant.algorithms.gptq import HessianFactor
 
@@ -86,6 +90,23 @@ def _gptq_experts(t: Tensor, per_expert: list, fmt, recipe: Recipe) -> list:
         for e, pk in zip(seen, done):
             packs[e] = pk
     return packs
+
+
+def _lattice_matrix(w, fmt, method, stats, recipe, name, awq_scale, factors, log):
+    """A matrix of a QAT checkpoint: every group on the lattice keeps its own step and codes (no algorithm runs
+    on a matrix wholly on it); the others are re-rounded by the recipe's method on the Int4Lattice grid (whose fit
+    gives the recovered groups their own step), and the recovered groups then get their codes back: GPTQ may have
+    moved a few of them by the errors it pushed from the re-rounded columns, which its updates elsewhere assumed."""
+    from gemmaquant.algorithms.lattice import recover_lattice
+
+    fit = recover_lattice(w)
+    log.add(name, fit, method, w)
+    if fit.recovered == fit.groups:
+        return fmt.pack(fit.codes, {"scale": fit.step})
+    pk = _quantize_matrix(w, fmt, method, stats, recipe, name, awq_scale, factors)
+    keep = fit.exact.repeat_interleave(fmt.group_size, dim=1)
+    codes = torch.where(keep, fit.codes, fmt.codes(pk))
+    return fmt.pack(codes, {"scale": torch.where(fit.exact, fit.step, pk.data["scale"])})
 
 
 @torch.no_grad()
@@ -150,13 +171,16 @@ def _exists(layer, name) -> bool:
 
 @torch.no_grad()
 def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, TensorPlan], recipe: Recipe,
-                   batched_gptq: bool = True):
+                   batched_gptq: bool = True, lattice=None):
     """Quantize every planned matrix of `layer` (plan keys relative to the layer), replace its weights by the
     dequantized result in place (so the next layer's inputs come from this quantized layer), and return
     ({name: Packed | [Packed per expert] | float tensor}, {name: sqnr_db}, {expert tensor: [sqnr_db per expert]}).
     batched_gptq: under GPTQ, the experts of one tensor in batched sweeps (gemmaquant.algorithms.gptq_batched);
-    False: one expert at a time (the reference loop)."""
-    awq = apply_awq(layer, stats, plan, recipe) if recipe.method == "awq" else {}
+    False: one expert at a time (the reference loop).
+    lattice: a qat_checkpoint.LatticeLog, filled for the matrices planned on the QAT lattice grid; AWQ's scales
+    are not folded into a layer that has such matrices (the folded weights would leave the lattice)."""
+    on_lattice = any(isinstance(p.fmt, Int4Lattice) for p in plan.values())
+    awq = apply_awq(layer, stats, plan, recipe) if recipe.method == "awq" and not on_lattice else {}
     values, sqnr = {}, {}
     expert_sqnr: dict[str, list[float]] = {}
     factors: dict[int, object] = {}  # GPTQ's Hessian factors of the shared (non-expert) inputs, for this layer
@@ -170,18 +194,18 @@ def quantize_layer(layer: DecoderLayer, stats: LayerStats, plan: dict[str, Tenso
         if name.startswith("experts."):
             kind = "expert_in" if name.endswith("gate_up_proj") else "expert_down_in"
             per_expert = [stats.inputs.get(f"{kind}.{e}") for e in range(t.shape[0])]
-            if recipe.method == "gptq" and batched_gptq:
+            if recipe.method == "gptq" and batched_gptq and not isinstance(p.fmt, Int4Lattice):
                 packs = _gptq_experts(t, per_expert, p.fmt, recipe)
-            else:
+            else:  # the lattice grid reads each expert's groups back first (_quantize_matrix)
                 packs = [_quantize_matrix(t[e].float(), p.fmt, recipe.method, per_expert[e], recipe, name,
-                                          awq.get(f"{kind}.{e}")) for e in range(t.shape[0])]
+                                          awq.get(f"{kind}.{e}"), lattice=lattice) for e in range(t.shape[0])]
             w_hat = torch.stack([q.fmt.dequantize(q) for q in packs])
             values[name] = packs
             expert_sqnr[name] = [sqnr_db(t[e], w_hat[e]) for e in range(t.shape[0])]
         else:
             group = group_of(name)
             pk = _quantize_matrix(t.float(), p.fmt, recipe.method, stats.inputs.get(group), recipe, name,
-                                  awq.get(group), factors)
+                                  awq.get(group), factors, lattice)
             w_hat = pk.fmt.dequantize(pk)
             values[name] = pk
         sqnr[name] = sqnr_db(t, w_hat)

@@ -218,6 +218,8 @@ class QuantizeResult:
     calibration_sha256: str
     layers: list[dict]
     seconds: float
+    recipe: Recipe | None = None  # the recipe run (the lattice grid when a QAT checkpoint was detected)
+    lattice: dict | None = None  # detection, and what was read back / re-rounded (gemmaquant.qat_checkpoint)
 
 
 def uses_activations(recipe: Recipe) -> bool:
@@ -252,20 +254,26 @@ def quantize_one_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor]
         if s.xtx is not None:
             _check_finite(s.xtx, f"entering layer {i} ({g})")
     force_route_rare_experts(layer, stats, recipe.moe_min_tokens, max_samples=samples, batched=batched)
-    values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plan, recipe)
+    from gemmaquant.qat_checkpoint import LatticeLog
+
+    lattice = LatticeLog()
+    values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plan, recipe, lattice)
     acts.h = run_layer(layer, cfg, i, acts, inv_freqs, fwd_dtype)
     for b, h in enumerate(acts.h):
         _check_finite(h, f"leaving layer {i}")
     info = {"layer": i, "sqnr_db": sqnr, "expert_sqnr_db": expert_sqnr, "seconds": round(time.time() - lt, 3),
             "expert_tokens": stats.expert_tokens.tolist() if stats.expert_tokens is not None else None,
             "forced_experts": stats.forced_experts}
+    if lattice.tensors:  # (absent otherwise: the records of other recipes keep their bytes)
+        info["lattice"] = lattice.tensors
     return to_host(values), info
 
 
 def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLike, calib: str | None = None,
              tokenizer_dir: str | os.PathLike | None = None, progress: bool | None = None,
              stop_after_layer: int | None = None, inplace: bool = False, layers_needed: bool = True,
-             device: str | torch.device | None = None, activation_budget: int | None = None) -> QuantizeResult:
+             device: str | torch.device | None = None, activation_budget: int | None = None,
+             from_qat: bool | None = None) -> QuantizeResult:
     """Quantize `model` (alias, checkpoint directory, or a Gemma 4 model object) with `recipe`: a `Recipe`, a recipe
     file (.toml), or a bundled recipe's name (`26b-a4b/int4-gptq`, see `gemmaquant.recipe.bundled_recipes()`).
 
@@ -286,17 +294,20 @@ def quantize(model, recipe: Recipe | str | os.PathLike, *, out: str | os.PathLik
         the device of a model object's parameters, 'auto' for a path or alias. One layer's weights at a time go
         there. activation_budget: bytes of device memory the calibration activations may hold between layers
         (default: half the free memory); beyond it they live in host memory. See gemmaquant.device.
+    from_qat: a QAT checkpoint (its int4 group-32 lattice read back, not rounded again; gemmaquant.qat_checkpoint):
+        None detects it (layer 0, sampled) when the recipe is the int4 g32 grid, True forces it (an error if the
+        weights are on no lattice), False never reads it. The result's `lattice` says what was done.
     """
     from gemmaquant.lock import hold
 
     with hold(out):  # one run per output directory (re-entrant: the CLI holds it around this call)
         return _quantize(model, recipe, out=out, calib=calib, tokenizer_dir=tokenizer_dir, progress=progress,
                          stop_after_layer=stop_after_layer, inplace=inplace, layers_needed=layers_needed,
-                         device=device, activation_budget=activation_budget)
+                         device=device, activation_budget=activation_budget, from_qat=from_qat)
 
 
 def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_layer, inplace, layers_needed,
-              device, activation_budget) -> QuantizeResult:
+              device, activation_budget, from_qat=None) -> QuantizeResult:
     t0 = time.time()
     dev = (model_device(model) if device is None and isinstance(model, torch.nn.Module)
            else resolve_device(device))
@@ -310,6 +321,12 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
         check_float_checkpoint(src)
         check_float_values(src)
     cfg = src.config
+    from gemmaquant.qat_checkpoint import choose_lattice
+
+    recipe, detection = choose_lattice(src, recipe, from_qat)
+    if detection is not None and detection["detected"]:
+        stage(f"QAT checkpoint: {100 * detection['sampled_share']:.1f}% of layer 0's sampled groups are on an int4 "
+              f"group-32 lattice; reading it back ({'forced' if detection['forced'] else 'detected'})", progress)
     if calib is not None:
         recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": str(calib)})
     plan = make_plan(cfg, recipe)
@@ -354,7 +371,8 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
         raise QuantizeError(str(e)) from None
     if done is not None and finished_layers(work) < cfg.num_hidden_layers:  # pruned (or half-pruned) by the CLI
         if not layers_needed:
-            return QuantizeResult(work, plan, calib_hash, done, time.time() - t0)
+            return QuantizeResult(work, plan, calib_hash, done, time.time() - t0, recipe,
+                                  _lattice_record(detection, done))
         prune_layers(work)  # needed again: start the layers over
         record.unlink()
 
@@ -425,4 +443,13 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
 
         for i in range(len(layers)):
             src.write_layer(i, read_values(work / f"layer_{i:05d}.safetensors"))
-    return QuantizeResult(work, plan, calib_hash, layers, time.time() - t0)
+    return QuantizeResult(work, plan, calib_hash, layers, time.time() - t0, recipe, _lattice_record(detection, layers))
+
+
+def _lattice_record(detection: dict | None, layers: list[dict]) -> dict | None:
+    from gemmaquant.qat_checkpoint import lattice_summary
+
+    done = lattice_summary(layers)
+    if detection is None and done is None:
+        return None
+    return {"detection": detection, **(done or {})}

@@ -20,7 +20,8 @@ from gemmaquant.validate import check_count
 
 
 FORMATS = ("gguf", "safetensors")
-LOSSLESS_GGUF = {"int4_g32_sym": "Q4_0", "int8": "Q8_0"}  # our grid -> the GGUF type that holds it exactly
+# our grid -> the GGUF type that holds it exactly (int4_g32_lattice: a QAT checkpoint's lattice, qat_checkpoint.py)
+LOSSLESS_GGUF = {"int4_g32_sym": "Q4_0", "int8": "Q8_0", "int4_g32_lattice": "Q4_0"}
 
 
 # ---- recipe and config resolution ---------------------------------------------------------------------------
@@ -125,7 +126,9 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
                  overwrite: bool = False, evaluate: bool = True, progress: bool | None = None,
                  device: str = "auto", activation_budget_gib: float | None = None,
                  target_bpw: float | None = None, target_size: float | None = None,
-                 gguf_mix: Path | None = None) -> dict:
+                 gguf_mix: Path | None = None, from_qat: bool | None = None) -> dict:
+    """from_qat: read a QAT checkpoint's int4 lattice back (gemmaquant.qat_checkpoint): None detects it, True
+    forces it, False never. A compressed-tensors W4A16 checkpoint is repacked to Q4_0 GGUF (no rounding)."""
     from gemmaquant.device import device_name, resolve_device
     from gemmaquant.plan import make_plan, plan_summary
 
@@ -134,6 +137,10 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     if activation_budget_gib is not None and not activation_budget_gib >= 0:
         raise UsageError(f"--activation-budget {activation_budget_gib}: GiB of device memory, 0 or more")
     budget = None if activation_budget_gib is None else int(activation_budget_gib * 2**30)
+    if _is_compressed_tensors(model):
+        from gemmaquant.qat_checkpoint import run_repack
+
+        return run_repack(model, out=out, overwrite=overwrite, dry_run=dry_run, progress=progress)
     recipe = resolve_recipe(model, bits, method, fmts, gguf_type, group_size, recipe_file)
     cfg = model_config(model)
     name = Path(str(model)).name
@@ -141,14 +148,29 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     if target_bpw is not None or target_size is not None or gguf_mix is not None:
         recipe, mix = resolve_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib,
                                   out if out is not None else Path(f"{name}-mix"), progress)
+        lattice = None
+    else:
+        recipe, lattice = _qat_choice(model, recipe, from_qat)
     plan = make_plan(cfg, recipe)
     if dry_run:
         from gemmaquant.estimate import estimate
 
         est = estimate(cfg, plan, recipe, fmts, device=dev)
-        text = est["text"] + (f"\n{mix_summary(mix)}" if mix else "")
-        return {"dry_run": True, "model": str(model), "recipe": recipe.to_dict(), **est,
-                **({"mix": mix} if mix else {}), "text": text}
+        res = {"dry_run": True, "model": str(model), "recipe": recipe.to_dict(), **est,
+               **({"mix": mix} if mix else {}), "text": est["text"] + (f"\n{mix_summary(mix)}" if mix else "")}
+        if lattice is not None and lattice.get("detected"):
+            from gemmaquant.qat_checkpoint import scan_lattice, scan_text
+
+            stage("reading the weights' lattice, layer by layer", progress)
+            rows = scan_lattice(lattice.pop("source"), make_plan(cfg, lattice_grid(recipe)), progress)
+            lattice["scan"] = rows
+            res["text"] += "\n" + lattice_line(lattice) + "\n" + scan_text(rows)
+        elif lattice is not None:
+            lattice.pop("source", None)
+            res["text"] += "\n" + lattice_line(lattice)
+        if lattice is not None:
+            res["lattice"] = {k: v for k, v in lattice.items() if k != "source"}
+        return res
     out = Path(out) if out is not None else Path(f"{name}-{scheme_name(recipe).lower()}")
     from gemmaquant.evaluate_run import REPORT_FILES
     from gemmaquant.lock import hold
@@ -171,7 +193,7 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
         done = all(steps.complete(step, key) for step, (key, _, _) in exports.items())
         # a resumed run re-checks the recipe, calibration and source weights even when only the report is left
         result = quantize(model, recipe, out=out, calib=calib, progress=progress, layers_needed=not done,
-                          device=dev, activation_budget=budget)
+                          device=dev, activation_budget=budget, from_qat=from_qat if mix is None else False)
         stage(f"exporting {' and '.join(fmts)} into {out}", progress)
         files = export_outputs(result.work_dir, out, name, recipe, fmts, steps=steps, device=dev)
         summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
@@ -180,6 +202,8 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
         if mix:
             summary["mix"] = {k: v for k, v in mix.items() if k != "sensitivity"}
             summary["mix_file"] = str(out / mix_file)
+        if result.lattice is not None:
+            summary["lattice"] = result.lattice
         if evaluate:
             from gemmaquant.evaluate_run import evaluate_and_report
 
@@ -246,6 +270,47 @@ def mix_summary(mix: dict) -> str:
                                                           in mix["families"].items()])
 
 
+def _is_compressed_tensors(model) -> bool:
+    from gemmaquant.export.compressed_tensors_reader import is_compressed_tensors
+
+    return Path(str(model)).is_dir() and is_compressed_tensors(Path(str(model)))
+
+
+def lattice_grid(recipe: Recipe) -> Recipe:
+    from gemmaquant.qat_checkpoint import lattice_recipe
+
+    return lattice_recipe(recipe)
+
+
+def _qat_choice(model, recipe: Recipe, from_qat: bool | None) -> tuple[Recipe, dict | None]:
+    """The recipe after QAT detection (gemmaquant.qat_checkpoint.choose_lattice) and its record, which keeps the
+    opened checkpoint under "source" for the dry run's scan; (recipe, None) when the weights are not here (an
+    alias not downloaded: the dry run still plans) or from_qat is False."""
+    from gemmaquant.checkpoint import Checkpoint
+    from gemmaquant.hub import ModelNotFound, resolve
+    from gemmaquant.qat_checkpoint import choose_lattice
+
+    if from_qat is False:
+        return recipe, None
+    try:
+        src = Checkpoint(resolve(model))
+    except ModelNotFound:
+        if from_qat:
+            raise
+        return recipe, {"detected": None, "note": "weights not present: the lattice was not looked for"}
+    recipe, record = choose_lattice(src, recipe, from_qat)
+    return recipe, None if record is None else {**record, "source": src}
+
+
+def lattice_line(record: dict) -> str:
+    if record.get("detected") is None:
+        return f"QAT lattice: {record.get('note', 'not looked for')}"
+    how = "forced (--from-qat)" if record["forced"] else ("detected" if record["detected"] else "not detected")
+    return (f"QAT lattice: {how}: {100 * record['sampled_share']:.1f}% of layer 0's sampled groups of 32 are on an "
+            f"int4 lattice" + ("; the weights keep its steps and codes (int4_g32_lattice)" if record["detected"]
+                               else "; quantizing as a float checkpoint"))
+
+
 def export_steps(name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, tuple[dict, str, dict]]:
     """format -> (step key, output name in out, exporter arguments): the GGUF first, as `FORMATS` lists them."""
     steps = {}
@@ -292,6 +357,10 @@ def _quantize_text(s: dict) -> str:
         grid = f"a per-tensor mix (file type {grid})"
     lines = [f"quantized {s['model']} with {s['recipe']['method']} onto {grid} "
              f"in {s['quantize_seconds']:.1f} s on {s.get('device', 'cpu')}"]
+    if s.get("lattice") and s["lattice"].get("groups"):
+        from gemmaquant.qat_checkpoint import summary_text
+
+        lines.append(summary_text(s["lattice"]))
     from gemmaquant.export.inspect import file_bits
 
     for kind, path in s["files"].items():

@@ -96,6 +96,8 @@ class Report:
                   if self.gguf_families else []),
                 Section("Kept in float", ["| tensors | reason |", "|---|---|",
                                           *(f"| {n} | {why} |" for why, n in reasons.items())])]
+        if any(info.get("lattice") for info in self.layers):
+            out.append(Section("QAT lattice (read back, not rounded again)", lattice_lines(self.layers)))
         sq = ["| layer | min | mean | worst tensor |", "|---|---|---|---|"]
         for info in self.layers:
             s = info["sqnr_db"]
@@ -170,6 +172,24 @@ def expert_lines(layers: list[dict]) -> list[str]:
         worst = ", ".join(f"{k.split('.')[-1]} {min(v):.1f}" for k, v in (info.get("expert_sqnr_db") or {}).items()
                           if v)
         lines.append(f"| {info['layer']} | {', '.join(map(str, info['expert_tokens']))} | {forced} | {worst or '-'} |")
+    return lines
+
+
+def lattice_lines(layers: list[dict]) -> list[str]:
+    """The QAT checkpoint's record (gemmaquant.qat_checkpoint): totals, then every tensor with groups off the
+    lattice and what re-rounded them."""
+    from gemmaquant.qat_checkpoint import lattice_summary
+
+    s = lattice_summary(layers)
+    lines = [f"{s['recovered']} of {s['groups']} groups of 32 ({100 * s['share']:.2f}%) keep the checkpoint's own "
+             f"step and codes: the exports give those weights back bit for bit (Q4_0 in fp32 to the checkpoint's bf16 "
+             f"rounding). Steps fp16 cannot hold (Q4_0's d): {s['fp16_inexact']}"
+             + (f", max error {s['fp16_max_error']:.3g}." if s["fp16_inexact"] else ".")]
+    if s["rerounded"]:
+        lines += ["", "| tensor | groups off the lattice | re-rounded by |", "|---|---|---|",
+                  *(f"| {n} | {r['groups']} | {r['by']} |" for n, r in s["rerounded"].items())]
+    else:
+        lines += ["", "No group was re-rounded."]
     return lines
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from gemmaquant.config import Gemma4Config
 from gemmaquant.plan import TensorPlan
 
-LOSSLESS_GGUF = {"int4_g32_sym": "Q4_0", "int8": "Q8_0"}  # our grid -> the GGUF type that holds it exactly
+# our grid -> the GGUF type that holds it exactly (int4_g32_lattice: a QAT checkpoint's lattice, qat_checkpoint.py)
+LOSSLESS_GGUF = {"int4_g32_sym": "Q4_0", "int8": "Q8_0", "int4_g32_lattice": "Q4_0"}
 
 
 def _numel(shape) -> int:

@@ -10,6 +10,7 @@ from gemmaquant.formats.gguf_iquants import IQ4, IQ4_NL, IQ4_XS
 from gemmaquant.formats.gguf_kquants import Q4_K, Q5_K, Q6_K, KQuant
 from gemmaquant.formats.gguf_lowbit import Q2_K, Q2K, Q3_K, Q3K
 from gemmaquant.formats.gguf_legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, GGUFLegacy
+from gemmaquant.formats.int4_lattice import Int4Lattice
 from gemmaquant.formats.int8_channel import Int8Channel
 from gemmaquant.formats.int_group import Int4Group, IntGroup
 
@@ -20,6 +21,7 @@ FORMATS = {
     "int4_g128_asym": Int4Group(128, False),
     "int3_g32_sym": IntGroup(3, 32), "int3_g32_asym": IntGroup(3, 32, False),
     "int2_g32_sym": IntGroup(2, 32), "int2_g32_asym": IntGroup(2, 32, False),
+    "int4_g32_lattice": Int4Lattice(),  # a QAT checkpoint's own lattice, read back (algorithms/lattice.py)
     "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "q4_k": Q4_K, "q5_k": Q5_K, "q6_k": Q6_K,
     "iq4_nl": IQ4_NL, "iq4_xs": IQ4_XS, "q3_k": Q3_K, "q2_k": Q2_K,
 }
@@ -34,4 +36,5 @@ def get_format(name: str) -> QuantFormat:
 
 
 __all__ = ["Packed", "QuantFormat", "FORMATS", "get_format", "IntGroup", "Int4Group", "Int8Channel", "GGUFLegacy",
-           "KQuant", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4", "IQ4_NL", "IQ4_XS", "Q3K", "Q3_K", "Q2K", "Q2_K"]
+           "Int4Lattice", "KQuant", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4", "IQ4_NL",
+           "IQ4_XS", "Q3K", "Q3_K", "Q2K", "Q2_K"]
