@@ -241,10 +241,15 @@ def quantize_one_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor]
         if t.is_floating_point() and not all_finite(t):
             raise QuantizeError(f"tensor 'layers.{i}.{name}' contains NaN or Inf")
     stats = LayerStats(acc_dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    from gemmaquant.qat_checkpoint import LatticeLog
+
+    lattice = LatticeLog()
     if acts is None:
-        values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plan, recipe)
+        values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plan, recipe, lattice=lattice)
         info = {"layer": i, "sqnr_db": sqnr, "expert_sqnr_db": expert_sqnr, "seconds": round(time.time() - lt, 3),
                 "expert_tokens": None, "forced_experts": []}
+        if lattice.tensors:
+            info["lattice"] = lattice.tensors
         return to_host(values), info
     samples = AWQ_SAMPLES if recipe.method == "awq" else 0  # only AWQ reads input rows; the rest, Hessians
     batched = batched_experts(device)
@@ -254,10 +259,7 @@ def quantize_one_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor]
         if s.xtx is not None:
             _check_finite(s.xtx, f"entering layer {i} ({g})")
     force_route_rare_experts(layer, stats, recipe.moe_min_tokens, max_samples=samples, batched=batched)
-    from gemmaquant.qat_checkpoint import LatticeLog
-
-    lattice = LatticeLog()
-    values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plan, recipe, lattice)
+    values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plan, recipe, lattice=lattice)
     acts.h = run_layer(layer, cfg, i, acts, inv_freqs, fwd_dtype)
     for b, h in enumerate(acts.h):
         _check_finite(h, f"leaving layer {i}")
