@@ -156,6 +156,13 @@ class ReferenceQuantizer(QuantFormat):
     [512, 8192] Q4_K / Q6_K fit on one thread, in CPU time), and its memory is bounded. Every block is fit from its
     own values alone, so the result does not depend on the slicing."""
 
+    # the GGUF block types keep their codes under "codes" and every block parameter beside them
+    def codes(self, p: Packed) -> Tensor:
+        return p.data["codes"]
+
+    def params(self, p: Packed) -> dict:
+        return {k: v for k, v in p.data.items() if k != "codes"}
+
     def quantize(self, w: Tensor, params: dict | None = None, importance: Tensor | None = None) -> Packed:
         if params is not None:
             return super().quantize(w, params)

@@ -106,12 +106,6 @@ class GGUFLegacy(ReferenceQuantizer):
             data["m"] = params["m"].to(torch.float16).contiguous()
         return Packed(self, (codes.shape[0], codes.shape[1]), data)
 
-    def codes(self, p: Packed) -> Tensor:
-        return p.data["codes"]
-
-    def params(self, p: Packed) -> dict:
-        return {k: v for k, v in p.data.items() if k != "codes"}
-
     # ---- ggml block bytes ----
     def to_gguf_bytes(self, p: Packed) -> np.ndarray:
         N, K = p.shape
