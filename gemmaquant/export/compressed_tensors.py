@@ -29,6 +29,7 @@ import torch
 from gemmaquant.checkpoint import TOKENIZER_FILES, Checkpoint, atomic_dir, hf_config_dict
 from gemmaquant.export.ct_pack import codes_from_packed, pack_int32
 from gemmaquant.export.errors import ExportError
+from gemmaquant.export.model_card import write_model_card
 from gemmaquant.safetensors_write import save_file
 
 SCHEMES = {"W4A16": 4, "W8A16": 8}
@@ -165,6 +166,7 @@ def export_compressed_tensors(source, out_dir: str | os.PathLike, scheme: str = 
         raw["torch_dtype"] = str(dtype).removeprefix("torch.")
         raw["quantization_config"] = quantization_config(scheme, group_size)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        write_model_card(tmp, raw, Path(source.source_dir).name if source.source_dir else Path(out_dir).name)
         if source.source_dir:
             for f in dict.fromkeys(TOKENIZER_FILES + EXTRA_FILES):
                 if (Path(source.source_dir) / f).is_file():

@@ -82,3 +82,15 @@ def test_load_transformers_refuses_an_export_missing_expert_tensors(moe_export, 
     save_file(t, f, metadata={"format": "pt"})
     with pytest.raises(CompressedTensorsError, match=r"missing keys \(1\): model\.layers\.1\.experts\.down_proj"):
         load_transformers(broken)
+
+
+def test_export_readme_tells_transformers_users_how_to_load(moe_export, tmp_path):
+    """The directory's README.md (what a Hugging Face user reads first) names the loader an MoE export needs, and the
+    plain from_pretrained for a dense one; its scheme lines come from config.json's quantization_config."""
+    card = (moe_export / "README.md").read_text()
+    assert "load_transformers" in card and "randomly initialised" in card
+    assert "int4 symmetric, group of 32, targets `Linear`" in card
+    dense = export_compressed_tensors(FloatSource(FIXTURES["tiny-dense"]), tmp_path / "dense", scheme="W8A16")
+    card = (dense / "README.md").read_text()
+    assert "AutoModelForCausalLM.from_pretrained" in card and "load_transformers" not in card
+    assert "int8 symmetric, per channel" in card
