@@ -188,17 +188,19 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
 
             write_mix(mix, out / mix_file)
         t0 = time.time()
-        stage(f"quantizing on {device_name(dev)}", progress)
         steps = Steps(out)
         done = all(steps.complete(step, key) for step, (key, _, _) in exports.items())
+        stage(f"{out} already holds this run's exports: checking that recipe, calibration and weights are the same"
+              if done else f"quantizing on {device_name(dev)}", progress)
         # a resumed run re-checks the recipe, calibration and source weights even when only the report is left
         result = quantize(model, recipe, out=out, calib=calib, progress=progress, layers_needed=not done,
                           device=dev, activation_budget=budget, from_qat=from_qat if mix is None else False)
-        stage(f"exporting {' and '.join(fmts)} into {out}", progress)
+        if not done:
+            stage(f"exporting {' and '.join(fmts)} into {out}", progress)
         files = export_outputs(result.work_dir, out, name, recipe, fmts, steps=steps, device=dev)
         summary = {"model": str(model), "out": str(out), "recipe": recipe.to_dict(), "files": files,
                    "calibration_sha256": result.calibration_sha256, "quantize_seconds": round(result.seconds, 2),
-                   "device": device_name(dev), "plan": plan_summary(plan)}
+                   "device": device_name(dev), "plan": plan_summary(plan), "finished_earlier": done}
         if mix:
             summary["mix"] = {k: v for k, v in mix.items() if k != "sensitivity"}
             summary["mix_file"] = str(out / mix_file)
@@ -355,8 +357,10 @@ def _quantize_text(s: dict) -> str:
     grid = s['recipe']['gguf_type'] or s['recipe']['weight_format']
     if s["recipe"].get("tensor_types"):
         grid = f"a per-tensor mix (file type {grid})"
-    lines = [f"quantized {s['model']} with {s['recipe']['method']} onto {grid} "
-             f"in {s['quantize_seconds']:.1f} s on {s.get('device', 'cpu')}"]
+    what = f"{s['model']} with {s['recipe']['method']} onto {grid}"
+    lines = [f"nothing to redo: {s['out']} already holds {what} (same recipe, calibration and weights; "
+             f"--overwrite starts over)" if s.get("finished_earlier") else
+             f"quantized {what} in {s['quantize_seconds']:.1f} s on {s.get('device', 'cpu')}"]
     if s.get("lattice") and s["lattice"].get("groups"):
         from gemmaquant.qat_checkpoint import summary_text
 

@@ -116,3 +116,17 @@ def test_a_qat_output_directory_runs_the_qat_result_not_the_gptq_start(tmp_path)
         (tmp_path / work / "globals.safetensors").write_bytes(b"")
     assert exported_model(tmp_path) == tmp_path / "quantized"
     assert exported_model(tmp_path / "quantized") == tmp_path / "quantized"
+
+
+def test_rerun_with_nothing_to_do_says_so(run):
+    """The same command again finds its finished exports: it says there is nothing to redo instead of claiming to
+    have quantized and exported again."""
+    res, _, tmp = run
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        again = run_quantize("tiny-dense", recipe_file=tmp / "recipe.toml", out=tmp / "out", evaluate=False)
+    assert err.getvalue().splitlines() == [f"{res['out']} already holds this run's exports: checking that recipe, "
+                                           "calibration and weights are the same"], err.getvalue()
+    assert again["text"].startswith(f"nothing to redo: {res['out']} already holds tiny-dense with rtn onto "
+                                    "int4_g32_sym"), again["text"]
+    assert again["files"] == res["files"] and not res["finished_earlier"]
