@@ -13,7 +13,6 @@ Shapes: B batch, T new tokens, S keys (past + new), H hidden, d head dim (per la
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

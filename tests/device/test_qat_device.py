@@ -11,7 +11,7 @@ from gemmaquant.config import TINY_VARIANTS
 from gemmaquant.model.gemma4 import Gemma4
 from gemmaquant.model.testing import random_model
 from gemmaquant.qat import QATRecipe, prepare_qat
-from gemmaquant.qat.distill import Taps, accumulate_gradients
+from gemmaquant.qat.distill import Taps
 from gemmaquant.qat.state import WeightAverage
 from gemmaquant.qat.train import _device_for, for_model, param_groups
 from tests.device.fake_cuda import fake_cuda

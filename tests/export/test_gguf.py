@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -172,7 +171,7 @@ def test_full_disk_is_a_clear_error(tmp_path):
 def test_tokenizer_that_llamacpp_would_split_differently_is_refused(tmp_path, tokenizer_dir):
     """A BPE whose merges cross newlines (llama.cpp's gemma4 tokenizer splits on newlines first) must not be
     exported silently: the export-time check catches it."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, trainers
+    from tokenizers import Tokenizer, models, normalizers, trainers
 
     tok = Tokenizer(models.BPE(byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
@@ -242,7 +241,6 @@ def test_packed_values_written_bit_for_bit(kind, tmp_path):
     from gemmaquant.export.gguf_names import gguf_name
     from gemmaquant.export.gguf_pack import gguf_format
 
-    base = FloatSource(FIXTURES["tiny-moe"])
     fmt = {"gguf-types": None, "int4-g32": Int4Group(group_size=32, symmetric=True, scale_dtype=torch.bfloat16),
            "int8-channel": Int8Channel(scale_dtype=torch.bfloat16)}[kind]
     chosen = {}

@@ -2,7 +2,6 @@
 planned grid, MoE coverage is recorded, a killed run resumes to byte-identical output, bad input is refused."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
