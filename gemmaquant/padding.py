@@ -174,3 +174,50 @@ def padding_lines(cfg: Gemma4Config, kinds) -> list[str]:
                    f"same function exactly)" if new != old else f"{k}: width {old} is a multiple of {PAD_BLOCK} "
                                                                  f"already; nothing padded")
     return out
+
+
+def pad_note(name: str, shape: tuple[int, ...], cfg: Gemma4Config) -> str:
+    """"zero-padded 704 -> 768" when `shape` (what the file holds) is `name` padded from its shape under `cfg`
+    (the unpadded config), else ""."""
+    kind = kind_of(name)
+    if kind is None:
+        return ""
+    rel = name.split(".", 2)[2]
+    old = cfg.layer_intermediate_size(int(name.split(".")[1])) if kind == "mlp" else cfg.moe_intermediate_size
+    if rel.endswith("down_proj") or rel.endswith("down_proj.weight"):
+        new = shape[-1]
+    else:
+        new = shape[-2] // (2 if rel == "experts.gate_up_proj" else 1)
+    return f"zero-padded {old} -> {new}" if new != old else ""
+
+
+def size_comparison(cfg: Gemma4Config, recipe) -> dict | None:
+    """The GGUF bytes of a recipe's fixed mix (`gguf_type`, no per-tensor types) unpadded and with every paddable
+    kind padded, for the dry run; bits per weight over the model's own (unpadded) weights for both. None where
+    padding changes nothing (no paddable width, no GGUF mix, or a per-tensor mix, which the solver padded or not)."""
+    kinds = paddable(cfg)
+    if not kinds or not recipe.gguf_type or recipe.tensor_types:
+        return None
+    from gemmaquant.export.sizes import gguf_size
+    from gemmaquant.plan import make_plan
+    from gemmaquant.recipe import Recipe
+
+    out, weights = {}, None
+    for label, pad in (("unpadded", None), ("padded", kinds)):
+        r = Recipe.from_dict({**recipe.to_dict(), "pad_to_block": pad})
+        g = gguf_size(cfg, make_plan(padded_config(cfg, pad), r), r)
+        weights = weights or g["weights"]  # the unpadded model's
+        downs = sorted({f["type"] for f in g["families"] if "ffn_down" in f["family"] and f["type"] != "F32"})
+        out[label] = {"pad_to_block": list(pad or ()), "bytes": g["bytes"], "bits_per_weight": 8 * g["bytes"] / weights,
+                      "ffn_down_types": downs}
+    return out
+
+
+def comparison_text(comp: dict, current: tuple[str, ...] | None) -> list[str]:
+    u, p = comp["unpadded"], comp["padded"]
+    gib = 2**30
+    return [f"zero-padding {', '.join(p['pad_to_block'])} to the 256-block (--pad-to-block"
+            f"{' all' if not current else ''}): {p['bytes'] / gib:.2f} GiB, {p['bits_per_weight']:.3f} bits per "
+            f"(unpadded) weight, ffn_down {'/'.join(p['ffn_down_types'])}; unpadded: {u['bytes'] / gib:.2f} GiB, "
+            f"{u['bits_per_weight']:.3f} bits/weight, ffn_down {'/'.join(u['ffn_down_types'])}"
+            + (" (this run pads)" if current else "")]
