@@ -35,7 +35,8 @@ def budget_bytes(sens, target_bpw: float | None, target_size_gib: float | None) 
     # padding (gemmaquant.padding) can lower the smallest mix (Q2_K on a padded ffn_down); the float size is the
     # unpadded model's
     smallest = sens.fixed_bytes + min(sum(min(b for b, _ in u.options.values()) for u in units)
-                                      for _, units in sens.variants())
+                                      for _, units in (sens.variants() if hasattr(sens, "variants")
+                                                       else [((), sens.units)]))
     largest = sens.fixed_bytes + sum(max(b for b, _ in u.options.values()) for u in sens.units)
     if budget < smallest:
         raise TargetError(f"{what}: below the smallest mix the grids allow ({8 * smallest / sens.weights:.3f} bpw, "
