@@ -87,7 +87,8 @@ def parse_formats(formats: str | tuple) -> tuple[str, ...]:
 def scheme_name(recipe: Recipe) -> str:
     if recipe.tensor_types:  # a per-tensor mix (--target-bpw, --gguf-mix)
         return "mix"
-    return recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format)
+    name = recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format)
+    return f"{name}-padded" if recipe.pad_to_block else name  # --pad-to-block: not llama.cpp's file of that name
 
 
 def prepare_out(out: Path, overwrite: bool, planned: tuple[str, ...] = ()) -> None:
