@@ -187,3 +187,15 @@ def test_dry_run_bytes_equal_the_padded_file(tmp_path):
     m = gemmaquant.load(path)  # GPTQ's dead columns were set to zero and zero sub-blocks stay zero
     assert not m.layers[1].experts.down_proj[..., 128:].any()
     assert not m.layers[1].experts.gate_up_proj[:, 128:256].any() and m.layers[1].experts.gate_up_proj[:, 256:].any()
+
+
+def test_a_resumed_run_refuses_another_padding(tmp_path):
+    from gemmaquant.quantize import QuantizeError, quantize
+    from gemmaquant.recipe import Recipe
+
+    padded = Recipe(method="rtn", gguf_type="Q4_K_M", pad_to_block=("experts",))
+    quantize("tiny-moe", padded, out=tmp_path, progress=False, stop_after_layer=0)
+    with pytest.raises(QuantizeError, match="holds a run with another recipe"):
+        quantize("tiny-moe", Recipe(method="rtn", gguf_type="Q4_K_M"), out=tmp_path, progress=False)
+    res = quantize("tiny-moe", padded, out=tmp_path, progress=False)  # the same padding resumes
+    assert res.plan["layers.3.experts.down_proj"].shape == (8, 160, 256)
