@@ -7,6 +7,13 @@ Writes benchmarks/results/mix_quality.{json,md,svg} and the table in docs/qualit
 
     LLAMA_CPP_DIR=/work/llama/src python benchmarks/bench_mix.py [--fixtures tiny-dense,tiny-moe,tiny-edge]
     python benchmarks/bench_mix.py --table-only     # rewrite the tables and the plot from mix_quality.json
+    LLAMA_CPP_DIR=/work/llama/src python benchmarks/bench_mix.py --padding   # zero-padding rows only (below)
+
+The mixes are solved as `--target-bpw` solves them (mix_search.solve_padded: zero-padding of the MLP widths that
+are not multiples of 256 is a candidate, gemmaquant.padding); bits per weight are over the model's own weights
+(a padded file holds zeros that are not the model's). `--padding` measures, at llama.cpp Q4_K_M's size only, the
+mix solved without the padding candidate, with it (the solver's choice), and with padding forced (the best padded
+subset), into benchmarks/results/mix_padding.{json,md} and docs/quality.md (between its padding markers).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- mix-table:start -->", "<!-- mix-table:end -->"
+PAD_START, PAD_END = "<!-- mix-padding:start -->", "<!-- mix-padding:end -->"
 FIXTURES = ("tiny-dense", "tiny-moe", "tiny-edge")
 LLAMA_TYPES = ("Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS")
 TARGETS = ("Q3_K_M", "Q4_K_M", "Q5_K_M")  # gemmaquant mixes at these files' sizes
@@ -75,7 +83,7 @@ def run_fixture(fx: str, args, tmp: Path) -> list[dict]:
 
     from gemmaquant.export.inspect import file_bits
     from gemmaquant.fixtures import fixture_path
-    from gemmaquant.mix_search import solve, total
+    from gemmaquant.mix_search import TargetError, solve, total, with_padding
     from gemmaquant.quantize import quantize
     from gemmaquant.recipe import Recipe
     from gemmaquant.sensitivity import measure
@@ -101,14 +109,17 @@ def run_fixture(fx: str, args, tmp: Path) -> list[dict]:
           args.n_samples, "-t", 1, "-b", args.seq_len])
     rows = []
 
+    weights = None  # the model's own weights (set once the sensitivity is measured): a padded file holds zeros too
+
     def add(row, path):
-        row.update(fixture=fx, bits_per_weight=file_bits(path)["bits_per_weight"],
+        fb = file_bits(path)
+        row.update(fixture=fx, bits_per_weight=8 * fb["bytes"] / (weights or fb["weights"]), bytes=fb["bytes"],
                    kld=_kld(bins, path, base, held, args.chunks))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "families"}), flush=True)
 
     quantize_bin = bins / "llama-quantize"
-    for t in LLAMA_TYPES:
+    for t in ("Q4_K_M",) if args.padding else LLAMA_TYPES:
         for im in (False, True):
             out = tmp / f"llama-{t}{'-imatrix' if im else ''}.gguf"
             try:
@@ -121,23 +132,65 @@ def run_fixture(fx: str, args, tmp: Path) -> list[dict]:
     t0 = time.time()
     sens = measure(fx, recipe, progress=False)
     sens_s = time.time() - t0
-    for t in TARGETS:
-        ref = next((r for r in rows if r["type"] == t and r["source"] == "llama.cpp" and not r["imatrix"]), None)
-        if ref is None:
-            continue
+    weights = sens.weights
+    done: dict[tuple, dict] = {}  # (choice, padding) -> the row measured for it: an identical file is not redone
+
+    def mix_row(t: str, label: str, ref: dict, subsets: list[tuple[str, ...]]) -> None:
+        """The mix at `ref`'s size solved over the given subsets of the paddable kinds (mix_search.solve_padded over
+        all of them is what --target-bpw does), quantized with GPTQ and measured."""
         budget = budget_bytes(sens, ref["bits_per_weight"], None)
-        choice = solve(sens.units, budget, sens.fixed_bytes)
-        _, predicted = total(sens.units, choice)
-        shapes = {u.name: u.shape for u in sens.units}
-        r = Recipe.from_dict({**recipe.to_dict(), "gguf_type": file_type_for(choice, shapes), "tensor_types": choice})
-        out = tmp / f"mix-{t}"
+        best = None
+        for k in subsets:
+            units = with_padding(sens.units, sens.padded, sens.pad_kind, k)
+            try:
+                choice = solve(units, budget, sens.fixed_bytes)
+            except TargetError:  # a padded model whose cheapest mix is over the budget
+                continue
+            loss = total(units, choice)[1]
+            if best is None or loss < best[0]:
+                best = (loss, choice, k)
+        if best is None:
+            return
+        predicted, choice, pad = best
+        key = (tuple(sorted(choice.items())), pad)
+        extra = {"pad_to_block": list(pad), "predicted_kl": predicted, "target_bpw": ref["bits_per_weight"]}
+        if key in done:
+            row = {**done[key], "type": f"mix at {t}'s size{label}", **extra, "same_file_as": done[key]["type"]}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "families"}), flush=True)
+            return
+        from gemmaquant.padding import padded_config, padded_shape
+
+        pcfg = padded_config(sens_cfg, pad)
+        shapes = {u.name: padded_shape(u.name, u.shape, sens_cfg, pcfg) for u in sens.units}
+        r = Recipe.from_dict({**recipe.to_dict(), "gguf_type": file_type_for(choice, shapes), "tensor_types": choice,
+                              "pad_to_block": list(pad) or None})
+        out = tmp / f"mix-{t}-{'-'.join(pad) or 'unpadded'}"
         t1 = time.time()
         res = quantize(fx, r, out=out, progress=False)
         files = export_outputs(res.work_dir, out, fx, r, ("gguf",))
-        add({"source": "gemmaquant", "type": f"mix at {t}'s size", "imatrix": False, "target_bpw":
-             ref["bits_per_weight"], "predicted_kl": predicted, "families": families(choice, shapes),
-             "sensitivity_seconds": round(sens_s, 1), "quantize_seconds": round(time.time() - t1, 1),
-             "spearman_proxy_vs_kl": sens.spearman()}, Path(files["gguf"]))
+        row = {"source": "gemmaquant", "type": f"mix at {t}'s size{label}", "imatrix": False, **extra,
+               "families": families(choice, shapes), "sensitivity_seconds": round(sens_s, 1),
+               "quantize_seconds": round(time.time() - t1, 1), "spearman_proxy_vs_kl": sens.spearman()}
+        add(row, Path(files["gguf"]))
+        done[key] = row
+
+    from gemmaquant.mix_search import padding_subsets
+    from gemmaquant.workflow import model_config
+
+    sens_cfg = model_config(fx)
+    subsets = padding_subsets(sens.pad_kind)
+    for t in ("Q4_K_M",) if args.padding else TARGETS:
+        ref = next((r for r in rows if r["type"] == t and r["source"] == "llama.cpp" and not r["imatrix"]), None)
+        if ref is None:
+            continue
+        mix_row(t, "", ref, subsets)  # what --target-bpw does
+        if args.padding:
+            mix_row(t, ", no padding candidate", ref, [()])
+            if len(subsets) > 1:
+                mix_row(t, ", padded (forced)", ref, subsets[1:])
+    if args.padding:
+        return rows
     out = tmp / "gptq-Q4_K_M"
     res = quantize(fx, recipe, out=out, progress=False)
     files = export_outputs(res.work_dir, out, fx, recipe, ("gguf",))
@@ -152,9 +205,11 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=100, help="llama-perplexity chunks of 128 held-out tokens")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--padding", action="store_true", help="only the zero-padding rows at Q4_K_M's size "
+                    "(benchmarks/results/mix_padding.*)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    saved_file = RESULTS / "mix_quality.json"
+    saved_file = RESULTS / ("mix_padding.json" if args.padding else "mix_quality.json")
     rows = []
     for fx in [] if args.table_only else args.fixtures.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +223,40 @@ def main():
             {"n_samples": args.n_samples, "seq_len": args.seq_len, "chunks": args.chunks, "n_ctx": N_CTX},
             "rows": rows}
     saved_file.write_text(json.dumps(data, indent=1) + "\n")
-    write_outputs(data)
+    if args.padding:
+        write_padding_outputs(data)
+    else:
+        write_outputs(data)
+
+
+def write_padding_outputs(data: dict) -> None:
+    """benchmarks/results/mix_padding.md and its section of docs/quality.md."""
+    rows, s = data["rows"], data["settings"] or {}
+    body = ["| fixture | file | padded | bits/weight | mean KLD | vs Q4_K_M + imatrix | predicted KL |",
+            "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q4 = next((x for x in rows if x["fixture"] == r["fixture"] and x["type"] == "Q4_K_M" and x["imatrix"]), None)
+        name = (f"llama.cpp {r['type']}{' + imatrix' if r['imatrix'] else ''}" if r["source"] == "llama.cpp"
+                else f"gemmaquant {r['type']}" + (f" (the same file as \"{r['same_file_as']}\")"
+                                                  if r.get("same_file_as") else ""))
+        pad = ", ".join(r.get("pad_to_block") or []) or ("" if r["source"] == "llama.cpp" else "no")
+        pred = f"{r['predicted_kl']:.2e}" if r.get("predicted_kl") is not None else ""
+        body.append(f"| {r['fixture']} | {name} | {pad} | {r['bits_per_weight']:.3f} | {r['kld']:.5f} | "
+                    f"{r['kld'] / q4['kld']:.2f}x | {pred} |" if q4 else "")
+    intro = (f"Regenerated by `python benchmarks/bench_mix.py --padding` (llama-perplexity --kl-divergence on "
+             f"{s.get('chunks')} chunks of {s.get('n_ctx')} held-out tokens; gemmaquant: `--target-bpw` at llama.cpp "
+             f"Q4_K_M's bits per weight, GPTQ; bits per weight over the model's own weights, the padded files' zeros "
+             f"not counted). \"mix\": the solver's choice with zero-padding as a candidate (what `--target-bpw` "
+             f"does); \"no padding candidate\": the solver without it; \"padded (forced)\": the best mix with the "
+             f"MLP widths padded.\n\n")
+    text = intro + "\n".join(b for b in body if b) + "\n"
+    (RESULTS / "mix_padding.md").write_text(text)
+    doc = ROOT / "docs" / "quality.md"
+    d = doc.read_text()
+    if PAD_START not in d:
+        d += f"\n## Zero-padding odd MLP widths: measured\n\n{PAD_START}\n{PAD_END}\n"
+    a, b = d.index(PAD_START) + len(PAD_START), d.index(PAD_END)
+    doc.write_text(d[:a] + "\n" + text + d[b:])
 
 
 def goal_lines(rows: list[dict]) -> list[str]:

@@ -80,6 +80,9 @@ def quantize(
                                             "as --target-bpw writes it) to quantize onto"),
     from_qat: Optional[bool] = typer.Option(None, "--from-qat/--no-from-qat", help="read a QAT checkpoint's int4 "
                                             "lattice back instead of rounding it again (default: detected)"),
+    pad_to_block: Optional[str] = typer.Option(None, "--pad-to-block", help="GGUF: zero-pad the MLP widths that "
+                                               "are not multiples of 256 (all, or mlp / experts) so that ffn_down "
+                                               "takes the K-quants (the same function; +9%% at 704 and 2112)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Quantize a Gemma 4 and write GGUF, compressed-tensors safetensors and a report."""
@@ -89,7 +92,8 @@ def quantize(
                group_size=group_size, recipe_file=recipe, calib=calib, out=out, dry_run=dry_run,
                overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False,
                device=device, activation_budget_gib=activation_budget, target_bpw=target_bpw,
-               target_size=target_size, gguf_mix=gguf_mix, from_qat=from_qat, resumes="after the last finished layer")
+               target_size=target_size, gguf_mix=gguf_mix, from_qat=from_qat, pad_to_block=pad_to_block,
+               resumes="after the last finished layer")
     _emit(res, as_json, res["text"])
 
 

@@ -11,12 +11,18 @@ The allocation is a multiple-choice knapsack, solved by the Lagrangian relaxatio
 (bytes, loss) every step is an upgrade with a price (loss saved per byte); upgrades are taken in order of price
 while they fit, which is the optimum of the relaxation at every budget the steps reach exactly; then single-unit
 switches to any option (hull or not) are taken while one lowers the loss and fits.
+
+Zero-padding (gemmaquant.padding) couples units: padding a kind ("mlp", "experts") changes the options of all its
+units in every layer at once (ffn_down gets the 256-block types, all three matrices cost I'/I more bytes), so
+`solve_padded` solves the allocation once per subset of the paddable kinds (at most 4) and keeps the subset with
+the least loss at the budget; the unpadded model wins ties.
 """
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from itertools import combinations
 
 from gemmaquant.errors import GemmaquantError
 
@@ -108,6 +114,38 @@ def _improve(by_name: dict[str, Unit], choice: dict[str, str], room: int) -> dic
         _, name, t, extra = best
         choice[name] = t
         room -= extra
+
+
+def with_padding(units: list[Unit], padded: dict[str, dict[str, tuple[int, float]]], kind_of: dict[str, str],
+                 kinds: tuple[str, ...]) -> list[Unit]:
+    """The units with those of `kinds` on their padded options (new Unit objects; `units` are not changed)."""
+    return [Unit(u.name, u.shape, dict(padded[u.name])) if kind_of.get(u.name) in kinds else u for u in units]
+
+
+def padding_subsets(kind_of: dict[str, str]) -> list[tuple[str, ...]]:
+    """Every subset of the paddable kinds, the unpadded model first."""
+    kinds = sorted(set(kind_of.values()))
+    return [c for r in range(len(kinds) + 1) for c in combinations(kinds, r)]
+
+
+def solve_padded(units: list[Unit], padded: dict[str, dict[str, tuple[int, float]]], kind_of: dict[str, str],
+                 budget: int, fixed_bytes: int = 0) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(choice, padded kinds): `solve` for every subset of the kinds in `kind_of` (unit name -> kind, for the
+    units that have `padded` options), the subset whose choice has the least loss; the first subset (fewer kinds
+    padded) among equals. TargetError when no subset fits the budget."""
+    best = None
+    for kinds in padding_subsets(kind_of):
+        us = with_padding(units, padded, kind_of, kinds)
+        try:
+            choice = solve(us, budget, fixed_bytes)
+        except TargetError:
+            continue
+        loss = total(us, choice)[1]
+        if best is None or loss < best[0]:
+            best = (loss, choice, kinds)
+    if best is None:
+        return solve(units, budget, fixed_bytes), ()  # raises the unpadded model's TargetError
+    return best[1], best[2]
 
 
 def total(units: list[Unit], choice: dict[str, str]) -> tuple[int, float]:

@@ -331,6 +331,16 @@ def _quantize(model, recipe, *, out, calib, tokenizer_dir, progress, stop_after_
               f"group-32 lattice; reading it back ({'forced' if detection['forced'] else 'detected'})", progress)
     if calib is not None:
         recipe = Recipe.from_dict({**recipe.to_dict(), "calibration": str(calib)})
+    if recipe.pad_to_block:  # the widths padded to the 256-block (gemmaquant.padding): the same function
+        from gemmaquant.padding import PaddedSource, PaddingError
+
+        if inplace:
+            raise QuantizeError("inplace=True cannot write a padded model (pad_to_block) into the model object")
+        try:
+            src = PaddedSource(src, recipe.pad_to_block)
+        except PaddingError as e:
+            raise QuantizeError(str(e)) from None
+        cfg = src.config
     plan = make_plan(cfg, recipe)
     tok_dir = getattr(src, "path", None)
     if tok_dir is None:

@@ -29,7 +29,7 @@ ADDED_KEYS = {"importance_params": False}
 # Keys only the exporters read: a work directory's values do not depend on them, so a run resumes whatever they are.
 EXPORT_ONLY_KEYS = ("embedding_gguf_type",)
 # Keys left out of `to_dict` (and so of every output file's recipe metadata) while they hold this value.
-OMITTED_AT_DEFAULT = {"forward_dtype": "auto", "tensor_types": None}
+OMITTED_AT_DEFAULT = {"forward_dtype": "auto", "tensor_types": None, "pad_to_block": None}
 FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -44,6 +44,9 @@ class Recipe:
     embedding_gguf_type: str | None = None
     # {tensor name: GGUF type}: per-tensor choices over the gguf_type mix (what `--target-bpw` finds, a mix file)
     tensor_types: dict | None = None
+    # MLP kinds ("mlp", "experts") whose intermediate width is zero-padded to the 256-block before quantizing
+    # (gemmaquant.padding: the same function; every GGUF type fits ffn_down); None: none
+    pad_to_block: tuple[str, ...] | None = None
     calibration: str = "default"  # "default" (bundled set) or a file path
     n_samples: int = 32
     seq_len: int = 256
@@ -66,6 +69,13 @@ class Recipe:
         check_fields(self, RecipeError, recipe_ranges())
         if self.tensor_types is not None:
             _check_tensor_types(self.tensor_types)
+        if self.pad_to_block is not None:
+            from gemmaquant.padding import PaddingError, check_kinds
+
+            try:
+                object.__setattr__(self, "pad_to_block", check_kinds(self.pad_to_block) or None)
+            except PaddingError as e:
+                raise RecipeError(str(e)) from None
         if self.forward_dtype not in FORWARD_DTYPES:
             raise RecipeError(f"forward_dtype {self.forward_dtype!r}; valid: {', '.join(FORWARD_DTYPES)}")
 

@@ -19,6 +19,10 @@ KL per unit of proxy of the tensor's role (attention, dense MLP, experts, embedd
 middle, last layer), PRIOR_WEIGHTS. The raw proxy alone does not rank tensors by their KL (Spearman -0.23 to 0.09
 on the fixtures); scaled by the prior fitted on the other fixtures it reaches 0.38-0.65
 (benchmarks/results/sensitivity.md).
+Zero-padding (gemmaquant.padding): for the MLP kinds whose width is not a multiple of 256, every unit of that
+kind also gets `padded` options: its bytes on the padded shape, and its loss with the padded matrix (gate/up: the
+same rows plus zero rows, which quantize to zero: the same error; down: zero columns that meet zero activations,
+the Hessian's padded rows and columns zero, and the 256-block types now possible), on the same KL scale.
 The total loss of a mix is predicted as the sum of its units' losses (additivity, as HAWQ / llama.cpp's target-bpw
 work assume); `Sensitivity.spearman` says how well the raw proxy alone ranks the units against the measured KL.
 """
@@ -42,6 +46,14 @@ class Sensitivity:
     proxy: dict[str, dict[str, float]] = field(default_factory=dict)  # unit -> type -> raw proxy error
     kl: dict[str, float] = field(default_factory=dict)  # unit -> measured KL with it alone on its cheapest type
     reference_type: dict[str, str] = field(default_factory=dict)
+    padded: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)  # unit -> type -> (bytes, loss)
+    pad_kind: dict[str, str] = field(default_factory=dict)  # unit -> its paddable kind ("mlp", "experts")
+
+    def variants(self) -> list[tuple[tuple[str, ...], list[Unit]]]:
+        """(padded kinds, units) for every subset of the paddable kinds, the unpadded model first."""
+        from gemmaquant.mix_search import padding_subsets, with_padding
+
+        return [(k, with_padding(self.units, self.padded, self.pad_kind, k)) for k in padding_subsets(self.pad_kind)]
 
     def spearman(self) -> float | None:
         """Rank correlation across units between the raw proxy and the measured KL (cheapest type)."""
@@ -57,7 +69,9 @@ class Sensitivity:
         return {"fixed_bytes": self.fixed_bytes, "weights": self.weights, "spearman_proxy_vs_kl": self.spearman(),
                 "units": {u.name: {"shape": list(u.shape), "options": {t: list(v) for t, v in u.options.items()},
                                    "kl_alone": self.kl.get(u.name), "reference_type": self.reference_type.get(u.name)}
-                          for u in self.units}}
+                          for u in self.units},
+                "padded": {n: {"kind": self.pad_kind[n], "options": {t: list(v) for t, v in o.items()}}
+                           for n, o in self.padded.items()}}
 
 
 def skeleton(cfg) -> Sensitivity:
@@ -66,6 +80,7 @@ def skeleton(cfg) -> Sensitivity:
     from gemmaquant.checkpoint import expected_shapes
     from gemmaquant.export.gguf_mix import gguf_mix_plan
     from gemmaquant.export.gguf_pack import tensor_nbytes
+    from gemmaquant.padding import kind_of, padded_config, padded_shape, paddable
 
     shapes = expected_shapes(cfg)
     base = gguf_mix_plan(cfg, "Q8_0")  # the types of the tensors the search leaves alone (F32 norms, kept BF16)
@@ -74,7 +89,15 @@ def skeleton(cfg) -> Sensitivity:
     weights = rope + sum(int(torch.Size(s).numel()) for s in shapes.values())
     units = [Unit(n, tuple(s), {t: (tensor_nbytes(t, tuple(s)), 0.0) for t in candidate_types(s[-1])})
              for n, s in shapes.items() if searchable(n, s)]
-    return Sensitivity(units, fixed, weights)
+    sens = Sensitivity(units, fixed, weights)
+    kinds = paddable(cfg)
+    padded_cfg = padded_config(cfg, kinds)
+    for u in units:
+        if kind_of(u.name) in kinds:
+            ps = padded_shape(u.name, u.shape, cfg, padded_cfg)
+            sens.pad_kind[u.name] = kind_of(u.name)
+            sens.padded[u.name] = {t: (tensor_nbytes(t, ps), 0.0) for t in candidate_types(ps[-1])}
+    return sens
 
 
 def cheapest(u: Unit) -> str:
@@ -117,6 +140,7 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
     from gemmaquant.capture import LayerStats, capture, force_route_rare_experts, group_of
     from gemmaquant.checkpoint import expected_shapes
     from gemmaquant.model.gemma4 import Gemma4, rope_inv_freqs
+    from gemmaquant.padding import padded_config, padded_shape, paddable
     from gemmaquant.progress import progress as progress_lines, stage
     from gemmaquant.quantize import Activations, QuantizeError, build_layer, open_source, run_layer
 
@@ -132,6 +156,9 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
     units = {u.name: u for u in sens.units}
     proxy: dict[str, dict[str, float]] = {}
     refs: dict[str, torch.Tensor] = {}  # unit -> its weights on the cheapest candidate (for the KL measurement)
+    padded_proxy: dict[str, dict[str, float]] = {}  # unit -> type -> raw proxy error of the padded matrix
+    padded_cfg = padded_config(cfg, paddable(cfg))
+    pad_to = {n: padded_shape(n, shapes[n], cfg, padded_cfg)[-1] for n in sens.padded}  # down: the padded width
 
     globals_ = {k: v.float() for k, v in src.global_state().items()}
     with torch.device("meta"):
@@ -164,20 +191,24 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
                 for t in cands:
                     err, qs = 0.0, []
                     for e in range(w.shape[0]):
-                        st = stats.inputs.get(f"{kind}.{e}")
-                        H = st.hessian if st is not None and st.n else torch.eye(w.shape[-1])
-                        ee, q = _matrix_err(w[e], H, t)
+                        ee, q = _matrix_err(w[e], _expert_h(stats, kind, e, w.shape[-1]), t)
                         err += float(share[e]) * ee
                         qs.append(q)
                     proxy[name][t] = err
                     if t == cheapest(units[name]):
                         refs[name] = torch.stack(qs)
+                if name in sens.padded:
+                    padded_proxy[name] = _padded_errors(name, pad_to[name], proxy[name], sens.padded[name], w, [
+                        (float(share[e]), _expert_h(stats, kind, e, w.shape[-1])) for e in range(w.shape[0])])
             else:
                 H = stats.inputs[group_of(rel)].hessian
                 for t in cands:
                     proxy[name][t], q = _matrix_err(w, H, t)
                     if t == cheapest(units[name]):
                         refs[name] = q
+                if name in sens.padded:
+                    padded_proxy[name] = _padded_errors(name, pad_to[name], proxy[name], sens.padded[name], w[None],
+                                                        [(1.0, H)])
         del layer, stats
     # the embeddings: token frequencies of the calibration set, and the final-normed hidden state's Gram
     freq = torch.zeros(cfg.vocab_size, dtype=torch.float64)
@@ -212,11 +243,45 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
             ref_err = proxy[name][sens.reference_type[name]]
             w = sens.kl[name] / ref_err if ref_err > 0 else 0.0
             u.options = {t: (b, 0.0 if t == FLOAT_CANDIDATE else w * err) for t, (b, err) in u.options.items()}
+            _scale_padded(sens, name, padded_proxy, w)
     else:  # the measured prior: the KL per unit of proxy of the tensor's role and position on the fixtures
         for name, u in units.items():
             w = prior_weight(name, cfg.num_hidden_layers)
             u.options = {t: (b, 0.0 if t == FLOAT_CANDIDATE else w * err) for t, (b, err) in u.options.items()}
+            _scale_padded(sens, name, padded_proxy, w)
     return sens
+
+
+def _scale_padded(sens: Sensitivity, name: str, padded_proxy: dict[str, dict[str, float]], w: float) -> None:
+    """The padded options of `name` on the unit's loss scale (the padded matrix computes the same function)."""
+    if name in sens.padded:
+        sens.padded[name] = {t: (b, 0.0 if t == FLOAT_CANDIDATE else w * padded_proxy[name][t])
+                             for t, (b, _) in sens.padded[name].items()}
+
+
+def _expert_h(stats, kind: str, e: int, k: int) -> torch.Tensor:
+    """Expert e's input Gram for `kind` (identity when no token reached it)."""
+    st = stats.inputs.get(f"{kind}.{e}")
+    return st.hessian if st is not None and st.n else torch.eye(k)
+
+
+def _padded_errors(name: str, k2: int, unpadded: dict[str, float], options: dict, w: torch.Tensor,
+                   weighted_h: list[tuple[float, torch.Tensor]]) -> dict[str, float]:
+    """type -> proxy error of the padded matrix. gate/up (rows of the hidden width: the same row length): the padded
+    rows are zero and quantize to zero, so the error is the unpadded one. down ([..., H, I] -> [..., H, I']): the
+    matrices padded with zero columns, each H with zero rows and columns (the padded inputs are always zero)."""
+    if not name.endswith(("down_proj", "down_proj.weight")):
+        return {t: unpadded[t] for t in options}
+    k = w.shape[-1]
+    wp = torch.nn.functional.pad(w, (0, k2 - k))
+    out = {}
+    for t in options:
+        err = 0.0
+        for e, (share, H) in enumerate(weighted_h):
+            Hp = torch.nn.functional.pad(H, (0, k2 - k, 0, k2 - k))
+            err += share * _matrix_err(wp[e], Hp, t)[0]
+        out[t] = err
+    return out
 
 
 def role(name: str) -> str:

@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 
 from gemmaquant.export.gguf_mix import MixError
-from gemmaquant.mix_search import TargetError, solve, total
+from gemmaquant.mix_search import TargetError, solve_padded, total
+from gemmaquant.padding import padding_lines
 
 GIB = 1 << 30
 MIX_FORMAT = "gemmaquant-gguf-mix"
@@ -31,7 +32,11 @@ def budget_bytes(sens, target_bpw: float | None, target_size_gib: float | None) 
     what = f"--target-bpw {target_bpw}" if target_bpw is not None else f"--target-size {target_size_gib}"
     if budget <= 0:
         raise TargetError(f"{what}: must be > 0")
-    smallest = sens.fixed_bytes + sum(min(b for b, _ in u.options.values()) for u in sens.units)
+    # padding (gemmaquant.padding) can lower the smallest mix (Q2_K on a padded ffn_down); the float size is the
+    # unpadded model's
+    smallest = sens.fixed_bytes + min(sum(min(b for b, _ in u.options.values()) for u in units)
+                                      for _, units in (sens.variants() if hasattr(sens, "variants")
+                                                       else [((), sens.units)]))
     largest = sens.fixed_bytes + sum(max(b for b, _ in u.options.values()) for u in sens.units)
     if budget < smallest:
         raise TargetError(f"{what}: below the smallest mix the grids allow ({8 * smallest / sens.weights:.3f} bpw, "
@@ -65,16 +70,27 @@ def choose_mix(model, recipe, *, target_bpw: float | None = None, target_size_gi
                   "fixtures for its role and position (no KL per tensor)", progress)
     sens = measure(model, recipe, calib=calib, kl=kl, progress=progress)
     budget = budget_bytes(sens, target_bpw, target_size_gib)
-    choice = solve(sens.units, budget, sens.fixed_bytes)
-    nbytes, loss = total(sens.units, choice)
+    choice, pad = solve_padded(sens.units, sens.padded, sens.pad_kind, budget, sens.fixed_bytes)
+    units = dict(sens.variants())[pad]
+    nbytes, loss = total(units, choice)
     nbytes += sens.fixed_bytes
+    shapes = _shapes(cfg, units, pad)
     return {"format": MIX_FORMAT, "target_bpw": target_bpw, "target_size_gib": target_size_gib,
             "budget_bytes": budget, "bytes": nbytes, "bits_per_weight": 8 * nbytes / sens.weights,
             "predicted_loss": loss, "loss": "sum of KL(float || model) of each tensor quantized alone" if kl
             else "Hessian proxy x the fixtures' KL per unit of proxy for the tensor's role and position", "spearman_proxy_vs_kl": sens.spearman(),
-            "file_type": file_type_for(choice, {u.name: u.shape for u in sens.units}),
-            "families": families(choice, {u.name: u.shape for u in sens.units}),
+            "file_type": file_type_for(choice, shapes), "families": families(choice, shapes),
+            "pad_to_block": list(pad), "padding": padding_lines(cfg, pad) if pad else [],
+            "padding_considered": sorted(set(sens.pad_kind.values())),
             "tensor_types": dict(sorted(choice.items())), "sensitivity": sens.to_dict()}
+
+
+def _shapes(cfg, units, pad: tuple[str, ...]) -> dict:
+    """unit -> its shape in the file (padded where `pad` pads it)."""
+    from gemmaquant.padding import padded_config, padded_shape
+
+    pcfg = padded_config(cfg, pad)
+    return {u.name: padded_shape(u.name, u.shape, cfg, pcfg) for u in units}
 
 
 def file_type_for(choice: dict[str, str], shapes: dict) -> str:
@@ -116,6 +132,10 @@ def families(choice: dict[str, str], shapes: dict) -> dict[str, dict[str, list[i
 def mix_text(mix: dict) -> str:
     lines = [f"mix: {mix['bits_per_weight']:.3f} bpw ({mix['bytes'] / GIB:.4g} GiB), predicted loss "
              f"{mix['predicted_loss']:.3g} ({mix['loss']})"]
+    lines += [f"  zero-padded {p}" for p in mix.get("padding", [])]
+    if mix.get("padding_considered") and not mix.get("pad_to_block"):
+        lines.append(f"  zero-padding of {', '.join(mix['padding_considered'])} to the 256-block was considered "
+                     f"and does not pay at this budget")
     for fam, types in mix["families"].items():
         lines.append(f"  {fam:<32} " + ", ".join(f"{t}" + (f" (layers {_ranges(ls)})" if ls else "")
                                                 for t, ls in types.items()))
@@ -144,9 +164,16 @@ def write_mix(mix: dict, path: str | os.PathLike) -> Path:
 
 def read_mix(path: str | os.PathLike, cfg) -> dict[str, str]:
     """{tensor: type} from a mix file (what write_mix wrote, or a plain {tensor: type} object; GGUF tensor names
-    are accepted too), checked against `cfg`'s tensors: MixError naming the file and the first bad entry."""
+    are accepted too), checked against `cfg`'s tensors (padded as the file says): MixError naming the file and the
+    first bad entry."""
+    return read_mix_record(path, cfg)[0]
+
+
+def read_mix_record(path: str | os.PathLike, cfg) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(`read_mix`, the MLP kinds the mix zero-pads: its "pad_to_block", () when it has none)."""
     from gemmaquant.checkpoint import expected_shapes
     from gemmaquant.export.gguf_mix import check_tensor_types
+    from gemmaquant.padding import PaddingError, check_kinds, padded_config
     from gemmaquant.validate import read_utf8
 
     path = Path(path)
@@ -157,7 +184,16 @@ def read_mix(path: str | os.PathLike, cfg) -> dict[str, str]:
     types = data.get("tensor_types", data) if isinstance(data, dict) else None
     if not isinstance(types, dict) or not all(isinstance(v, str) for v in types.values()):
         raise MixError(f"{path}: expected an object of tensor name -> GGUF type (or one with \"tensor_types\")")
-    return check_tensor_types(cfg, {k: v for k, v in types.items() if k != "format"}, expected_shapes(cfg), str(path))
+    pad = data.get("pad_to_block") if "tensor_types" in data else None
+    if pad is not None and not (isinstance(pad, list) and all(isinstance(k, str) for k in pad)):
+        raise MixError(f"{path}: pad_to_block must be a list of MLP kinds (\"mlp\", \"experts\"), got {pad!r}")
+    try:
+        pad = check_kinds(pad, cfg, f"{path}: pad_to_block")
+    except PaddingError as e:
+        raise MixError(str(e)) from None
+    types = {k: v for k, v in types.items() if k not in ("format", "pad_to_block")}
+    return check_tensor_types(cfg, types, expected_shapes(padded_config(cfg, pad)), str(path)), pad
 
 
-__all__ = ["TargetError", "MixError", "choose_mix", "read_mix", "write_mix", "budget_bytes", "mix_text"]
+__all__ = ["TargetError", "MixError", "choose_mix", "read_mix", "read_mix_record", "write_mix", "budget_bytes",
+           "mix_text"]

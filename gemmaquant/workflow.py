@@ -87,7 +87,8 @@ def parse_formats(formats: str | tuple) -> tuple[str, ...]:
 def scheme_name(recipe: Recipe) -> str:
     if recipe.tensor_types:  # a per-tensor mix (--target-bpw, --gguf-mix)
         return "mix"
-    return recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format)
+    name = recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format)
+    return f"{name}-padded" if recipe.pad_to_block else name  # --pad-to-block: not llama.cpp's file of that name
 
 
 def prepare_out(out: Path, overwrite: bool, planned: tuple[str, ...] = ()) -> None:
@@ -126,9 +127,11 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
                  overwrite: bool = False, evaluate: bool = True, progress: bool | None = None,
                  device: str = "auto", activation_budget_gib: float | None = None,
                  target_bpw: float | None = None, target_size: float | None = None,
-                 gguf_mix: Path | None = None, from_qat: bool | None = None) -> dict:
+                 gguf_mix: Path | None = None, from_qat: bool | None = None, pad_to_block: str | None = None) -> dict:
     """from_qat: read a QAT checkpoint's int4 lattice back (gemmaquant.qat_checkpoint): None detects it, True
-    forces it, False never. A compressed-tensors W4A16 checkpoint is repacked to Q4_0 GGUF (no rounding)."""
+    forces it, False never. A compressed-tensors W4A16 checkpoint is repacked to Q4_0 GGUF (no rounding).
+    pad_to_block: "all" or a comma-separated list of MLP kinds ("mlp", "experts") to zero-pad to the 256-block
+    (gemmaquant.padding) with a fixed mix; --target-bpw decides it itself, a mix file says it."""
     from gemmaquant.device import device_name, resolve_device
     from gemmaquant.plan import make_plan, plan_summary
 
@@ -145,19 +148,27 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     cfg = model_config(model)
     name = Path(str(model)).name
     mix = None
+    if pad_to_block is not None:
+        recipe = _with_padding(recipe, cfg, fmts, pad_to_block, target_bpw, target_size, gguf_mix)
     if target_bpw is not None or target_size is not None or gguf_mix is not None:
         recipe, mix = resolve_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib,
                                   out if out is not None else Path(f"{name}-mix"), progress)
         lattice = None
     else:
         recipe, lattice = _qat_choice(model, recipe, from_qat)
-    plan = make_plan(cfg, recipe)
+    from gemmaquant.padding import comparison_text, padded_config, size_comparison
+
+    plan = make_plan(padded_config(cfg, recipe.pad_to_block), recipe)  # the shapes the files hold
     if dry_run:
         from gemmaquant.estimate import estimate
 
         est = estimate(cfg, plan, recipe, fmts, device=dev)
         res = {"dry_run": True, "model": str(model), "recipe": recipe.to_dict(), **est,
                **({"mix": mix} if mix else {}), "text": est["text"] + (f"\n{mix_summary(mix)}" if mix else "")}
+        padding = size_comparison(cfg, recipe) if "gguf" in fmts else None
+        if padding:
+            res["padding"] = padding
+            res["text"] += "\n" + "\n".join(comparison_text(padding, recipe.pad_to_block))
         if lattice is not None and lattice.get("detected"):
             from gemmaquant.qat_checkpoint import scan_lattice, scan_text
 
@@ -218,6 +229,23 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     return summary
 
 
+def _with_padding(recipe: Recipe, cfg, fmts, pad_to_block: str, target_bpw, target_size, gguf_mix) -> Recipe:
+    """The recipe with `--pad-to-block` ("all": every kind whose width is not a multiple of 256)."""
+    from gemmaquant.padding import PaddingError, check_kinds, paddable
+
+    if target_bpw is not None or target_size is not None or gguf_mix is not None:
+        raise UsageError("--pad-to-block is for the fixed mixes: --target-bpw / --target-size weigh padding "
+                         "themselves, and a --gguf-mix file says whether it pads")
+    if "safetensors" in fmts:
+        raise UsageError("--pad-to-block pads for the GGUF block types; add --format gguf")
+    kinds = [k.strip() for k in pad_to_block.split(",") if k.strip()]
+    try:
+        kinds = paddable(cfg) if kinds == ["all"] else check_kinds(kinds, cfg, "--pad-to-block")
+    except PaddingError as e:
+        raise UsageError(str(e)) from None
+    return Recipe.from_dict({**recipe.to_dict(), "pad_to_block": kinds or None})
+
+
 def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib, out,
                 progress) -> tuple[Recipe, dict]:
     """--target-bpw / --target-size (a mix measured and solved) or --gguf-mix FILE (a mix read back): the recipe
@@ -225,7 +253,7 @@ def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_
     `out` for the same request is reused (the measurement is deterministic; this saves it)."""
     import json
 
-    from gemmaquant.target_mix import choose_mix, read_mix
+    from gemmaquant.target_mix import choose_mix, read_mix_record
 
     given = [f for f, v in (("--target-bpw", target_bpw), ("--target-size", target_size), ("--gguf-mix", gguf_mix))
              if v is not None]
@@ -240,14 +268,17 @@ def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_
         if v is not None and not (isinstance(v, (int, float)) and v > 0 and v == v and v != float("inf")):
             raise UsageError(f"{flag} {v}: must be a positive number")
     if gguf_mix is not None:
-        types = read_mix(gguf_mix, cfg)
+        types, pad = read_mix_record(gguf_mix, cfg)
         from gemmaquant.checkpoint import expected_shapes
         from gemmaquant.target_mix import families
 
-        shapes = expected_shapes(cfg)
+        from gemmaquant.padding import padded_config, padding_lines
+
+        shapes = expected_shapes(padded_config(cfg, pad))
         # tensors the file does not name keep the type the recipe alone gives them (--gguf-type, or its grid's)
         mix = {"source": str(gguf_mix), "tensor_types": types, "families": families(types, shapes),
-               "file_type": recipe.gguf_type or LOSSLESS_GGUF[recipe.weight_format]}
+               "file_type": recipe.gguf_type or LOSSLESS_GGUF[recipe.weight_format], "pad_to_block": list(pad),
+               "padding": padding_lines(cfg, pad) if pad else []}
     else:
         request = {"target_bpw": target_bpw, "target_size_gib": target_size, "calibration": str(calib or
                    recipe.calibration), "method": recipe.method}
@@ -259,8 +290,8 @@ def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_
                                                     calib=calib, progress=progress)}
         if gguf_type:
             mix["file_type"] = gguf_type.upper()
-    return Recipe.from_dict({**recipe.to_dict(), "gguf_type": mix["file_type"],
-                             "tensor_types": mix["tensor_types"]}), mix
+    return Recipe.from_dict({**recipe.to_dict(), "gguf_type": mix["file_type"], "tensor_types": mix["tensor_types"],
+                             "pad_to_block": mix.get("pad_to_block") or None}), mix
 
 
 def mix_summary(mix: dict) -> str:
@@ -268,8 +299,8 @@ def mix_summary(mix: dict) -> str:
 
     if "bits_per_weight" in mix:
         return mix_text(mix)
-    return "\n".join([f"mix from {mix['source']}:"] + [f"  {fam:<32} " + ", ".join(types) for fam, types
-                                                          in mix["families"].items()])
+    return "\n".join([f"mix from {mix['source']}:"] + [f"  zero-padded {p}" for p in mix.get("padding", [])]
+                     + [f"  {fam:<32} " + ", ".join(types) for fam, types in mix["families"].items()])
 
 
 def _is_compressed_tensors(model) -> bool:

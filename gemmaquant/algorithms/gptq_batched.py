@@ -30,7 +30,7 @@ from torch import Tensor
 
 from gemmaquant.algorithms.gptq import _fit_unit, damped_inverse_cholesky, gptq
 from gemmaquant.algorithms.rtn import check_finite
-from gemmaquant.formats.base import QuantFormat
+from gemmaquant.formats.base import QuantFormat, nearest_level
 
 CHUNK_BYTES = 1 << 30  # default working memory of one chunk of experts on the CPU (a quarter of free on a GPU)
 
@@ -151,6 +151,8 @@ def _sweep(w: Tensor, H: Tensor, fmt, damp: float, block_size: int, act_order: b
     zero_at = (scale == 0).any(2).gather(1, perm // gsize)  # [B, K] an all-zero block somewhere in that group
     zero_any = zero_at.any(0).tolist()  # [K] host flags: the rare positions that need fmt.encode
     cols = perm.tolist() if any(zero_any) else None
+    levels = getattr(fmt, "levels", None)  # a codebook grid (IQ4_NL, IQ4_XS): w_hat = s * levels[q] + o
+    levels = None if levels is None else levels.to(dev)
     WT = W.transpose(1, 2).gather(1, perm[:, :, None].expand(B, K, N))  # [B, K, N] in each expert's sweep order
     del W
     codes_sweep = torch.empty(B, K, N, dtype=torch.float32, device=dev)
@@ -163,13 +165,16 @@ def _sweep(w: Tensor, H: Tensor, fmt, damp: float, block_size: int, act_order: b
             p = i1 + i
             x, s, o = W1[:, i], S[:, p], O[:, p]  # [B, N]
             y = (x - o) / s
-            q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp_(qmin, qmax)
+            if levels is not None:  # as gptq's _Grid.round: the nearest level, not the nearest integer
+                q = nearest_level(y, levels).float()
+            else:
+                q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp_(qmin, qmax)
             if zero_any[p]:  # rows whose block has scale 0 take the format's code, as _Grid.round does
                 for e in zero_at[:, p].nonzero().flatten().tolist():
                     j = cols[e][p]
                     enc = fmt.encode(x[e][:, None], params[e], col_start=j)[:, 0].to(q.dtype)
                     q[e] = torch.where(s[e] == 0, enc, q[e])
-            x_hat = s * q + o
+            x_hat = s * (q if levels is None else levels[q.long()]) + o
             codes_sweep[:, p] = q
             err = (x - x_hat) / U1[:, i, i, None]  # [B, N]
             # later columns of the block: w -= u * err in one rounding (fused), as the loop's addr_ (BLAS ger)

@@ -79,12 +79,16 @@ def gguf_families(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe, types:
     choices = gguf_mix_choices(cfg, gguf_file_type(recipe), token_embd_type=recipe.embedding_gguf_type,
                                shapes={p.name: tuple(p.shape) for p in plan.values()},
                                tensor_types=getattr(recipe, "tensor_types", None))
+    from gemmaquant.padding import pad_note
+
     rows: dict[tuple, dict] = {}
     for name, t in types.items():
         mix_type, why = choices[name]
         if t != mix_type:  # the recipe's own grid, not the mix's choice
             why = (f"{plan[name].fmt.name} stored losslessly as {t}" if plan[name].fmt is not None
                    else f"kept float, written as {t}")
+        padded = pad_note(name, tuple(plan[name].shape), cfg)  # "" unless the plan pads this matrix
+        why = "; ".join(w for w in (padded, why) if w)
         g = gguf_name(name)
         layer = layer_of(g)
         family = g.removesuffix(".weight") if layer is None else "blk.*." + g.split(".", 2)[2].removesuffix(".weight")

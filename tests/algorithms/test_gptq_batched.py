@@ -49,7 +49,8 @@ def _loop(w, H, f, **kw):
         return [gptq(w[e], H[e], f, **kw) for e in range(w.shape[0])]
 
 
-@pytest.mark.parametrize("name", ["int4_g32_sym", "int4_g32_asym", "q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("name", ["int4_g32_sym", "int4_g32_asym", "q4_0", "q4_k", "q6_k", "iq4_nl", "iq4_xs",
+                                  "q3_k", "q2_k"])
 def test_batched_equals_the_loop(experts, name):
     w, H = experts
     f = fmt(name)
