@@ -72,12 +72,15 @@ def quantize(
     activation_budget: Optional[float] = typer.Option(None, "--activation-budget", help="GiB of GPU memory the "
                                                       "calibration activations may hold (default: half the free "
                                                       "memory; beyond it they live in host memory; 0: always)"),
-    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: choose a type per tensor by "
-                                               "measured sensitivity for this many bits per weight (file bytes)"),
-    target_size: Optional[float] = typer.Option(None, "--target-size", help="GGUF: as --target-bpw, for a file "
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="choose by measured sensitivity, for "
+                                               "this many bits per weight (file bytes), a type per tensor (--format "
+                                               "gguf) or an int4/int8/bf16 scheme per layer (--format safetensors)"),
+    target_size: Optional[float] = typer.Option(None, "--target-size", help="as --target-bpw, for a file "
                                                 "of this many GiB"),
     gguf_mix: Optional[Path] = typer.Option(None, "--gguf-mix", help="GGUF: a mix file (JSON tensor -> type, "
                                             "as --target-bpw writes it) to quantize onto"),
+    ct_mix: Optional[Path] = typer.Option(None, "--ct-mix", help="compressed-tensors: a per-layer mix file (JSON "
+                                          "tensor -> scheme, as --format safetensors --target-bpw writes it)"),
     from_qat: Optional[bool] = typer.Option(None, "--from-qat/--no-from-qat", help="read a QAT checkpoint's int4 "
                                             "lattice back instead of rounding it again (default: detected)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
@@ -89,7 +92,8 @@ def quantize(
                group_size=group_size, recipe_file=recipe, calib=calib, out=out, dry_run=dry_run,
                overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False,
                device=device, activation_budget_gib=activation_budget, target_bpw=target_bpw,
-               target_size=target_size, gguf_mix=gguf_mix, from_qat=from_qat, resumes="after the last finished layer")
+               target_size=target_size, gguf_mix=gguf_mix, from_qat=from_qat, ct_mix=ct_mix,
+               resumes="after the last finished layer")
     _emit(res, as_json, res["text"])
 
 

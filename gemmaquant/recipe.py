@@ -29,7 +29,7 @@ ADDED_KEYS = {"importance_params": False}
 # Keys only the exporters read: a work directory's values do not depend on them, so a run resumes whatever they are.
 EXPORT_ONLY_KEYS = ("embedding_gguf_type",)
 # Keys left out of `to_dict` (and so of every output file's recipe metadata) while they hold this value.
-OMITTED_AT_DEFAULT = {"forward_dtype": "auto", "tensor_types": None}
+OMITTED_AT_DEFAULT = {"forward_dtype": "auto", "tensor_types": None, "ct_schemes": None}
 FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -44,6 +44,9 @@ class Recipe:
     embedding_gguf_type: str | None = None
     # {tensor name: GGUF type}: per-tensor choices over the gguf_type mix (what `--target-bpw` finds, a mix file)
     tensor_types: dict | None = None
+    # {tensor name: compressed-tensors scheme} (int4_g32_sym, int4_g128_sym, int8, bf16, ...): a per-layer mix for
+    # vLLM (`--format safetensors --target-bpw`, `--ct-mix`), replacing weight_format for those tensors
+    ct_schemes: dict | None = None
     calibration: str = "default"  # "default" (bundled set) or a file path
     n_samples: int = 32
     seq_len: int = 256
@@ -66,6 +69,8 @@ class Recipe:
         check_fields(self, RecipeError, recipe_ranges())
         if self.tensor_types is not None:
             _check_tensor_types(self.tensor_types)
+        if self.ct_schemes is not None:
+            _check_ct_schemes(self.ct_schemes, self.gguf_type)
         if self.forward_dtype not in FORWARD_DTYPES:
             raise RecipeError(f"forward_dtype {self.forward_dtype!r}; valid: {', '.join(FORWARD_DTYPES)}")
 
@@ -153,6 +158,19 @@ def _check_tensor_types(types) -> None:
         if not isinstance(name, str) or t not in BLOCK_TYPES + FLOAT_TYPES:
             raise RecipeError(f"tensor_types: unknown GGUF type {t!r} for {name}; valid: "
                               f"{', '.join(BLOCK_TYPES + FLOAT_TYPES)}")
+
+
+def _check_ct_schemes(schemes, gguf_type) -> None:
+    from gemmaquant.ct_mix import SCHEMES
+
+    if not isinstance(schemes, dict):
+        raise RecipeError(f"ct_schemes must be a table of tensor name -> scheme, got {type(schemes).__name__}")
+    if gguf_type is not None:
+        raise RecipeError(f"ct_schemes (a compressed-tensors mix) excludes gguf_type {gguf_type!r}")
+    for name, t in schemes.items():
+        if not isinstance(name, str) or t not in SCHEMES:
+            raise RecipeError(f"ct_schemes: unknown compressed-tensors scheme {t!r} for {name}; valid: "
+                              f"{', '.join(SCHEMES)}")
 
 
 def bundled_recipes() -> list[str]:

@@ -85,7 +85,7 @@ def parse_formats(formats: str | tuple) -> tuple[str, ...]:
 
 
 def scheme_name(recipe: Recipe) -> str:
-    if recipe.tensor_types:  # a per-tensor mix (--target-bpw, --gguf-mix)
+    if recipe.tensor_types or recipe.ct_schemes:  # a per-tensor mix (--target-bpw, --gguf-mix, --ct-mix)
         return "mix"
     return recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format)
 
@@ -126,7 +126,7 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
                  overwrite: bool = False, evaluate: bool = True, progress: bool | None = None,
                  device: str = "auto", activation_budget_gib: float | None = None,
                  target_bpw: float | None = None, target_size: float | None = None,
-                 gguf_mix: Path | None = None, from_qat: bool | None = None) -> dict:
+                 gguf_mix: Path | None = None, from_qat: bool | None = None, ct_mix: Path | None = None) -> dict:
     """from_qat: read a QAT checkpoint's int4 lattice back (gemmaquant.qat_checkpoint): None detects it, True
     forces it, False never. A compressed-tensors W4A16 checkpoint is repacked to Q4_0 GGUF (no rounding)."""
     from gemmaquant.device import device_name, resolve_device
@@ -145,9 +145,9 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     cfg = model_config(model)
     name = Path(str(model)).name
     mix = None
-    if target_bpw is not None or target_size is not None or gguf_mix is not None:
+    if target_bpw is not None or target_size is not None or gguf_mix is not None or ct_mix is not None:
         recipe, mix = resolve_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib,
-                                  out if out is not None else Path(f"{name}-mix"), progress)
+                                  out if out is not None else Path(f"{name}-mix"), progress, ct_mix)
         lattice = None
     else:
         recipe, lattice = _qat_choice(model, recipe, from_qat)
@@ -211,13 +211,14 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
                                                     steps=steps)
         prune_layers(result.work_dir)  # the records stay: a rerun of this command finds its finished outputs
     summary["total_seconds"] = round(time.time() - t0, 2)
-    summary["text"] = _quantize_text(summary) + (f"\n{mix_summary(mix)}\n  mix file (--gguf-mix): "
+    flag = "--ct-mix" if recipe.ct_schemes else "--gguf-mix"
+    summary["text"] = _quantize_text(summary) + (f"\n{mix_summary(mix)}\n  mix file ({flag}): "
                                                  f"{summary['mix_file']}" if mix else "")
     return summary
 
 
 def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib, out,
-                progress) -> tuple[Recipe, dict]:
+                progress, ct_mix=None) -> tuple[Recipe, dict]:
     """--target-bpw / --target-size (a mix measured and solved) or --gguf-mix FILE (a mix read back): the recipe
     with the per-tensor types (`tensor_types`), and the mix record. A finished or interrupted run's mix file in
     `out` for the same request is reused (the measurement is deterministic; this saves it)."""
@@ -225,10 +226,19 @@ def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_
 
     from gemmaquant.target_mix import choose_mix, read_mix
 
-    given = [f for f, v in (("--target-bpw", target_bpw), ("--target-size", target_size), ("--gguf-mix", gguf_mix))
-             if v is not None]
+    given = [f for f, v in (("--target-bpw", target_bpw), ("--target-size", target_size), ("--gguf-mix", gguf_mix),
+                            ("--ct-mix", ct_mix)) if v is not None]
     if len(given) > 1:
         raise UsageError(f"{given[0]} and {given[1]} exclude each other")
+    if "gguf" in fmts and "safetensors" in fmts and gguf_mix is None and ct_mix is None:
+        raise UsageError(f"{given[0]} chooses per tensor for one format: add --format gguf (a GGUF type per tensor) "
+                         f"or --format safetensors (a compressed-tensors scheme per layer); compressed-tensors "
+                         f"cannot hold GGUF's types, nor GGUF int4 groups of 128")
+    if ct_mix is not None or "gguf" not in fmts:  # a per-layer mix for vLLM (gemmaquant.ct_mix)
+        from gemmaquant.ct_mix import resolve_ct_mix
+
+        return resolve_ct_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size, ct_mix, calib, out,
+                              progress, given[0])
     if "safetensors" in fmts:
         raise UsageError(f"{given[0]} chooses GGUF types per tensor, which compressed-tensors cannot hold; add "
                          f"--format gguf")
@@ -324,6 +334,8 @@ def export_steps(name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, 
         else:
             group = int(recipe.weight_format.split("_g")[1].split("_")[0]) if "_g" in recipe.weight_format else None
             args = {"scheme": "W8A16" if recipe.weight_format == "int8" else "W4A16", "group_size": group or 32}
+            if recipe.ct_schemes:  # a per-layer mix (gemmaquant.ct_mix)
+                args["schemes"] = recipe.ct_schemes
             rel = "safetensors"
         steps[fmt] = ({"output": rel, **args}, rel, args)
     return steps
