@@ -7,6 +7,10 @@ compressed_tensors_moe/compressed_tensors_moe.py}, vllm/model_executor/models/ge
     (`_match_fused_layer` takes the first shard's target without comparing the others);
   * all experts of one FusedMoE layer, gate, up and down, take one scheme ("All MoE projections need to have same
     quantization scheme");
+  * transformers (5.x, `get_experts_scheme` in integrations/compressed_tensors.py) dequantizes every layer's
+    experts with one config group, the first whose `re:` targets mention experts: so the quantized experts of all
+    layers share one scheme (a layer's experts may still stay bf16); the search solves once per experts scheme and
+    keeps the best, and a mix file that gives two layers' experts different quantized schemes is refused;
   * weight-only schemes it runs with its WNA16 kernels (Marlin, Machete, the MoE Marlin / WNA16 kernels): int4
     symmetric with groups of 32, 64 or 128 (MARLIN_SUPPORTED_GROUP_SIZES; the group must divide the input width),
     int8 symmetric per channel; a module in `ignore` runs unquantized (bf16).
@@ -152,7 +156,7 @@ def choose_ct_mix(model, recipe, *, target_bpw: float | None = None, target_size
     sens = measure(model, recipe, calib=calib, kl=kl, progress=progress, space=space)
     units = group_units(cfg, sens.units)
     budget = budget_bytes(sens, units, target_bpw, target_size_gib)
-    choice = solve(units, budget, sens.fixed_bytes)
+    choice = solve_one_expert_scheme(units, budget, sens.fixed_bytes)
     nbytes, loss = total(units, choice)
     nbytes += sens.fixed_bytes
     schemes = {m: choice[u] for u, members in units_of(cfg).items() for m in members}
@@ -163,6 +167,28 @@ def choose_ct_mix(model, recipe, *, target_bpw: float | None = None, target_size
             "spearman_proxy_vs_kl": sens.spearman(), "families": families(choice),
             "unit_schemes": dict(sorted(choice.items())), "ct_schemes": dict(sorted(schemes.items())),
             "sensitivity": sens.to_dict()}
+
+
+def solve_one_expert_scheme(units: list[Unit], budget: int, fixed_bytes: int) -> dict[str, str]:
+    """mix_search.solve with the quantized experts of every layer on one scheme (see the module docstring): one
+    solve per experts scheme (each experts unit restricted to it and bf16), the least predicted loss kept."""
+    experts = [u for u in units if u.name.endswith(".experts")]
+    if not experts:
+        return solve(units, budget, fixed_bytes)
+    best = None
+    for scheme in (t for t in SEARCHED if t != FLOAT_SCHEME and all(t in u.options for u in experts)):
+        restricted = [Unit(u.name, u.shape, {t: v for t, v in u.options.items() if t in (scheme, FLOAT_SCHEME)})
+                      if u in experts else u for u in units]
+        try:
+            choice = solve(restricted, budget, fixed_bytes)
+        except TargetError:
+            continue
+        loss = total(restricted, choice)[1]
+        if best is None or loss < best[0]:
+            best = (loss, choice)
+    if best is None:
+        raise TargetError(f"a budget of {budget} bytes is below every mix with one experts scheme")
+    return best[1]
 
 
 def families(choice: dict[str, str]) -> dict[str, dict[str, list[int]]]:
@@ -200,6 +226,12 @@ def check_ct_schemes(cfg, schemes: dict[str, str], source: str = "mix") -> dict[
                 raise MixError(f"{source}: {key!r} has {shapes[name][-1]} inputs, which {t}'s groups of "
                                f"{SCHEMES[t][1]} do not divide")
             out[name] = t
+    expert_schemes = {out[m] for u, members in units.items() if u.endswith(".experts") for m in members
+                      if m in out and out[m] != FLOAT_SCHEME}
+    if len(expert_schemes) > 1:
+        raise MixError(f"{source}: the experts of different layers are quantized with different schemes "
+                       f"({', '.join(sorted(expert_schemes))}); transformers dequantizes all experts with one "
+                       f"config group, so give every layer's experts one scheme (or bf16)")
     for unit, members in units.items():
         got = {out[m] for m in members if m in out}
         if len(got) > 1 or (got and any(m not in out for m in members)):

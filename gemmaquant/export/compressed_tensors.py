@@ -213,27 +213,13 @@ def _export_mix(source, out_dir, scheme, group_size, overwrite, dtype, max_shard
         if full[n] == "bf16":
             if not isinstance(value, torch.Tensor):
                 raise ExportError(f"{n}: a {type(value).__name__} value, but the mix keeps it in bf16")
-            if n.endswith(EXPERTS):  # unfused per expert, as the quantized experts, under `.weight`
-                return [(f"{k}.weight", w.to(dtype)) for k, w in _expert_floats(n, value)]
+            # experts stay fused [E, N, K] as in the source checkpoint: vLLM's Gemma 4 loader explodes 3-D expert
+            # tensors itself (_weight_iterator) and transformers reads them as its own parameters
             return [(n, value.to(dtype))]
         fmt, bits, group = fmts[full[n]]
         return _quantized_tensors(n, value, fmt, bits, group, dtype)
 
     return _write(source, out_dir, overwrite, dtype, max_shard_bytes, qc, tensors)
-
-
-def _expert_floats(name: str, value: torch.Tensor):
-    """A float expert tensor [E, N, K] as per-expert modules: (module name, [N', K])."""
-    layer = name.rsplit(".experts.", 1)[0]
-    out = []
-    for e in range(value.shape[0]):
-        if name.endswith("gate_up_proj"):
-            half = value.shape[1] // 2
-            out += [(f"{layer}.experts.{e}.gate_proj", value[e, :half]), (f"{layer}.experts.{e}.up_proj",
-                                                                          value[e, half:])]
-        else:
-            out.append((f"{layer}.experts.{e}.down_proj", value[e]))
-    return out
 
 
 def _input_dims(cfg) -> set[int]:

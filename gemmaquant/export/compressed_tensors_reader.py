@@ -124,7 +124,10 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
     state = {}
     for name, shape in expected_shapes(cfg).items():
         try:
-            if name.endswith(EXPERTS):
+            if name.endswith(EXPERTS) and _module_bits(qc, ckpt, name.rsplit(".experts.", 1)[0] + ".experts.0.gate_proj") \
+                    is None:  # unquantized experts (a per-layer mix's bf16 choice): fused, as in the source
+                w = ckpt.get(name)
+            elif name.endswith(EXPERTS):
                 layer = name.rsplit(".experts.", 1)[0]
                 projs = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
                 w = torch.stack([torch.cat([_weight(ckpt, f"{layer}.experts.{e}.{p}", qc) for p in projs])
