@@ -236,3 +236,64 @@ def test_predicted_bytes_are_the_files_bytes(fixture, mixed):
     got = file_bits(out)
     assert predicted["bytes"] == got["bytes"] == solver_bytes
     assert predicted["weights"] == got["weights"] == skel.weights
+
+
+# ---- the command ----
+def test_ct_mix_end_to_end(tmp_path):
+    """A mix file through the whole command: GPTQ on each chosen grid, the export's modules packed in their scheme
+    (bf16 ones plain), its bytes what the dry run predicts, the mix in the recipe; a resumed run with another mix
+    is refused."""
+    from gemmaquant.errors import GemmaquantError
+    from gemmaquant.export.inspect import file_bits
+    from gemmaquant.workflow import run_quantize
+
+    mix = {"layers.0.self_attn.qkv": "int8", "layers.1.mlp.down_proj.weight": "bf16",
+           "layers.2.self_attn.o_proj.weight": "int4_g64_sym", "layers.3.mlp.gate_up": "int8"}
+    f = tmp_path / "mix.json"
+    f.write_text(json.dumps({"ct_schemes": mix}))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('method = "gptq"\nn_samples = 4\nseq_len = 64\n')
+    kw = dict(formats="safetensors", recipe_file=recipe, ct_mix=f, progress=False)
+    dry = run_quantize("tiny-dense", dry_run=True, **kw)
+    res = run_quantize("tiny-dense", out=tmp_path / "out", evaluate=False, **kw)
+    out = res["files"]["safetensors"]
+    assert file_bits(out)["bytes"] == dry["safetensors"]["bytes"]
+    schemes = res["recipe"]["ct_schemes"]
+    assert schemes["layers.0.self_attn.k_proj.weight"] == "int8" and schemes["layers.3.mlp.up_proj.weight"] == "int8"
+    assert schemes["layers.5.mlp.down_proj.weight"] == "int4_g32_sym"  # not named: the recipe's grid
+    from safetensors import safe_open
+
+    with safe_open(f"{out}/model.safetensors", "pt") as st:
+        keys = set(st.keys())
+        k = expected_shapes(Checkpoint(FIXTURES["tiny-dense"]).config)["layers.2.self_attn.o_proj.weight"][-1]
+        assert st.get_tensor("model.layers.2.self_attn.o_proj.weight_scale").shape[1] == k // 64
+        assert st.get_tensor("model.layers.0.self_attn.q_proj.weight_scale").shape[1] == 1
+    assert "model.layers.1.mlp.down_proj.weight" in keys and "model.layers.1.mlp.down_proj.weight_packed" not in keys
+    assert gemmaquant.load(out) is not None
+    f.write_text(json.dumps({"ct_schemes": {**mix, "layers.4.mlp.down_proj.weight": "int8"}}))
+    with pytest.raises(GemmaquantError, match="recipe"):
+        run_quantize("tiny-dense", out=tmp_path / "out", evaluate=False, **kw)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--format", "gguf", "--ct-mix", "MIX"], "has no GGUF file"),
+    (["--format", "safetensors", "--ct-mix", "MIX", "--target-bpw", "8"], "exclude each other"),
+    (["--format", "safetensors", "--target-bpw", "5"], "below the smallest compressed-tensors mix"),
+    (["--format", "safetensors", "--target-bpw", "30"], "above the bf16 size"),
+    (["--format", "safetensors", "--method", "awq", "--target-bpw", "8"], "AWQ"),
+    (["--format", "safetensors", "--ct-mix", "BAD"], "layers.0.self_attn.qkv is split across schemes"),
+    (["--format", "safetensors", "--ct-mix", "GGUF"], "a GGUF mix (tensor_types)"),
+])
+def test_cli_bad_input(args, msg, tmp_path):
+    from typer.testing import CliRunner
+
+    from gemmaquant.cli import app
+
+    files = {"MIX": {"ct_schemes": {"layers.0.self_attn.qkv": "int8"}},
+             "BAD": {"layers.0.self_attn.q_proj.weight": "int8"},
+             "GGUF": {"tensor_types": {"layers.0.mlp.down_proj.weight": "Q8_0"}}}
+    for key, data in files.items():
+        (tmp_path / key).write_text(json.dumps(data))
+    args = [str(tmp_path / a) if a in files else a for a in args]
+    r = CliRunner().invoke(app, ["quantize", "tiny-dense", "--dry-run", *args])
+    assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
