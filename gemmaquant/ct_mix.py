@@ -154,19 +154,24 @@ def choose_ct_mix(model, recipe, *, target_bpw: float | None = None, target_size
     if kl is None:
         kl = param_counts(cfg)["total"] <= MAX_EVAL_PARAMS
     sens = measure(model, recipe, calib=calib, kl=kl, progress=progress, space=space)
+    mix = solve_ct_mix(cfg, sens, budget_bytes(sens, group_units(cfg, sens.units), target_bpw, target_size_gib))
+    return {"format": MIX_FORMAT, "target_bpw": target_bpw, "target_size_gib": target_size_gib, **mix,
+            "loss": "sum of KL(float || model) of each tensor quantized alone" if kl
+            else "Hessian proxy x the fixtures' KL per unit of proxy for the tensor's role and position",
+            "spearman_proxy_vs_kl": sens.spearman(), "sensitivity": sens.to_dict()}
+
+
+def solve_ct_mix(cfg, sens, budget: int) -> dict:
+    """The allocation for `budget` bytes on measured per-tensor options `sens` (CTSpace): {"budget_bytes",
+    "bytes", "bits_per_weight", "predicted_loss", "families", "unit_schemes", "ct_schemes"}."""
     units = group_units(cfg, sens.units)
-    budget = budget_bytes(sens, units, target_bpw, target_size_gib)
     choice = solve_one_expert_scheme(units, budget, sens.fixed_bytes)
     nbytes, loss = total(units, choice)
     nbytes += sens.fixed_bytes
     schemes = {m: choice[u] for u, members in units_of(cfg).items() for m in members}
-    return {"format": MIX_FORMAT, "target_bpw": target_bpw, "target_size_gib": target_size_gib,
-            "budget_bytes": budget, "bytes": nbytes, "bits_per_weight": 8 * nbytes / sens.weights,
-            "predicted_loss": loss, "loss": "sum of KL(float || model) of each tensor quantized alone" if kl
-            else "Hessian proxy x the fixtures' KL per unit of proxy for the tensor's role and position",
-            "spearman_proxy_vs_kl": sens.spearman(), "families": families(choice),
-            "unit_schemes": dict(sorted(choice.items())), "ct_schemes": dict(sorted(schemes.items())),
-            "sensitivity": sens.to_dict()}
+    return {"budget_bytes": budget, "bytes": nbytes, "bits_per_weight": 8 * nbytes / sens.weights,
+            "predicted_loss": loss, "families": families(choice), "unit_schemes": dict(sorted(choice.items())),
+            "ct_schemes": dict(sorted(schemes.items()))}
 
 
 def solve_one_expert_scheme(units: list[Unit], budget: int, fixed_bytes: int) -> dict[str, str]:

@@ -297,3 +297,22 @@ def test_cli_bad_input(args, msg, tmp_path):
     args = [str(tmp_path / a) if a in files else a for a in args]
     r = CliRunner().invoke(app, ["quantize", "tiny-dense", "--dry-run", *args])
     assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("fixture", list(FIXTURES))
+def test_mixed_export_runs_packed(fixture, mixed):
+    """`gemmaquant eval` / `bench` run a mixed export packed (each module in its own scheme, bf16 ones float): the
+    logits of the same export read back dequantized."""
+    from gemmaquant import ops
+    from gemmaquant.runtime import PackedLinear, load_for_inference
+
+    out, schemes = mixed[fixture]
+    run = load_for_inference(out, device="cpu")
+    kinds = {(type(m.packed.fmt).__name__, getattr(m.packed.fmt, "group_size", None)) for m in run.modules()
+             if isinstance(m, PackedLinear)}
+    assert ("Int8Channel", None) in kinds and ("IntGroup", 32) in kinds
+    ref = gemmaquant.load(out)
+    ids = torch.arange(40, 90)[None]
+    with torch.no_grad(), ops.use("reference"):
+        want, got = ref(ids), run(ids)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
