@@ -367,6 +367,8 @@ def _quantize_text(s: dict) -> str:
     grid = s['recipe']['gguf_type'] or s['recipe']['weight_format']
     if s["recipe"].get("tensor_types"):
         grid = f"a per-tensor mix (file type {grid})"
+    if s["recipe"].get("ct_schemes"):
+        grid = "a per-layer compressed-tensors mix"
     lines = [f"quantized {s['model']} with {s['recipe']['method']} onto {grid} "
              f"in {s['quantize_seconds']:.1f} s on {s.get('device', 'cpu')}"]
     if s.get("lattice") and s["lattice"].get("groups"):
