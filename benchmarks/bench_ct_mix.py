@@ -55,13 +55,18 @@ def run_fixture(fx: str, tmp: Path, n_seq: int) -> list[dict]:
     t0 = time.time()
     sens = measure(fx, default_recipe(fx, 4, "gptq"), kl=True, progress=False, space=CTSpace())
     measure_s = time.time() - t0
-    for frac in (0.0, *BETWEEN, 1.0):
+    # MoE: also each layer's experts on their own scheme (--per-layer-experts: vLLM loads it, transformers not)
+    cases = [(True, f) for f in (0.0, *BETWEEN, 1.0)]
+    if cfg.enable_moe_block:
+        cases += [(False, f) for f in (0.0, *BETWEEN, 1.0)]
+    for shared, frac in cases:
         budget = int(w4 + frac * (w8 - w4))
-        mix = solve_ct_mix(cfg, sens, budget)
-        f = write_mix({"format": "gemmaquant-ct-mix", **mix}, tmp / f"mix-{frac:.2f}.json")
-        row = _run(fx, tmp / f"m{frac:.2f}", n_seq, bits=4, ct_mix=f)
+        mix = solve_ct_mix(cfg, sens, budget, shared_experts=shared)
+        f = write_mix({"format": "gemmaquant-ct-mix", **mix}, tmp / f"mix-{shared}-{frac:.2f}.json")
+        row = _run(fx, tmp / f"m{shared}{frac:.2f}", n_seq, bits=4, ct_mix=f, per_layer_experts=not shared)
         assert row["bytes"] == mix["bytes"] <= budget, (row["bytes"], mix["bytes"], budget)
         at = {0.0: "at the W4A16 size", 1.0: "at the W8A16 size"}.get(frac, f"{frac:.2f} of the way to W8A16")
+        at += "" if shared else ", experts per layer (vLLM only)"
         counts = {}
         for t in mix["unit_schemes"].values():
             counts[t] = counts.get(t, 0) + 1

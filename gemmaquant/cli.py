@@ -81,6 +81,9 @@ def quantize(
                                             "as --target-bpw writes it) to quantize onto"),
     ct_mix: Optional[Path] = typer.Option(None, "--ct-mix", help="compressed-tensors: a per-layer mix file (JSON "
                                           "tensor -> scheme, as --format safetensors --target-bpw writes it)"),
+    per_layer_experts: bool = typer.Option(False, "--per-layer-experts", help="compressed-tensors mix: each layer's "
+                                           "experts their own scheme (vLLM loads it; transformers 5.x dequantizes "
+                                           "all experts with one scheme, so by default they share one)"),
     from_qat: Optional[bool] = typer.Option(None, "--from-qat/--no-from-qat", help="read a QAT checkpoint's int4 "
                                             "lattice back instead of rounding it again (default: detected)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
@@ -92,7 +95,7 @@ def quantize(
                group_size=group_size, recipe_file=recipe, calib=calib, out=out, dry_run=dry_run,
                overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False,
                device=device, activation_budget_gib=activation_budget, target_bpw=target_bpw,
-               target_size=target_size, gguf_mix=gguf_mix, from_qat=from_qat, ct_mix=ct_mix,
+               target_size=target_size, gguf_mix=gguf_mix, from_qat=from_qat, ct_mix=ct_mix, per_layer_experts=per_layer_experts,
                resumes="after the last finished layer")
     _emit(res, as_json, res["text"])
 

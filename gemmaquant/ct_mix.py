@@ -10,7 +10,9 @@ compressed_tensors_moe/compressed_tensors_moe.py}, vllm/model_executor/models/ge
   * transformers (5.x, `get_experts_scheme` in integrations/compressed_tensors.py) dequantizes every layer's
     experts with one config group, the first whose `re:` targets mention experts: so the quantized experts of all
     layers share one scheme (a layer's experts may still stay bf16); the search solves once per experts scheme and
-    keeps the best, and a mix file that gives two layers' experts different quantized schemes is refused;
+    keeps the best, and a mix file that gives two layers' experts different quantized schemes is refused, unless
+    `shared_experts=False` (`--per-layer-experts`): each layer's experts their own scheme, which vLLM loads and
+    transformers would dequantize wrongly (gemmaquant.export.load_transformers refuses such an export);
   * weight-only schemes it runs with its WNA16 kernels (Marlin, Machete, the MoE Marlin / WNA16 kernels): int4
     symmetric with groups of 32, 64 or 128 (MARLIN_SUPPORTED_GROUP_SIZES; the group must divide the input width),
     int8 symmetric per channel; a module in `ignore` runs unquantized (bf16).
@@ -137,7 +139,8 @@ def budget_bytes(skel, units: list[Unit], target_bpw: float | None, target_size_
 
 
 def choose_ct_mix(model, recipe, *, target_bpw: float | None = None, target_size_gib: float | None = None,
-                  calib: str | None = None, kl: bool | None = None, progress: bool | None = None) -> dict:
+                  calib: str | None = None, kl: bool | None = None, progress: bool | None = None,
+                  shared_experts: bool = True) -> dict:
     """Measure each quantized tensor's sensitivity to each scheme and solve the per-unit allocation for the target.
     Returns the mix record ({"ct_schemes": {tensor: scheme}, "unit_schemes", "bits_per_weight", "bytes",
     "predicted_loss", "families", ...}). kl: as gemmaquant.target_mix.choose_mix."""
@@ -154,18 +157,20 @@ def choose_ct_mix(model, recipe, *, target_bpw: float | None = None, target_size
     if kl is None:
         kl = param_counts(cfg)["total"] <= MAX_EVAL_PARAMS
     sens = measure(model, recipe, calib=calib, kl=kl, progress=progress, space=space)
-    mix = solve_ct_mix(cfg, sens, budget_bytes(sens, group_units(cfg, sens.units), target_bpw, target_size_gib))
+    mix = solve_ct_mix(cfg, sens, budget_bytes(sens, group_units(cfg, sens.units), target_bpw, target_size_gib),
+                       shared_experts)
     return {"format": MIX_FORMAT, "target_bpw": target_bpw, "target_size_gib": target_size_gib, **mix,
             "loss": "sum of KL(float || model) of each tensor quantized alone" if kl
             else "Hessian proxy x the fixtures' KL per unit of proxy for the tensor's role and position",
             "spearman_proxy_vs_kl": sens.spearman(), "sensitivity": sens.to_dict()}
 
 
-def solve_ct_mix(cfg, sens, budget: int) -> dict:
+def solve_ct_mix(cfg, sens, budget: int, shared_experts: bool = True) -> dict:
     """The allocation for `budget` bytes on measured per-tensor options `sens` (CTSpace): {"budget_bytes",
-    "bytes", "bits_per_weight", "predicted_loss", "families", "unit_schemes", "ct_schemes"}."""
+    "bytes", "bits_per_weight", "predicted_loss", "families", "unit_schemes", "ct_schemes"}. shared_experts: the
+    quantized experts of all layers on one scheme (what transformers loads); False: each layer its own."""
     units = group_units(cfg, sens.units)
-    choice = solve_one_expert_scheme(units, budget, sens.fixed_bytes)
+    choice = solve_one_expert_scheme(units, budget, sens.fixed_bytes, per_layer=not shared_experts)
     nbytes, loss = total(units, choice)
     nbytes += sens.fixed_bytes
     schemes = {m: choice[u] for u, members in units_of(cfg).items() for m in members}
@@ -174,13 +179,16 @@ def solve_ct_mix(cfg, sens, budget: int) -> dict:
             "ct_schemes": dict(sorted(schemes.items()))}
 
 
-def solve_one_expert_scheme(units: list[Unit], budget: int, fixed_bytes: int) -> dict[str, str]:
+def solve_one_expert_scheme(units: list[Unit], budget: int, fixed_bytes: int,
+                            per_layer: bool = False) -> dict[str, str]:
     """mix_search.solve with the quantized experts of every layer on one scheme (see the module docstring): one
-    solve per experts scheme (each experts unit restricted to it and bf16), the least predicted loss kept."""
+    solve per experts scheme (each experts unit restricted to it and bf16), the least predicted loss kept.
+    per_layer: the unrestricted solve competes too (the restricted ones are valid per-layer mixes as well, and the
+    greedy allocation can miss them: large expert units block each other's upgrades)."""
     experts = [u for u in units if u.name.endswith(".experts")]
     if not experts:
         return solve(units, budget, fixed_bytes)
-    best = None
+    best = (total(units, c := solve(units, budget, fixed_bytes))[1], c) if per_layer else None
     for scheme in (t for t in SEARCHED if t != FLOAT_SCHEME and all(t in u.options for u in experts)):
         restricted = [Unit(u.name, u.shape, {t: v for t, v in u.options.items() if t in (scheme, FLOAT_SCHEME)})
                       if u in experts else u for u in units]
@@ -204,11 +212,12 @@ def families(choice: dict[str, str]) -> dict[str, dict[str, list[int]]]:
     return out
 
 
-def check_ct_schemes(cfg, schemes: dict[str, str], source: str = "mix") -> dict[str, str]:
+def check_ct_schemes(cfg, schemes: dict[str, str], source: str = "mix", shared_experts: bool = True) -> dict[str, str]:
     """Validate {tensor name: scheme} (tensor names as in the checkpoint; a unit name such as
     `layers.0.self_attn.qkv` stands for all its tensors). Returns {tensor: scheme}. MixError naming `source`, the
     entry and the scheme for an unknown scheme, a tensor the model lacks or that compressed-tensors does not
-    quantize, a group that does not divide the input width, or a fused unit split across schemes."""
+    quantize, a group that does not divide the input width, a fused unit split across schemes, or (shared_experts)
+    two layers' experts on different quantized schemes."""
     from gemmaquant.checkpoint import expected_shapes
 
     shapes = expected_shapes(cfg)
@@ -233,10 +242,11 @@ def check_ct_schemes(cfg, schemes: dict[str, str], source: str = "mix") -> dict[
             out[name] = t
     expert_schemes = {out[m] for u, members in units.items() if u.endswith(".experts") for m in members
                       if m in out and out[m] != FLOAT_SCHEME}
-    if len(expert_schemes) > 1:
+    if shared_experts and len(expert_schemes) > 1:
         raise MixError(f"{source}: the experts of different layers are quantized with different schemes "
                        f"({', '.join(sorted(expert_schemes))}); transformers dequantizes all experts with one "
-                       f"config group, so give every layer's experts one scheme (or bf16)")
+                       f"config group, so give every layer's experts one scheme (or bf16), or allow it "
+                       f"(--per-layer-experts: vLLM only)")
     for unit, members in units.items():
         got = {out[m] for m in members if m in out}
         if len(got) > 1 or (got and any(m not in out for m in members)):
@@ -246,7 +256,7 @@ def check_ct_schemes(cfg, schemes: dict[str, str], source: str = "mix") -> dict[
     return out
 
 
-def read_ct_mix(path: str | os.PathLike, cfg) -> dict[str, str]:
+def read_ct_mix(path: str | os.PathLike, cfg, shared_experts: bool = True) -> dict[str, str]:
     """{tensor: scheme} from a mix file (what write_mix wrote for a compressed-tensors mix, or a plain
     {tensor or unit: scheme} object), checked against `cfg`: MixError naming the file and the first bad entry."""
     from gemmaquant.validate import read_utf8
@@ -261,16 +271,16 @@ def read_ct_mix(path: str | os.PathLike, cfg) -> dict[str, str]:
     schemes = data.get("ct_schemes", data) if isinstance(data, dict) else None
     if not isinstance(schemes, dict):
         raise MixError(f"{path}: expected an object of tensor name -> scheme (or one with \"ct_schemes\")")
-    return check_ct_schemes(cfg, {k: v for k, v in schemes.items() if k != "format"}, str(path))
+    return check_ct_schemes(cfg, {k: v for k, v in schemes.items() if k != "format"}, str(path), shared_experts)
 
 
-def complete(cfg, schemes: dict[str, str], default: str, source: str) -> dict[str, str]:
+def complete(cfg, schemes: dict[str, str], default: str, source: str, shared_experts: bool = True) -> dict[str, str]:
     """Every quantized tensor's scheme: those `schemes` names, the recipe's `default` grid for the others."""
     if default not in SCHEMES:
         raise MixError(f"{source}: the recipe's grid {default} is not a compressed-tensors scheme "
                        f"({', '.join(SCHEMES)}); name every tensor in the mix")
     full = {m: schemes.get(m, default) for members in units_of(cfg).values() for m in members}
-    return check_ct_schemes(cfg, full, source)
+    return check_ct_schemes(cfg, full, source, shared_experts)
 
 
 __all__ = ["SCHEMES", "SEARCHED", "CTSpace", "choose_ct_mix", "check_ct_schemes", "read_ct_mix", "units_of",
@@ -278,7 +288,7 @@ __all__ = ["SCHEMES", "SEARCHED", "CTSpace", "choose_ct_mix", "check_ct_schemes"
 
 
 def resolve_ct_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size, ct_mix, calib, out, progress,
-                   flag: str):
+                   flag: str, per_layer_experts: bool = False):
     """`--format safetensors` with --target-bpw / --target-size (a mix measured and solved) or --ct-mix FILE (read
     back): the recipe with the per-tensor schemes (`ct_schemes`), and the mix record. A finished or interrupted
     run's mix file in `out` for the same request is reused (workflow.resolve_mix does the same for GGUF)."""
@@ -296,17 +306,19 @@ def resolve_ct_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size,
         if v is not None and not (isinstance(v, (int, float)) and v > 0 and v == v and v != float("inf")):
             raise UsageError(f"{what} {v}: must be a positive number")
     if ct_mix is not None:
-        named = read_ct_mix(ct_mix, cfg)
-        schemes = complete(cfg, named, recipe.weight_format, str(ct_mix))
+        named = read_ct_mix(ct_mix, cfg, not per_layer_experts)
+        schemes = complete(cfg, named, recipe.weight_format, str(ct_mix), not per_layer_experts)
         units = {unit_of(n): t for n, t in schemes.items()}
         mix = {"format": MIX_FORMAT, "source": str(ct_mix), "ct_schemes": schemes,
                "unit_schemes": dict(sorted(units.items())), "families": families(units)}
     else:
         request = {"target_bpw": target_bpw, "target_size_gib": target_size, "calibration": str(calib or
-                   recipe.calibration), "method": recipe.method, "format": "compressed-tensors"}
+                   recipe.calibration), "method": recipe.method, "format": "compressed-tensors",
+                   **({"per_layer_experts": True} if per_layer_experts else {})}
         saved = Path(out) / f"{Path(str(model)).name}-mix.json"
         mix = json.loads(saved.read_text()) if saved.is_file() else None
         if mix is None or mix.get("request") != request:
             mix = {"request": request, **choose_ct_mix(model, recipe, target_bpw=target_bpw,
-                                                       target_size_gib=target_size, calib=calib, progress=progress)}
+                                                       target_size_gib=target_size, calib=calib, progress=progress,
+                                                       shared_experts=not per_layer_experts)}
     return Recipe.from_dict({**recipe.to_dict(), "ct_schemes": mix["ct_schemes"]}), mix

@@ -126,7 +126,8 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
                  overwrite: bool = False, evaluate: bool = True, progress: bool | None = None,
                  device: str = "auto", activation_budget_gib: float | None = None,
                  target_bpw: float | None = None, target_size: float | None = None,
-                 gguf_mix: Path | None = None, from_qat: bool | None = None, ct_mix: Path | None = None) -> dict:
+                 gguf_mix: Path | None = None, from_qat: bool | None = None, ct_mix: Path | None = None,
+                 per_layer_experts: bool = False) -> dict:
     """from_qat: read a QAT checkpoint's int4 lattice back (gemmaquant.qat_checkpoint): None detects it, True
     forces it, False never. A compressed-tensors W4A16 checkpoint is repacked to Q4_0 GGUF (no rounding)."""
     from gemmaquant.device import device_name, resolve_device
@@ -145,9 +146,13 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     cfg = model_config(model)
     name = Path(str(model)).name
     mix = None
+    if per_layer_experts and ("gguf" in fmts or (target_bpw, target_size, ct_mix) == (None, None, None)):
+        raise UsageError("--per-layer-experts applies to a compressed-tensors mix (--format safetensors with "
+                         "--target-bpw, --target-size or --ct-mix)")
     if target_bpw is not None or target_size is not None or gguf_mix is not None or ct_mix is not None:
         recipe, mix = resolve_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib,
-                                  out if out is not None else Path(f"{name}-mix"), progress, ct_mix)
+                                  out if out is not None else Path(f"{name}-mix"), progress, ct_mix,
+                                  per_layer_experts)
         lattice = None
     else:
         recipe, lattice = _qat_choice(model, recipe, from_qat)
@@ -218,7 +223,7 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
 
 
 def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib, out,
-                progress, ct_mix=None) -> tuple[Recipe, dict]:
+                progress, ct_mix=None, per_layer_experts: bool = False) -> tuple[Recipe, dict]:
     """--target-bpw / --target-size (a mix measured and solved) or --gguf-mix FILE (a mix read back): the recipe
     with the per-tensor types (`tensor_types`), and the mix record. A finished or interrupted run's mix file in
     `out` for the same request is reused (the measurement is deterministic; this saves it)."""
@@ -238,7 +243,7 @@ def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_
         from gemmaquant.ct_mix import resolve_ct_mix
 
         return resolve_ct_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size, ct_mix, calib, out,
-                              progress, given[0])
+                              progress, given[0], per_layer_experts)
     if "safetensors" in fmts:
         raise UsageError(f"{given[0]} chooses GGUF types per tensor, which compressed-tensors cannot hold; add "
                          f"--format gguf")

@@ -198,7 +198,7 @@ def _export_mix(source, out_dir, scheme, group_size, overwrite, dtype, max_shard
     cfg = source.config
     default = ("int8" if scheme == "W8A16" else f"int4_g{group_size}_sym")
     try:
-        full = complete(cfg, schemes, default, "schemes")
+        full = complete(cfg, schemes, default, "schemes", shared_experts=False)  # what vLLM loads
     except MixError as e:
         raise ExportError(str(e)) from None
     fmts = {}

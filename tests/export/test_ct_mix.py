@@ -283,6 +283,7 @@ def test_ct_mix_end_to_end(tmp_path):
     (["--format", "safetensors", "--method", "awq", "--target-bpw", "8"], "AWQ"),
     (["--format", "safetensors", "--ct-mix", "BAD"], "layers.0.self_attn.qkv is split across schemes"),
     (["--format", "safetensors", "--ct-mix", "GGUF"], "a GGUF mix (tensor_types)"),
+    (["--format", "gguf", "--target-bpw", "5", "--per-layer-experts"], "--per-layer-experts applies to a"),
 ])
 def test_cli_bad_input(args, msg, tmp_path):
     from typer.testing import CliRunner
@@ -316,3 +317,31 @@ def test_mixed_export_runs_packed(fixture, mixed):
     with torch.no_grad(), ops.use("reference"):
         want, got = ref(ids), run(ids)
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_per_layer_experts_load_in_gemmaquant_and_are_refused_by_load_transformers(tmp_path):
+    """--per-layer-experts: each layer's experts their own scheme (what vLLM loads): the export reads back with
+    each layer in its scheme, vLLM's lookup gives each FusedMoE its own, and load_transformers refuses it (plain
+    transformers would dequantize every layer's experts with the first experts group)."""
+    from gemmaquant.export.compressed_tensors_reader import CompressedTensorsError
+
+    src = FloatSource(FIXTURES["tiny-moe"])
+    cfg = src.config
+    schemes = {m: ("int8" if u == "layers.0.experts" else "int4_g32_sym") for u, ms in units_of(cfg).items()
+               for m in ms}
+    with pytest.raises(MixError, match="experts of different layers"):
+        check_ct_schemes(cfg, schemes)
+    assert check_ct_schemes(cfg, schemes, shared_experts=False) == schemes
+    out = export_compressed_tensors(src, tmp_path / "ct", schemes=schemes)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert _vllm_moe_scheme(qc, "model.layers.0.moe.experts")["num_bits"] == 8
+    assert _vllm_moe_scheme(qc, "model.layers.1.moe.experts")["num_bits"] == 4
+    ours = gemmaquant.load(out).state_dict()
+    w = Checkpoint(FIXTURES["tiny-moe"]).get("layers.0.experts.down_proj").float()
+    from gemmaquant.formats import get_format
+
+    fmt = get_format("int8")
+    assert torch.equal(ours["layers.0.experts.down_proj"], torch.stack([fmt.dequantize(fmt.quantize(w[e]))
+                                                                         for e in range(w.shape[0])]))
+    with pytest.raises(CompressedTensorsError, match="experts are quantized with 2 schemes"):
+        load_transformers(out)
