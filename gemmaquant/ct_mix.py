@@ -22,7 +22,7 @@ divides its input width: (exact bytes of the export, loss) with the loss the sum
 (gemmaquant.sensitivity with this module's candidates: Hessian proxy scaled by the KL of the tensor quantized alone),
 and the allocation is the GGUF search's own solver (gemmaquant.mix_search.solve).
 
-    mix = choose_ct_mix("tiny-dense", recipe, target_bpw=6.0)   # {"ct_schemes": {tensor: scheme}, "families", ...}
+    mix = choose_ct_mix("tiny-dense", recipe, target_bpw=8.5)   # {"ct_schemes": {tensor: scheme}, "families", ...}
     write_mix(mix, path); read_ct_mix(path, cfg)                 # -> {tensor: scheme}, checked (target_mix.write_mix)
 The export writes one config_group per scheme whose `re:` targets list exactly its modules, and the bf16 ones in
 `ignore` (gemmaquant.export.ct_targets).
