@@ -72,12 +72,18 @@ def quantize(
     activation_budget: Optional[float] = typer.Option(None, "--activation-budget", help="GiB of GPU memory the "
                                                       "calibration activations may hold (default: half the free "
                                                       "memory; beyond it they live in host memory; 0: always)"),
-    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: choose a type per tensor by "
-                                               "measured sensitivity for this many bits per weight (file bytes)"),
-    target_size: Optional[float] = typer.Option(None, "--target-size", help="GGUF: as --target-bpw, for a file "
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="choose by measured sensitivity, for "
+                                               "this many bits per weight (file bytes), a type per tensor (--format "
+                                               "gguf) or an int4/int8/bf16 scheme per layer (--format safetensors)"),
+    target_size: Optional[float] = typer.Option(None, "--target-size", help="as --target-bpw, for a file "
                                                 "of this many GiB"),
     gguf_mix: Optional[Path] = typer.Option(None, "--gguf-mix", help="GGUF: a mix file (JSON tensor -> type, "
                                             "as --target-bpw writes it) to quantize onto"),
+    ct_mix: Optional[Path] = typer.Option(None, "--ct-mix", help="compressed-tensors: a per-layer mix file (JSON "
+                                          "tensor -> scheme, as --format safetensors --target-bpw writes it)"),
+    per_layer_experts: bool = typer.Option(False, "--per-layer-experts", help="compressed-tensors mix: each layer's "
+                                           "experts their own scheme (vLLM loads it; transformers 5.x dequantizes "
+                                           "all experts with one scheme, so by default they share one)"),
     from_qat: Optional[bool] = typer.Option(None, "--from-qat/--no-from-qat", help="read a QAT checkpoint's int4 "
                                             "lattice back instead of rounding it again (default: detected)"),
     pad_to_block: Optional[str] = typer.Option(None, "--pad-to-block", help="GGUF: zero-pad the MLP widths that "
@@ -93,6 +99,7 @@ def quantize(
                overwrite=overwrite, evaluate=evaluate, progress=None if not as_json else False,
                device=device, activation_budget_gib=activation_budget, target_bpw=target_bpw,
                target_size=target_size, gguf_mix=gguf_mix, from_qat=from_qat, pad_to_block=pad_to_block,
+               ct_mix=ct_mix, per_layer_experts=per_layer_experts,
                resumes="after the last finished layer")
     _emit(res, as_json, res["text"])
 

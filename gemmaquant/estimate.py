@@ -119,6 +119,8 @@ def estimate(cfg: Gemma4Config, plan: dict[str, TensorPlan], recipe: Recipe, for
     }
     grid = f"a per-tensor mix (file type {recipe.gguf_type})" if recipe.tensor_types else (recipe.gguf_type or
                                                                                           recipe.weight_format)
+    if recipe.ct_schemes:
+        grid = "a per-layer compressed-tensors mix (int4 / int8 / bf16)"
     lines = [f"plan: {recipe.method} onto {grid}, "
              f"{total / 1e9:.3f}B parameters, {len(plan)} tensors"]
     for t, n in sorted((res["gguf"] or {}).get("params_by_type", {}).items(), key=lambda kv: -kv[1]):

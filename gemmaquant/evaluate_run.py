@@ -95,7 +95,7 @@ def evaluate(model, result, recipe, tested: str, n_seq: int = 16, seq_len: int =
     test = gemmaquant.load(tested)
     ids = heldout_ids(resolve(model), default_heldout(), n_seq, seq_len)
     metrics = compare_logits(ref, test, ids, routing=True)  # MoE: expert choices that flip, and their share of the KL
-    label = f"{recipe.method} {recipe.gguf_type or recipe.weight_format}"
+    label = f"{recipe.method} {'per-layer mix' if recipe.ct_schemes else recipe.gguf_type or recipe.weight_format}"
     compared = [{"label": label, "file": tested, "bits_per_weight": file_bits(tested)["bits_per_weight"], **metrics}]
     for name in ("int8", "int4_g32_sym"):
         stage(f"comparison: round-to-nearest {name} of the float model", progress)

@@ -70,7 +70,13 @@ def make_plan(cfg: Gemma4Config, recipe: Recipe) -> dict[str, TensorPlan]:
                         f"round-to-nearest (chosen per tensor)")
             plan[name] = TensorPlan(name, shape, None, text)
             continue
-        if mix is not None:
+        if name in (recipe.ct_schemes or {}):  # a compressed-tensors per-layer mix (gemmaquant.ct_mix)
+            scheme = recipe.ct_schemes[name]
+            if scheme == "bf16":
+                plan[name] = TensorPlan(name, shape, None, "per-layer compressed-tensors mix: bf16 (in `ignore`)")
+                continue
+            fmt = get_format(scheme)
+        elif mix is not None:
             choice = mix[name]
             if isinstance(choice, str) and choice.upper() in ("F32", "F16", "BF16"):
                 why = (f"per-tensor mix: {choice}" if name in (recipe.tensor_types or {})

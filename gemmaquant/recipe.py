@@ -29,7 +29,7 @@ ADDED_KEYS = {"importance_params": False}
 # Keys only the exporters read: a work directory's values do not depend on them, so a run resumes whatever they are.
 EXPORT_ONLY_KEYS = ("embedding_gguf_type",)
 # Keys left out of `to_dict` (and so of every output file's recipe metadata) while they hold this value.
-OMITTED_AT_DEFAULT = {"forward_dtype": "auto", "tensor_types": None, "pad_to_block": None}
+OMITTED_AT_DEFAULT = {"forward_dtype": "auto", "tensor_types": None, "pad_to_block": None, "ct_schemes": None}
 FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -47,6 +47,9 @@ class Recipe:
     # MLP kinds ("mlp", "experts") whose intermediate width is zero-padded to the 256-block before quantizing
     # (gemmaquant.padding: the same function; every GGUF type fits ffn_down); None: none
     pad_to_block: tuple[str, ...] | None = None
+    # {tensor name: compressed-tensors scheme} (int4_g32_sym, int4_g128_sym, int8, bf16, ...): a per-layer mix for
+    # vLLM (`--format safetensors --target-bpw`, `--ct-mix`), replacing weight_format for those tensors
+    ct_schemes: dict | None = None
     calibration: str = "default"  # "default" (bundled set) or a file path
     n_samples: int = 32
     seq_len: int = 256
@@ -76,6 +79,8 @@ class Recipe:
                 object.__setattr__(self, "pad_to_block", check_kinds(self.pad_to_block) or None)
             except PaddingError as e:
                 raise RecipeError(str(e)) from None
+        if self.ct_schemes is not None:
+            _check_ct_schemes(self.ct_schemes, self.gguf_type)
         if self.forward_dtype not in FORWARD_DTYPES:
             raise RecipeError(f"forward_dtype {self.forward_dtype!r}; valid: {', '.join(FORWARD_DTYPES)}")
 
@@ -163,6 +168,19 @@ def _check_tensor_types(types) -> None:
         if not isinstance(name, str) or t not in BLOCK_TYPES + FLOAT_TYPES:
             raise RecipeError(f"tensor_types: unknown GGUF type {t!r} for {name}; valid: "
                               f"{', '.join(BLOCK_TYPES + FLOAT_TYPES)}")
+
+
+def _check_ct_schemes(schemes, gguf_type) -> None:
+    from gemmaquant.ct_mix import SCHEMES
+
+    if not isinstance(schemes, dict):
+        raise RecipeError(f"ct_schemes must be a table of tensor name -> scheme, got {type(schemes).__name__}")
+    if gguf_type is not None:
+        raise RecipeError(f"ct_schemes (a compressed-tensors mix) excludes gguf_type {gguf_type!r}")
+    for name, t in schemes.items():
+        if not isinstance(name, str) or t not in SCHEMES:
+            raise RecipeError(f"ct_schemes: unknown compressed-tensors scheme {t!r} for {name}; valid: "
+                              f"{', '.join(SCHEMES)}")
 
 
 def bundled_recipes() -> list[str]:

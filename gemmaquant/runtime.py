@@ -173,15 +173,17 @@ class CompressedTensorsSource:
     source, its codes repacked without rounding into the formats the kernels read:
         W4A16: int32 words of 8 offset codes (ct_pack.py) -> IntGroup(4, g, symmetric) nibbles u = q + 8
         W8A16: int32 words of 4 offset codes -> Int8Channel int8 q, scale [N]
-    Per-expert tensors (experts.{e}.{gate,up,down}_proj) are fused back: gate_up = gate rows, then up rows."""
+    Per-expert tensors (experts.{e}.{gate,up,down}_proj) are fused back: gate_up = gate rows, then up rows.
+    A per-layer mix (gemmaquant.ct_mix) gives each module its own scheme; its bf16 modules come back as float."""
 
     def __init__(self, path: str | os.PathLike):
         from gemmaquant.checkpoint import Checkpoint
-        from gemmaquant.export.compressed_tensors_reader import _bits, quantization_config
+        from gemmaquant.export.compressed_tensors_reader import _check_groups, quantization_config
 
         self.work = Path(path)
         self.ckpt = Checkpoint(self.work)
-        self.bits = _bits(quantization_config(self.ckpt.raw_config), self.work)
+        self.qc = quantization_config(self.ckpt.raw_config)
+        _check_groups(self.qc, self.work)
         self.config = self.ckpt.config
 
     def names(self) -> list[str]:
@@ -190,18 +192,24 @@ class CompressedTensorsSource:
         return list(expected_shapes(self.config))
 
     def _packed(self, base: str) -> Packed:
-        from gemmaquant.export.compressed_tensors_reader import read_packed
+        from gemmaquant.export.compressed_tensors_reader import _module_bits, read_packed
 
-        q, scale = read_packed(self.ckpt, base, self.bits)  # checked: dtypes, shapes, finite scales
+        bits = _module_bits(self.qc, self.ckpt, base)
+        q, scale = read_packed(self.ckpt, base, bits)  # checked: dtypes, shapes, finite scales
         shape = tuple(q.shape)
-        if self.bits == 8:
+        if bits == 8:
             return Int8Channel(scale.dtype).pack(q, {"scale": scale[:, 0]})
         return IntGroup(4, shape[1] // scale.shape[1], True, scale.dtype).pack(q, {"scale": scale})  # u = q + 8
 
     def get(self, name: str):
         from gemmaquant.export.compressed_tensors import EXPERTS, is_quantized
+        from gemmaquant.export.compressed_tensors_reader import _module_bits
 
-        if name.endswith(EXPERTS):
+        base = name.rsplit(".experts.", 1)[0] + ".experts.0.gate_proj" if name.endswith(EXPERTS) \
+            else name.removesuffix(".weight")
+        # a per-layer mix's bf16 modules (and every norm, embedding, router) are read as float, below
+        packed = is_quantized(name) and _module_bits(self.qc, self.ckpt, base) is not None
+        if packed and name.endswith(EXPERTS):
             layer = name.rsplit(".experts.", 1)[0]
             if name.endswith("down_proj"):
                 return [self._packed(f"{layer}.experts.{e}.down_proj") for e in range(self.config.num_experts)]
@@ -211,7 +219,7 @@ class CompressedTensorsSource:
                 out.append(Packed(g.fmt, (g.shape[0] + u.shape[0], g.shape[1]),
                                   {k: torch.cat([g.data[k], u.data[k]]) for k in g.data}))
             return out
-        if is_quantized(name):
+        if packed:
             return self._packed(name.removesuffix(".weight"))
         from gemmaquant.checkpoint import CheckpointError
         from gemmaquant.validate import require_finite

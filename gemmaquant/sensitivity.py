@@ -74,9 +74,12 @@ class Sensitivity:
                            for n, o in self.padded.items()}}
 
 
-def skeleton(cfg) -> Sensitivity:
+def skeleton(cfg, space=None) -> Sensitivity:
     """The searchable units of `cfg` with the bytes of every candidate (losses 0), the fixed bytes and the weight
-    count: all a budget needs, from the config alone."""
+    count: all a budget needs, from the config alone. space: another search's candidates and bytes (an object with
+    `skeleton(cfg)`, e.g. gemmaquant.ct_mix.CTSpace); None: the GGUF types."""
+    if space is not None:
+        return space.skeleton(cfg)
     from gemmaquant.checkpoint import expected_shapes
     from gemmaquant.export.gguf_mix import gguf_mix_plan
     from gemmaquant.export.gguf_pack import tensor_nbytes
@@ -119,6 +122,8 @@ def _dequant(w: torch.Tensor, type_name: str, importance: torch.Tensor | None) -
 
     if type_name == FLOAT_CANDIDATE:
         return w.to(torch.float16).float()
+    if type_name == "bf16":  # the compressed-tensors search's unquantized choice (gemmaquant.ct_mix)
+        return w.to(torch.bfloat16).float()
     fmt = get_format(type_name)
     return fmt.dequantize(rtn(w, fmt, importance=importance)).float()
 
@@ -133,12 +138,12 @@ def _matrix_err(w: torch.Tensor, H: torch.Tensor, type_name: str) -> tuple[float
 
 @torch.no_grad()
 def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: bool = True,
-            kl_sequences: int = 8, progress: bool | None = None) -> Sensitivity:
+            kl_sequences: int = 8, progress: bool | None = None, space=None) -> Sensitivity:
     """The options (bytes, loss) of every searchable tensor of `model` (alias, directory or model object) on the
-    recipe's calibration data. Nothing the caller passed is modified."""
+    recipe's calibration data; `space` as in `skeleton` (None: the GGUF types). Nothing the caller passed is
+    modified."""
     from gemmaquant.calibration import calibration_tokens
     from gemmaquant.capture import LayerStats, capture, force_route_rare_experts, group_of
-    from gemmaquant.checkpoint import expected_shapes
     from gemmaquant.model.gemma4 import Gemma4, rope_inv_freqs
     from gemmaquant.padding import padded_config, padded_shape, paddable
     from gemmaquant.progress import progress as progress_lines, stage
@@ -151,8 +156,7 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
         raise QuantizeError("no tokenizer: pass tokenizer_dir= (the directory with tokenizer.json)")
     ids, _ = calibration_tokens(tok_dir, calib or recipe.calibration, recipe.n_samples, recipe.seq_len,
                                 cfg.bos_token_id)
-    sens = skeleton(cfg)
-    shapes = expected_shapes(cfg)
+    sens = skeleton(cfg, space)
     units = {u.name: u for u in sens.units}
     proxy: dict[str, dict[str, float]] = {}
     refs: dict[str, torch.Tensor] = {}  # unit -> its weights on the cheapest candidate (for the KL measurement)
@@ -184,7 +188,7 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
                 continue
             w = w.detach()
             proxy[name] = {}
-            cands = candidate_types(shapes[name][-1])
+            cands = list(units[name].options)  # the skeleton's candidates for this tensor
             if rel.startswith("experts."):
                 kind = "expert_in" if rel.endswith("gate_up_proj") else "expert_down_in"
                 share = stats.expert_tokens.double() / max(int(stats.expert_tokens.sum()), 1)
@@ -223,7 +227,7 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
         f[:n] = freq[:n]
         scale = cfg.hidden_size if name == "embed_tokens.weight" else cfg.hidden_size_per_layer_input
         proxy[name] = {}
-        for t in candidate_types(w.shape[-1]):
+        for t in units[name].options:
             q = _dequant(w, t, None)
             d = (w.double() - q.double())
             err = float((f * d.pow(2).sum(1)).sum()) * scale
@@ -236,18 +240,19 @@ def measure(model, recipe, *, calib: str | None = None, tokenizer_dir=None, kl: 
         u.options = {t: (b, proxy[name][t]) for t, (b, _) in u.options.items()}
     sens.proxy = proxy
     sens.reference_type = {n: cheapest(u) for n, u in units.items()}
+    float_candidate = getattr(space, "float_candidate", FLOAT_CANDIDATE)  # lossless by definition
     if kl:
         stage(f"measuring the KL of each of {len(units)} tensors quantized alone", progress)
         sens.kl = _kl_alone(model, src, cfg, ids[:kl_sequences], refs, progress)
         for name, u in units.items():
             ref_err = proxy[name][sens.reference_type[name]]
             w = sens.kl[name] / ref_err if ref_err > 0 else 0.0
-            u.options = {t: (b, 0.0 if t == FLOAT_CANDIDATE else w * err) for t, (b, err) in u.options.items()}
+            u.options = {t: (b, 0.0 if t == float_candidate else w * err) for t, (b, err) in u.options.items()}
             _scale_padded(sens, name, padded_proxy, w)
     else:  # the measured prior: the KL per unit of proxy of the tensor's role and position on the fixtures
         for name, u in units.items():
             w = prior_weight(name, cfg.num_hidden_layers)
-            u.options = {t: (b, 0.0 if t == FLOAT_CANDIDATE else w * err) for t, (b, err) in u.options.items()}
+            u.options = {t: (b, 0.0 if t == float_candidate else w * err) for t, (b, err) in u.options.items()}
             _scale_padded(sens, name, padded_proxy, w)
     return sens
 

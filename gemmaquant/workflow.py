@@ -85,7 +85,7 @@ def parse_formats(formats: str | tuple) -> tuple[str, ...]:
 
 
 def scheme_name(recipe: Recipe) -> str:
-    if recipe.tensor_types:  # a per-tensor mix (--target-bpw, --gguf-mix)
+    if recipe.tensor_types or recipe.ct_schemes:  # a per-tensor mix (--target-bpw, --gguf-mix, --ct-mix)
         return "mix"
     name = recipe.gguf_type or LOSSLESS_GGUF.get(recipe.weight_format, recipe.weight_format)
     return f"{name}-padded" if recipe.pad_to_block else name  # --pad-to-block: not llama.cpp's file of that name
@@ -127,7 +127,8 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
                  overwrite: bool = False, evaluate: bool = True, progress: bool | None = None,
                  device: str = "auto", activation_budget_gib: float | None = None,
                  target_bpw: float | None = None, target_size: float | None = None,
-                 gguf_mix: Path | None = None, from_qat: bool | None = None, pad_to_block: str | None = None) -> dict:
+                 gguf_mix: Path | None = None, from_qat: bool | None = None, pad_to_block: str | None = None,
+                 ct_mix: Path | None = None, per_layer_experts: bool = False) -> dict:
     """from_qat: read a QAT checkpoint's int4 lattice back (gemmaquant.qat_checkpoint): None detects it, True
     forces it, False never. A compressed-tensors W4A16 checkpoint is repacked to Q4_0 GGUF (no rounding).
     pad_to_block: "all" or a comma-separated list of MLP kinds ("mlp", "experts") to zero-pad to the 256-block
@@ -148,11 +149,15 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
     cfg = model_config(model)
     name = Path(str(model)).name
     mix = None
+    if per_layer_experts and ("gguf" in fmts or (target_bpw, target_size, ct_mix) == (None, None, None)):
+        raise UsageError("--per-layer-experts applies to a compressed-tensors mix (--format safetensors with "
+                         "--target-bpw, --target-size or --ct-mix)")
     if pad_to_block is not None:
         recipe = _with_padding(recipe, cfg, fmts, pad_to_block, target_bpw, target_size, gguf_mix)
-    if target_bpw is not None or target_size is not None or gguf_mix is not None:
+    if target_bpw is not None or target_size is not None or gguf_mix is not None or ct_mix is not None:
         recipe, mix = resolve_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib,
-                                  out if out is not None else Path(f"{name}-mix"), progress)
+                                  out if out is not None else Path(f"{name}-mix"), progress, ct_mix,
+                                  per_layer_experts)
         lattice = None
     else:
         recipe, lattice = _qat_choice(model, recipe, from_qat)
@@ -224,7 +229,8 @@ def run_quantize(model: str, *, bits: int = 4, method: str = "gptq", formats="gg
                                                     steps=steps)
         prune_layers(result.work_dir)  # the records stay: a rerun of this command finds its finished outputs
     summary["total_seconds"] = round(time.time() - t0, 2)
-    summary["text"] = _quantize_text(summary) + (f"\n{mix_summary(mix)}\n  mix file (--gguf-mix): "
+    flag = "--ct-mix" if recipe.ct_schemes else "--gguf-mix"
+    summary["text"] = _quantize_text(summary) + (f"\n{mix_summary(mix)}\n  mix file ({flag}): "
                                                  f"{summary['mix_file']}" if mix else "")
     return summary
 
@@ -247,7 +253,7 @@ def _with_padding(recipe: Recipe, cfg, fmts, pad_to_block: str, target_bpw, targ
 
 
 def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_size, gguf_mix, calib, out,
-                progress) -> tuple[Recipe, dict]:
+                progress, ct_mix=None, per_layer_experts: bool = False) -> tuple[Recipe, dict]:
     """--target-bpw / --target-size (a mix measured and solved) or --gguf-mix FILE (a mix read back): the recipe
     with the per-tensor types (`tensor_types`), and the mix record. A finished or interrupted run's mix file in
     `out` for the same request is reused (the measurement is deterministic; this saves it)."""
@@ -255,10 +261,19 @@ def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_
 
     from gemmaquant.target_mix import choose_mix, read_mix_record
 
-    given = [f for f, v in (("--target-bpw", target_bpw), ("--target-size", target_size), ("--gguf-mix", gguf_mix))
-             if v is not None]
+    given = [f for f, v in (("--target-bpw", target_bpw), ("--target-size", target_size), ("--gguf-mix", gguf_mix),
+                            ("--ct-mix", ct_mix)) if v is not None]
     if len(given) > 1:
         raise UsageError(f"{given[0]} and {given[1]} exclude each other")
+    if "gguf" in fmts and "safetensors" in fmts and gguf_mix is None and ct_mix is None:
+        raise UsageError(f"{given[0]} chooses per tensor for one format: add --format gguf (a GGUF type per tensor) "
+                         f"or --format safetensors (a compressed-tensors scheme per layer); compressed-tensors "
+                         f"cannot hold GGUF's types, nor GGUF int4 groups of 128")
+    if ct_mix is not None or "gguf" not in fmts:  # a per-layer mix for vLLM (gemmaquant.ct_mix)
+        from gemmaquant.ct_mix import resolve_ct_mix
+
+        return resolve_ct_mix(model, cfg, recipe, fmts, gguf_type, target_bpw, target_size, ct_mix, calib, out,
+                              progress, given[0], per_layer_experts)
     if "safetensors" in fmts:
         raise UsageError(f"{given[0]} chooses GGUF types per tensor, which compressed-tensors cannot hold; add "
                          f"--format gguf")
@@ -270,9 +285,8 @@ def resolve_mix(model, cfg, recipe: Recipe, fmts, gguf_type, target_bpw, target_
     if gguf_mix is not None:
         types, pad = read_mix_record(gguf_mix, cfg)
         from gemmaquant.checkpoint import expected_shapes
-        from gemmaquant.target_mix import families
-
         from gemmaquant.padding import padded_config, padding_lines
+        from gemmaquant.target_mix import families
 
         shapes = expected_shapes(padded_config(cfg, pad))
         # tensors the file does not name keep the type the recipe alone gives them (--gguf-type, or its grid's)
@@ -357,6 +371,8 @@ def export_steps(name: str, recipe: Recipe, fmts: tuple[str, ...]) -> dict[str, 
         else:
             group = int(recipe.weight_format.split("_g")[1].split("_")[0]) if "_g" in recipe.weight_format else None
             args = {"scheme": "W8A16" if recipe.weight_format == "int8" else "W4A16", "group_size": group or 32}
+            if recipe.ct_schemes:  # a per-layer mix (gemmaquant.ct_mix)
+                args["schemes"] = recipe.ct_schemes
             rel = "safetensors"
         steps[fmt] = ({"output": rel, **args}, rel, args)
     return steps
@@ -388,6 +404,8 @@ def _quantize_text(s: dict) -> str:
     grid = s['recipe']['gguf_type'] or s['recipe']['weight_format']
     if s["recipe"].get("tensor_types"):
         grid = f"a per-tensor mix (file type {grid})"
+    if s["recipe"].get("ct_schemes"):
+        grid = "a per-layer compressed-tensors mix"
     what = f"{s['model']} with {s['recipe']['method']} onto {grid}"
     lines = [f"nothing to redo: {s['out']} already holds {what} (same recipe, calibration and weights; "
              f"--overwrite starts over)" if s.get("finished_earlier") else

@@ -58,7 +58,7 @@ class Report:
         out = [Section("", [
             f"# gemmaquant report: {self.model}", "",
             f"Recipe: {r.get('method')} onto "
-            f"{'a per-tensor mix' if r.get('tensor_types') else r.get('gguf_type') or r.get('weight_format')}, "
+            f"{'a per-tensor mix' if r.get('tensor_types') or r.get('ct_schemes') else r.get('gguf_type') or r.get('weight_format')}, "
             f"{r.get('n_samples')} x {r.get('seq_len')} calibration tokens "
             f"(sha256 {self.calibration_sha256[:16]}...).",
             "", HEADLINE, "",
@@ -79,6 +79,8 @@ class Report:
                   for c in self.compared)], plots.size_kl(self.compared)))
         if r.get("tensor_types"):
             out.append(Section("Per-tensor mix", mix_lines(r["tensor_types"])))
+        if r.get("ct_schemes"):
+            out.append(Section("Per-layer mix (compressed-tensors)", mix_lines(r["ct_schemes"], "ct_schemes")))
         reasons: dict[str, int] = {}
         for why in self.plan["float_tensors"].values():
             reasons[why] = reasons.get(why, 0) + 1
@@ -138,15 +140,17 @@ class Section:
     plot: str = ""
 
 
-def mix_lines(tensor_types: dict) -> list[str]:
-    """The GGUF type of every tensor of a per-tensor mix (`--target-bpw`, `--gguf-mix`), by tensor family."""
+def mix_lines(tensor_types: dict, key: str = "tensor_types") -> list[str]:
+    """The GGUF type (or compressed-tensors scheme, key "ct_schemes") of every tensor of a per-tensor mix
+    (`--target-bpw`, `--gguf-mix`, `--ct-mix`), by tensor family."""
     from gemmaquant.target_mix import family
 
     fams: dict[str, dict[str, list[str]]] = {}
     for name, t in sorted(tensor_types.items()):
         layer = name.split(".")[1] if name.startswith("layers.") else "-"
         fams.setdefault(family(name), {}).setdefault(t, []).append(layer)
-    return ["Each tensor's GGUF type, chosen per tensor (the full list: report.json, recipe.tensor_types).", "",
+    what = "compressed-tensors scheme" if key == "ct_schemes" else "GGUF type"
+    return [f"Each tensor's {what}, chosen per tensor (the full list: report.json, recipe.{key}).", "",
             "| tensor family | type (layers) |", "|---|---|",
             *(f"| {fam} | " + "; ".join(f"{t} ({', '.join(ls)})" if ls != ["-"] else t for t, ls in types.items())
               + " |" for fam, types in fams.items())]

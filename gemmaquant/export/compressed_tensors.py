@@ -117,17 +117,22 @@ def _raw_config(source) -> tuple[dict, str]:
 
 def export_compressed_tensors(source, out_dir: str | os.PathLike, scheme: str = "W4A16", group_size: int = 32,
                               overwrite: bool = False, *, dtype: torch.dtype = torch.bfloat16,
-                              max_shard_bytes: int = 4 << 30) -> Path:
+                              max_shard_bytes: int = 4 << 30, schemes: dict[str, str] | None = None) -> Path:
     """Write `source` (a tensor source, see gemmaquant.export.source) as a compressed-tensors checkpoint directory.
 
     scheme: "W4A16" (int4 symmetric, `group_size` inputs per scale) or "W8A16" (int8 symmetric per output channel).
     dtype: the exported model's dtype: unquantized tensors and the scales are stored in it (vLLM loads scales in
         the model dtype, so scales that do not fit it exactly are refused rather than silently rounded).
+    schemes: a per-layer mix, {tensor name: scheme} (gemmaquant.ct_mix: int4_g32_sym, int4_g64_sym, int4_g128_sym,
+        int8, bf16; a tensor left out gets `scheme` / `group_size`), replacing `scheme` for those tensors: one
+        config_group per scheme with `re:` targets naming its modules, bf16 ones in `ignore` (export/ct_targets.py).
     Returns out_dir. Raises ExportError for bad input (nothing is left at out_dir), FileExistsError when out_dir
     exists, is not empty and not `overwrite`.
     """
     if scheme not in SCHEMES:
         raise ExportError(f"unknown scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+    if schemes is not None:
+        return _export_mix(source, out_dir, scheme, group_size, overwrite, dtype, max_shard_bytes, schemes)
     bits = SCHEMES[scheme]
     cfg = source.config
     per_word = 32 // bits
@@ -137,6 +142,17 @@ def export_compressed_tensors(source, out_dir: str | os.PathLike, scheme: str = 
         raise ExportError(f"{scheme} with group_size {group_size} cannot hold rows of {bad[:3] or [group_size]} inputs "
                           f"(groups must divide every quantized matrix's input width, codes pack {per_word} per int32)")
     fmt = scheme_format(scheme, group_size, dtype)
+
+    def tensors(n, value):
+        return _quantized_tensors(n, value, fmt, bits, group_size if bits == 4 else None, dtype) \
+            if is_quantized(n) else None
+
+    return _write(source, out_dir, overwrite, dtype, max_shard_bytes, quantization_config(scheme, group_size), tensors)
+
+
+def _write(source, out_dir, overwrite, dtype, max_shard_bytes, qc: dict, tensors) -> Path:
+    """The export directory: every source tensor through `tensors(name, value)` (-> [(name relative to the text
+    prefix, tensor)], or None for a tensor kept in `dtype`), the towers, config.json with `qc`, tokenizer files."""
     raw, prefix = _raw_config(source)
     names = list(source.names())
     if len(set(names)) != len(names):
@@ -150,8 +166,9 @@ def export_compressed_tensors(source, out_dir: str | os.PathLike, scheme: str = 
         w = ShardWriter(tmp, max_shard_bytes, meta)
         for n in names:
             value = source.get(n)
-            if is_quantized(n):
-                for key, t in _quantized_tensors(n, value, fmt, bits, group_size if bits == 4 else None, dtype):
+            written = tensors(n, value)
+            if written is not None:
+                for key, t in written:
                     w.add(prefix + key, t)
             elif isinstance(value, torch.Tensor):
                 w.add(n if n == "lm_head.weight" else prefix + n, value.to(dtype))
@@ -164,7 +181,7 @@ def export_compressed_tensors(source, out_dir: str | os.PathLike, scheme: str = 
         if raw.get("model_type") == "gemma4":
             raw["text_config"] = {**raw.get("text_config", {}), "torch_dtype": str(dtype).removeprefix("torch.")}
         raw["torch_dtype"] = str(dtype).removeprefix("torch.")
-        raw["quantization_config"] = quantization_config(scheme, group_size)
+        raw["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
         write_model_card(tmp, raw, Path(source.source_dir).name if source.source_dir else Path(out_dir).name)
         if source.source_dir:
@@ -172,6 +189,39 @@ def export_compressed_tensors(source, out_dir: str | os.PathLike, scheme: str = 
                 if (Path(source.source_dir) / f).is_file():
                     shutil.copy2(Path(source.source_dir) / f, tmp / f)
     return Path(out_dir)
+
+
+def _export_mix(source, out_dir, scheme, group_size, overwrite, dtype, max_shard_bytes, schemes) -> Path:
+    """export_compressed_tensors with a scheme per tensor (see there)."""
+    from gemmaquant.ct_mix import SCHEMES as MIX_SCHEMES, complete, unit_of
+    from gemmaquant.export.ct_targets import mix_quantization_config
+    from gemmaquant.export.gguf_mix import MixError
+
+    cfg = source.config
+    default = ("int8" if scheme == "W8A16" else f"int4_g{group_size}_sym")
+    try:
+        full = complete(cfg, schemes, default, "schemes", shared_experts=False)  # what vLLM loads
+    except MixError as e:
+        raise ExportError(str(e)) from None
+    fmts = {}
+    for t in set(full.values()) - {"bf16"}:
+        bits, group = MIX_SCHEMES[t]
+        fmts[t] = (scheme_format("W8A16" if bits == 8 else "W4A16", group or 0, dtype), bits, group)
+    qc = mix_quantization_config({unit_of(n): t for n, t in full.items()}, IGNORE)
+
+    def tensors(n, value):
+        if not is_quantized(n):
+            return None
+        if full[n] == "bf16":
+            if not isinstance(value, torch.Tensor):
+                raise ExportError(f"{n}: a {type(value).__name__} value, but the mix keeps it in bf16")
+            # experts stay fused [E, N, K] as in the source checkpoint: vLLM's Gemma 4 loader explodes 3-D expert
+            # tensors itself (_weight_iterator) and transformers reads them as its own parameters
+            return [(n, value.to(dtype))]
+        fmt, bits, group = fmts[full[n]]
+        return _quantized_tensors(n, value, fmt, bits, group, dtype)
+
+    return _write(source, out_dir, overwrite, dtype, max_shard_bytes, qc, tensors)
 
 
 def _input_dims(cfg) -> set[int]:

@@ -44,18 +44,40 @@ def is_compressed_tensors(path: Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
-def _bits(qc: dict, path: Path) -> int:
+def _check_groups(qc: dict, path: Path) -> None:
+    """Every config group a symmetric weight-only int4 / int8 pack-quantized scheme (what gemmaquant writes)."""
     if qc.get("format") != "pack-quantized":
         raise CompressedTensorsError(f"{path}: compressed-tensors format {qc.get('format')!r} is not read "
                                      f"(gemmaquant writes pack-quantized)")
     groups = list((qc.get("config_groups") or {}).values())
-    if len(groups) != 1 or not isinstance(groups[0], dict) or not isinstance(groups[0].get("weights"), dict) \
-            or not groups[0]["weights"].get("symmetric", False):
-        raise CompressedTensorsError(f"{path}: expected one symmetric weight-only config group")
-    bits = groups[0]["weights"].get("num_bits")
-    if bits not in (4, 8) or isinstance(bits, bool):
-        raise CompressedTensorsError(f"{path}: quantization_config num_bits = {bits!r}; gemmaquant reads 4 or 8")
-    return bits
+    if not groups:
+        raise CompressedTensorsError(f"{path}: quantization_config has no config_groups")
+    for g in groups:
+        if not isinstance(g, dict) or not isinstance(g.get("weights"), dict) or \
+                not g["weights"].get("symmetric", False) or not isinstance(g.get("targets"), list):
+            raise CompressedTensorsError(f"{path}: expected symmetric weight-only config groups with targets")
+        bits = g["weights"].get("num_bits")
+        if bits not in (4, 8) or isinstance(bits, bool):
+            raise CompressedTensorsError(f"{path}: quantization_config num_bits = {bits!r}; gemmaquant reads 4 or 8")
+
+
+def _bits(qc: dict, path: Path) -> int:
+    """The bits of a single-scheme export (one config group); CompressedTensorsError for a per-layer mix."""
+    _check_groups(qc, path)
+    groups = list(qc["config_groups"].values())
+    if len(groups) != 1:
+        raise CompressedTensorsError(f"{path}: expected one symmetric weight-only config group, found {len(groups)} "
+                                     f"(a per-layer mix)")
+    return groups[0]["weights"]["num_bits"]
+
+
+def _module_bits(qc: dict, ckpt: Checkpoint, base: str) -> int | None:
+    """The bits of the scheme vLLM gives module `base` (our name, without `.weight`), None when it is unquantized
+    (gemmaquant.export.ct_targets.scheme_of on the module's name in the file)."""
+    from gemmaquant.export.ct_targets import scheme_of
+
+    w = scheme_of(qc, ckpt.full_name(base))
+    return None if w is None else w["num_bits"]
 
 
 def read_packed(ckpt: Checkpoint, name: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +105,10 @@ def read_packed(ckpt: Checkpoint, name: str, bits: int) -> tuple[torch.Tensor, t
     return unpack_int32(packed, bits, shape[1]), scale
 
 
-def _weight(ckpt: Checkpoint, base: str, bits: int) -> torch.Tensor:
+def _weight(ckpt: Checkpoint, base: str, qc: dict) -> torch.Tensor:
+    bits = _module_bits(qc, ckpt, base)
+    if bits is None:
+        return ckpt.get(f"{base}.weight")
     return dequantize(*read_packed(ckpt, base, bits))
 
 
@@ -94,17 +119,21 @@ def load_compressed_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.
     path = Path(path)
     ckpt = Checkpoint(path)
     raw, cfg = ckpt.raw_config, ckpt.config
-    bits = _bits(quantization_config(raw), path)
+    qc = quantization_config(raw)
+    _check_groups(qc, path)
     state = {}
     for name, shape in expected_shapes(cfg).items():
         try:
-            if name.endswith(EXPERTS):
+            if name.endswith(EXPERTS) and _module_bits(qc, ckpt, name.rsplit(".experts.", 1)[0] + ".experts.0.gate_proj") \
+                    is None:  # unquantized experts (a per-layer mix's bf16 choice): fused, as in the source
+                w = ckpt.get(name)
+            elif name.endswith(EXPERTS):
                 layer = name.rsplit(".experts.", 1)[0]
                 projs = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
-                w = torch.stack([torch.cat([_weight(ckpt, f"{layer}.experts.{e}.{p}", bits) for p in projs])
+                w = torch.stack([torch.cat([_weight(ckpt, f"{layer}.experts.{e}.{p}", qc) for p in projs])
                                  for e in range(cfg.num_experts)])
             elif is_quantized(name):
-                w = _weight(ckpt, name.removesuffix(".weight"), bits)
+                w = _weight(ckpt, name.removesuffix(".weight"), qc)
             elif name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             else:

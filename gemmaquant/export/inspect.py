@@ -97,11 +97,13 @@ def inspect_dir(path: Path, files: list[Path] | None = None) -> str:
     if files is not None:
         path = files[0]
     lines = [f"{path}: safetensors, {len(headers)} tensors in {len({h['file'] for h in headers.values()})} file(s)"]
-    if qc:
-        g = next(iter(qc.get("config_groups", {}).values()), {}).get("weights", {})
+    for group in (qc or {}).get("config_groups", {}).values():  # one per scheme (a per-layer mix has several)
+        g = group.get("weights", {})
         lines.append(f"quantization: {qc.get('quant_method')} / {qc.get('format')}, {g.get('num_bits')}-bit "
                      f"{'symmetric' if g.get('symmetric') else 'asymmetric'} {g.get('type')}, strategy "
-                     f"{g.get('strategy')}, group_size {g.get('group_size')}; ignore {qc.get('ignore')}")
+                     f"{g.get('strategy')}, group_size {g.get('group_size')}; targets {group.get('targets')}")
+    if qc:
+        lines.append(f"ignore: {qc.get('ignore')}")
     meta = next(iter(headers.values()))["metadata"]
     if meta:
         lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(meta.items())))
@@ -127,9 +129,11 @@ def _safetensors_tensors(headers: dict[str, dict], qc: dict | None) -> list[tupl
             modules[base][leaf] = h
         else:
             modules[name][""] = h
-    bits = (next(iter((qc or {}).get("config_groups", {}).values()), {}).get("weights", {}) or {}).get("num_bits")
+    from gemmaquant.export.ct_targets import scheme_of
+
     rows = []
     for base, parts in sorted(modules.items()):
+        bits = (scheme_of(qc, base) or {}).get("num_bits") if qc else None  # a per-layer mix: each module its own
         if "weight_packed" in parts and "weight_scale" in parts and bits in (4, 8) and \
                 len(parts["weight_packed"]["shape"]) == 2:
             packed = parts["weight_packed"]["shape"]

@@ -127,15 +127,20 @@ def safetensors_size(plan: dict[str, TensorPlan], dtype_bytes: int = 2) -> dict:
     weight_shape; every other tensor in bf16."""
     nbytes = weights = 0
     for p in plan.values():
-        n = _numel(p.shape)
-        weights += n
-        if p.fmt is None:
-            nbytes += n * dtype_bytes
-            continue
-        experts = p.shape[0] if len(p.shape) == 3 else 1
-        N, K = p.shape[-2], p.shape[-1]
-        bits = 8 if p.fmt.name == "int8" else 4
-        scales = 1 if bits == 8 else K // p.fmt.group_size
-        modules = experts * (2 if p.name.endswith("gate_up_proj") else 1)  # experts unfused, gate_up split in two
-        nbytes += experts * (N * K * bits // 8 + N * scales * dtype_bytes) + 16 * modules  # + int64[2] weight_shape
+        weights += _numel(p.shape)
+        nbytes += ct_tensor_nbytes(p.name, p.shape, p.fmt.name if p.fmt is not None else "bf16", dtype_bytes)
     return {"bytes": nbytes, "weights": weights, "bits_per_weight": 8 * nbytes / max(weights, 1)}
+
+
+def ct_tensor_nbytes(name: str, shape, scheme: str, dtype_bytes: int = 2) -> int:
+    """Bytes one tensor takes in the compressed-tensors export under `scheme` ("bf16", "int8" or an int4 group
+    format name such as int4_g32_sym): the model dtype, or codes + scales + an int64[2] weight_shape per module."""
+    n = _numel(shape)
+    if scheme in ("bf16", "float"):
+        return n * dtype_bytes
+    experts = shape[0] if len(shape) == 3 else 1
+    N, K = shape[-2], shape[-1]
+    bits = 8 if scheme == "int8" else 4
+    scales = 1 if bits == 8 else K // int(scheme.split("_g")[1].split("_")[0])
+    modules = experts * (2 if name.endswith("gate_up_proj") else 1)  # experts unfused, gate_up split in two
+    return experts * (N * K * bits // 8 + N * scales * dtype_bytes) + 16 * modules  # + int64[2] weight_shape

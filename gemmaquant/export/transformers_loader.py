@@ -63,6 +63,7 @@ def load_transformers(path: str | os.PathLike, **from_pretrained_kwargs):
     checkpoint (it would initialize them at random), unexpected or of another shape."""
     from transformers import AutoModelForCausalLM
 
+    _refuse_per_layer_expert_schemes(path)
     with gemma4_expert_mapping():
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -73,3 +74,22 @@ def load_transformers(path: str | os.PathLike, **from_pretrained_kwargs):
         raise CompressedTensorsError(f"{path}: transformers did not load every weight ({text}); it would have "
                                      f"initialized the missing ones at random")
     return model
+
+
+def _refuse_per_layer_expert_schemes(path) -> None:
+    """transformers (5.x, `get_experts_scheme`) dequantizes every layer's experts with the first config group whose
+    `re:` targets mention experts: a per-layer mix whose experts use two schemes (gemmaquant --per-layer-experts,
+    what vLLM loads) would load wrong weights without a word. Refused here."""
+    from pathlib import Path
+
+    from gemmaquant.checkpoint import read_json
+    from gemmaquant.export.compressed_tensors_reader import quantization_config
+
+    cfg = Path(path) / "config.json"
+    qc = quantization_config(read_json(cfg, "config")) if cfg.is_file() else {}
+    groups = [g for g in (qc.get("config_groups") or {}).values()
+              if any(str(t).startswith("re:") and "experts" in str(t) for t in g.get("targets") or [])]
+    if len(groups) > 1:
+        raise CompressedTensorsError(f"{path}: its experts are quantized with {len(groups)} schemes (a per-layer "
+                                     f"mix for vLLM); transformers dequantizes all experts with one, so it cannot "
+                                     f"load this export correctly")
