@@ -7,7 +7,7 @@
    docs / stdlib, Django and a Bible translation (gemmaquant/calibration/data/SOURCES.md): none of this text.
    The documents are shuffled and split three ways, disjoint: held-out text (never trained or calibrated on),
    190 KB reserved for the QAT user's text (the size in the issue), of which --user-bytes (100 KB by default, to
-   fit the CPU time: the default recipe then runs its minimum, 200 steps) make the QAT text, and the rest for
+   fit the CPU time: the default recipe then runs its minimum, 400 steps) make the QAT text, and the rest for
    pre-training the new fixture.
 2. fixture: a new dense Gemma 4 ("gen-dense": width 128, 4 layers, no k_eq_v, seed 29; tiny-dense is width 192,
    6 layers, k_eq_v, seed 0) trained on the pre-training text with the fixture trainer of scripts/fixture_models.py
