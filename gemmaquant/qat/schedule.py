@@ -12,13 +12,14 @@ text would be repeated more than that; MAX_EPOCHS = 5, the most any measured run
 (the held-out selection of heldout.py guards what repetition remains). MIN_STEPS = 400: a text too small for
 400 steps within 5 epochs is repeated more rather than trained less. Chosen on tiny-dense with a 114 KB slice of
 the bundled training text (held-out selection KL of the GPTQ start 0.00333; the bundled held-out set's share of
-GPTQ's KL removed in brackets): 200 steps at 4x the rates 0.00170 (42.1%), 400 steps at 2.5x 0.00158 (45.5%),
-and in both the best held-out state was the last step, so the 200-step run stopped while still improving.
+GPTQ's KL removed in brackets), seeds 0 and 1: 200 steps at 4x the rates 0.00170, 0.00175 (42.1%, 41.5%), 400
+steps at 2.5x 0.00158, 0.00161 (45.5%, 45.2%); in all the best held-out state was the last step, so the 200-step
+runs stopped while still improving.
 
     batch_size x seq_len = 8 x 128 (32 x 128 on an MoE model: train.default_batch_size), whatever the text
 
 Not set from the text: on the same slice 400 steps of 4 x 128 tokens (the compute of 200 steps of 8) reached
-0.00173 (42.4%), no better than 200 steps of 8, so a small text gets more steps, not smaller batches. The
+0.00173 (42.4%, seed 0), no better than 200 steps of 8, so a small text gets more steps, not smaller batches. The
 sequence length stays at the 128 tokens every rate was measured with.
 
     rates           = lr, scale_lr x min(4, max(1, 1000 / steps))   where the caller left them unset
