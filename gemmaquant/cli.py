@@ -160,7 +160,7 @@ def qat(
     bits: Optional[int] = typer.Option(None, help="4 (default), 3, 2 or 8; --format / --gguf-type name the grid "
                                                  "instead"),
     data: Path = typer.Option(..., help="training text"),
-    steps: Optional[int] = typer.Option(None, help="training steps (default: from the amount of text, 200 to 1000; "
+    steps: Optional[int] = typer.Option(None, help="training steps (default: from the amount of text, 400 to 1000; "
                                                    "docs/qat.md)"),
     out: Path = typer.Option(...),
     heldout: Optional[Path] = typer.Option(None, help="held-out text for choosing the exported state and for the "

@@ -82,7 +82,7 @@ class QATRecipe:
     weight_format: str | None = None  # default: BITS_FORMAT[bits]
     gguf_type: str | None = None  # instead: each weight on the block type this llama.cpp mix gives it (Q4_K_M, ...)
     embedding_type: str | None = None  # train the embedding tables on this GGUF type, the GGUF's token_embd type
-    steps: int | None = None  # None: from the training text (gemmaquant.qat.schedule: up to 1000, at least 200)
+    steps: int | None = None  # None: from the training text (gemmaquant.qat.schedule: up to 1000, at least 400)
     batch_size: int | None = None  # sequences per step; None: default_batch_size(config), 32 on an MoE model, else 8
     micro_batch: int | None = None  # windows per forward/backward (gradient accumulation); None: the whole batch
     seq_len: int = 128

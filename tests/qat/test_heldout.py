@@ -48,17 +48,20 @@ def test_split_holds_out_the_tail_in_whole_windows():
 
 def test_steps_follow_the_amount_of_text():
     assert default_steps(833_286, 8, 128) == MAX_STEPS == 1000  # the bundled text: the measured 1000 steps
-    assert default_steps(73_000, 8, 128) == 356  # a 190 KB text: at most 5 passes over it
-    assert default_steps(20_000, 8, 128) == MIN_STEPS == 200  # a small text: repeated rather than trained less
-    assert default_steps(73_000, 32, 128) == 200  # an MoE model's 4x batch goes through the text 4x faster
+    assert default_steps(120_000, 8, 128) == 585  # a 310 KB text: at most 5 passes over it
+    assert default_steps(73_000, 8, 128) == MIN_STEPS == 400  # a 190 KB text: repeated rather than trained less
+    assert default_steps(20_000, 8, 128) == 400
+    assert default_steps(150_000, 32, 128) == 400  # an MoE model's 4x batch goes through the text 4x faster
     from gemmaquant.qat.schedule import MAX_RATE_SCALE, for_data, rate_scale
     from gemmaquant.qat.train import LR, SCALE_LR
 
     assert rate_scale(1000) == rate_scale(2000) == 1.0 and rate_scale(500) == min(2.0, MAX_RATE_SCALE)
-    r = for_data(QATRecipe(batch_size=8), 20_000)  # 200 steps: the rates raised as far as measured to help
-    assert r.steps == 200 and r.lr == LR * rate_scale(200) and r.scale_lr == SCALE_LR * rate_scale(200)
+    assert rate_scale(400) == 2.5 and rate_scale(100) == MAX_RATE_SCALE == 4.0
+    r = for_data(QATRecipe(batch_size=8), 20_000)  # 400 steps: the rates raised so steps x rate is the 1000-step run's
+    assert r.steps == 400 and r.lr == LR * 2.5 and r.scale_lr == SCALE_LR * 2.5
+    assert (r.batch_size, r.seq_len) == (8, 128)  # batch and sequence length do not follow the text
     r = for_data(QATRecipe(batch_size=8, steps=200, lr=0.001), 20_000)  # what the caller sets stays
-    assert r.lr == 0.001 and r.scale_lr == SCALE_LR * rate_scale(200)
+    assert r.steps == 200 and r.lr == 0.001 and r.scale_lr == SCALE_LR * rate_scale(200)
     assert for_data(QATRecipe(batch_size=8), 10**6).lr == LR
 
 
