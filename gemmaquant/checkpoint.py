@@ -14,6 +14,7 @@ Text names returned here have the prefix stripped: `layers.3.self_attn.q_proj.we
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -243,12 +244,34 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
-    """Every text tensor's shape for a config, from the reference model built on the meta device."""
+    """Every text tensor's shape for a config, from the reference model built on the meta device (once per
+    config: a fresh dict each call)."""
+    try:
+        return dict(_shapes(cfg))
+    except TypeError:  # a config with an unhashable field: built every time
+        return dict(_shapes.__wrapped__(cfg))
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
     from gemmaquant.model.gemma4 import Gemma4
 
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInit():
         m = Gemma4(cfg)
     return {n: tuple(t.shape) for n, t in m.state_dict().items()}
+
+
+class _NoInit(torch.overrides.TorchFunctionMode):
+    """Skips torch.nn.init's random fills while a model is built on the meta device, where they fill nothing:
+    on meta, normal_ runs a Python reference whose first call imports torch._dynamo (about a second)."""
+
+    SKIPPED = {torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.trunc_normal_,
+               torch.nn.init.kaiming_uniform_, torch.nn.init.kaiming_normal_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def load_state_into(model: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, device="cpu",
