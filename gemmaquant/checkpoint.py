@@ -14,7 +14,6 @@ Text names returned here have the prefix stripped: `layers.3.self_attn.q_proj.we
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -246,19 +245,19 @@ def read_safetensors_header(path: Path) -> dict:
 def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
     """Every text tensor's shape for a config, from the reference model built on the meta device (once per
     config: a fresh dict each call)."""
-    try:
-        return dict(_shapes(cfg))
-    except TypeError:  # a config with an unhashable field: built every time
-        return dict(_shapes.__wrapped__(cfg))
+    key = repr(cfg)  # every field's value (a config may hold a list, e.g. eos_token_id, so it is not hashable)
+    if key not in _SHAPES:
+        from gemmaquant.model.gemma4 import Gemma4
+
+        with torch.device("meta"), _NoInit():
+            m = Gemma4(cfg)
+        if len(_SHAPES) >= 16:
+            _SHAPES.clear()
+        _SHAPES[key] = {n: tuple(t.shape) for n, t in m.state_dict().items()}
+    return dict(_SHAPES[key])
 
 
-@functools.lru_cache(maxsize=16)
-def _shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
-    from gemmaquant.model.gemma4 import Gemma4
-
-    with torch.device("meta"), _NoInit():
-        m = Gemma4(cfg)
-    return {n: tuple(t.shape) for n, t in m.state_dict().items()}
+_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
 
 
 class _NoInit(torch.overrides.TorchFunctionMode):
