@@ -1,7 +1,7 @@
 """Hugging Face checkpoint directory -> Q4_K_M GGUF, end to end: gemmaquant's exporter beside llama.cpp's own pipeline
 (convert_hf_to_gguf.py --outtype bf16, then llama-quantize Q4_K_M) on the same models and the same thread count.
 
-    LLAMA_CPP_DIR=/path/to/llama.cpp python benchmarks/bench_export.py [--threads 1] [--quick]
+    LLAMA_CPP_DIR=/path/to/llama.cpp python benchmarks/bench_export.py [--threads 1[,2]] [--quick]
 
 Models: a bundled tiny fixture (tiny-moe), a larger synthetic dense model with real Gemma 4 head geometry
 (head dims 256 / 512, rows that are multiples of 256, so Q4_K / Q6_K are used as on the released models) and a
@@ -9,7 +9,8 @@ synthetic with 26B-A4B's widths (rows of 2112 and 704 take llama-quantize's Q5_0
 into --work. gemmaquant runs twice: the library's export_gguf(FloatSource(dir)), and the command line
 `gemmaquant quantize DIR --method rtn --gguf-type TYPE --format gguf --no-eval` (the quantizer's work directory,
 then the export). All run as fresh processes (interpreter start and imports included), OMP_NUM_THREADS and
-torch's threads set to --threads. Every timing is the best of --repeat runs. Results:
+torch's threads set to --threads (a list gives a row per count; llama-quantize gets the same count). Every timing
+is the best of --repeat runs. Results:
 benchmarks/results/bench_export.json and .md, with each side's file size and whether the files picked the same
 type and hold the same bytes for every tensor.
 """
@@ -125,7 +126,8 @@ def bench(name: str, ckpt: Path, llama: Path, work: Path, threads: int, repeat: 
     same = sorted(n for n in a if n in b and a[n][0] == b[n][0])
     identical = sorted(n for n in a if n in b and a[n] == b[n])
     cli_identical = sorted(n for n in c if n in b and c[n] == b[n])
-    return {"model": name, "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
+    return {"model": name, "threads": threads,
+            "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
             "gemmaquant_s": round(ours, 3), "llamacpp_convert_s": round(conv, 3),
             "llamacpp_quantize_s": round(quant, 3), "llamacpp_total_s": round(conv + quant, 3),
             "ratio_gemmaquant_over_llamacpp": round(ours / (conv + quant), 3),
@@ -172,7 +174,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"), help="llama.cpp tree with build/bin")
     ap.add_argument("--work", default="/tmp/gemmaquant-bench-export")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", default="1", help="thread count, or a comma-separated list (a row for each)")
+    ap.add_argument("--models", default="", help="comma-separated subset of: tiny-moe, dense, 26b (default all)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny fixture only")
     ap.add_argument("--type", default="Q4_K_M", help="GGUF file type / mix (default Q4_K_M)")
@@ -184,7 +187,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
-        return device_check(work, args.threads)
+        return device_check(work, int(args.threads.split(",")[0]))
     if not args.llama_cpp:
         sys.exit("set LLAMA_CPP_DIR or pass --llama-cpp")
     sys.path.insert(0, str(ROOT))
@@ -192,26 +195,32 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    models = {"tiny-moe": FIXTURES["tiny-moe"]}
+    wanted = set(args.models.split(",")) if args.models else {"tiny-moe", "dense", "26b"}
+    models = {"tiny-moe": FIXTURES["tiny-moe"]} if "tiny-moe" in wanted else {}
     if not args.quick:
-        models["synthetic-dense-0.4B"] = synthetic_checkpoint(work)
-        models["synthetic-26b-a4b-width-0.17B"] = synthetic_moe_checkpoint(work)
-    rows = [bench(n, p, Path(args.llama_cpp), work, args.threads, args.repeat, args.type) for n, p in models.items()]
-    meta = {"type": args.type, "threads": args.threads, "repeat": args.repeat, "python": platform.python_version(),
+        if "dense" in wanted:
+            models["synthetic-dense-0.4B"] = synthetic_checkpoint(work)
+        if "26b" in wanted:
+            models["synthetic-26b-a4b-width-0.17B"] = synthetic_moe_checkpoint(work)
+    threads = [int(t) for t in args.threads.split(",")]
+    rows = [bench(n, p, Path(args.llama_cpp), work, t, args.repeat, args.type) for t in threads
+            for n, p in models.items()]
+    meta = {"type": args.type, "threads": threads, "repeat": args.repeat, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
             "note": args.note}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_export.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    cols = ["model", "checkpoint_bytes", "gemmaquant_s", "gemmaquant_cli_s", "llamacpp_convert_s",
+    cols = ["model", "threads", "checkpoint_bytes", "gemmaquant_s", "gemmaquant_cli_s", "llamacpp_convert_s",
             "llamacpp_quantize_s", "llamacpp_total_s", "ratio_gemmaquant_over_llamacpp", "ratio_cli_over_llamacpp",
             "gemmaquant_cpu_s", "gemmaquant_cli_cpu_s", "llamacpp_cpu_s", "ratio_cpu_gemmaquant_over_llamacpp",
             "ratio_cpu_cli_over_llamacpp", "gemmaquant_bytes", "llamacpp_bytes", "tensor_types_equal",
             "tensors_byte_identical", "cli_tensors_byte_identical"]
     md = [f"# HF checkpoint -> {args.type} GGUF, end to end", "",
           f"gemmaquant `export_gguf(FloatSource(dir), out, type=\"{args.type}\")` vs llama.cpp `convert_hf_to_gguf.py "
-          f"--outtype bf16` + `llama-quantize {args.type}`; {args.threads} thread(s), best of {args.repeat}, fresh "
-          f"processes; the command line: `gemmaquant quantize DIR --method rtn --gguf-type {args.type} --format gguf "
-          f"--no-eval`. ratio < 1 means gemmaquant is faster. `_s`: wall seconds; `_cpu_s`: CPU seconds (user + "
+          f"--outtype bf16` + `llama-quantize {args.type}`; {args.threads} thread(s) on both sides, best of "
+          f"{args.repeat}, fresh processes; the command line: `gemmaquant quantize DIR --method rtn --gguf-type "
+          f"{args.type} --format gguf --no-eval`. ratio < 1 means gemmaquant is faster. `_s`: wall seconds; "
+          f"`_cpu_s`: CPU seconds (user + "
           f"system) of the process, which do not count time spent waiting for a shared machine's cores. The four "
           f"commands run interleaved, each the best of the runs.", "",
           *([f"Note: {args.note}", ""] if args.note else []),

@@ -243,12 +243,34 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
-    """Every text tensor's shape for a config, from the reference model built on the meta device."""
-    from gemmaquant.model.gemma4 import Gemma4
+    """Every text tensor's shape for a config, from the reference model built on the meta device (once per
+    config: a fresh dict each call)."""
+    key = repr(cfg)  # every field's value (a config may hold a list, e.g. eos_token_id, so it is not hashable)
+    if key not in _SHAPES:
+        from gemmaquant.model.gemma4 import Gemma4
 
-    with torch.device("meta"):
-        m = Gemma4(cfg)
-    return {n: tuple(t.shape) for n, t in m.state_dict().items()}
+        with torch.device("meta"), _NoInit():
+            m = Gemma4(cfg)
+        if len(_SHAPES) >= 16:
+            _SHAPES.clear()
+        _SHAPES[key] = {n: tuple(t.shape) for n, t in m.state_dict().items()}
+    return dict(_SHAPES[key])
+
+
+_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
+class _NoInit(torch.overrides.TorchFunctionMode):
+    """Skips torch.nn.init's random fills while a model is built on the meta device, where they fill nothing:
+    on meta, normal_ runs a Python reference whose first call imports torch._dynamo (about a second)."""
+
+    SKIPPED = {torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.trunc_normal_,
+               torch.nn.init.kaiming_uniform_, torch.nn.init.kaiming_normal_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def load_state_into(model: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, device="cpu",

@@ -244,8 +244,9 @@ def quantize_one_layer(cfg: Gemma4Config, i: int, state: dict[str, torch.Tensor]
     from gemmaquant.qat_checkpoint import LatticeLog
 
     lattice = LatticeLog()
-    if acts is None:
-        values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plan, recipe, lattice=lattice)
+    if acts is None:  # nothing runs the layer afterwards: its weights need not hold the quantized values
+        values, sqnr, expert_sqnr = quantize_layer(layer, stats, layer_plan, recipe, lattice=lattice,
+                                                   write_back=False)
         info = {"layer": i, "sqnr_db": sqnr, "expert_sqnr_db": expert_sqnr, "seconds": round(time.time() - lt, 3),
                 "expert_tokens": None, "forced_experts": []}
         if lattice.tensors:

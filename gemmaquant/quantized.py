@@ -5,7 +5,9 @@ a run resumes and from which the exporters read (`QuantizedSource`).
       state.json              recipe, source, calibration hash, config; the fingerprint a resume must match
       globals.safetensors     embeddings, final norm, PLE tables (float, as the recipe keeps them)
       layer_00007.safetensors one layer: float tensors under their names; a quantized weight `W` as
-                              `W::<key>` for every key of its Packed data (expert tensors: stacked over experts)
+                              `W::<key>` for every key of its Packed data (expert tensors: stacked over experts);
+                              int32 `codes` whose values fit a byte are stored as uint8 / int8 (the format's
+                              metadata says which) and read back as int32
       layer_00007.json        its formats, coverage (tokens per expert), weight SQNR per tensor
       acts_00008.safetensors  calibration activations entering the next layer (+ shared K/V), for resume
 Every file is written to a temporary name and renamed, so a kill at any point leaves a consistent state.
@@ -93,9 +95,24 @@ def save_layer(work: Path, i: int, values: dict[str, torch.Tensor | Quantized], 
                          "experts": len(packs) if isinstance(v, list) else 0}
         for key in packs[0].data:
             stacked = torch.stack([p.data[key] for p in packs]) if isinstance(v, list) else packs[0].data[key]
+            if key == "codes" and stacked.dtype == torch.int32:
+                stacked, narrow = _narrow(stacked)
+                if narrow is not None:
+                    formats[name]["codes_dtype"] = narrow
             tensors[f"{name}::{key}"] = stacked
     save_atomic(tensors, work / f"layer_{i:05d}.safetensors", {"formats": json.dumps(formats)})
     write_json_atomic({**info, "formats": {n: f["format"] for n, f in formats.items()}}, work / f"layer_{i:05d}.json")
+
+
+def _narrow(codes: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """int32 codes as uint8 or int8 when every value fits (a quarter of the bytes to write and read back)."""
+    if codes.numel() == 0:
+        return codes, None
+    lo, hi = (int(v) for v in torch.aminmax(codes))
+    for dtype, name, (a, b) in ((torch.uint8, "uint8", (0, 255)), (torch.int8, "int8", (-128, 127))):
+        if a <= lo and hi <= b:
+            return codes.to(dtype), name
+    return codes, None
 
 
 def read_values(path: Path) -> dict[str, torch.Tensor | Quantized]:
@@ -111,6 +128,8 @@ def read_values(path: Path) -> dict[str, torch.Tensor | Quantized]:
     for name, spec in formats.items():
         fmt = format_from_spec(spec["format"])
         data = {k.split("::", 1)[1]: v for k, v in raw.items() if k.startswith(name + "::")}
+        if spec.get("codes_dtype"):  # stored narrow (save_layer): Packed codes are int32
+            data["codes"] = data["codes"].to(torch.int32)
         shape = tuple(spec["shape"])
         if spec["experts"]:
             out[name] = [Packed(fmt, shape, {k: v[e] for k, v in data.items()}) for e in range(spec["experts"])]

@@ -67,9 +67,11 @@ if [[ " $STAGES " == *" tests "* ]]; then
     echo "kernel tests exit status $?"
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/kernel_tests.log" | tail -30
     # the device tests: fake-CUDA ones run on the CPU anyway; the rest take device="cuda" where CUDA is (QAT's
-    # whole qat_train on cuda, batched expert GPTQ on cuda against the loop, the OOM path, throughput probes)
+    # whole qat_train on cuda, batched expert GPTQ on cuda against the loop, the OOM path, throughput probes, every
+    # GGUF block fit on cuda against the CPU's bytes: test_gguf_device.py, skipped without CUDA)
     timeout "${DEVICE_TESTS_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider \
-        tests/device tests/algorithms/test_gptq_batched.py tests/test_throughput.py > "$OUT/device_tests.log" 2>&1
+        tests/device tests/algorithms/test_gptq_batched.py tests/test_throughput.py tests/formats/test_gguf_device.py \
+        > "$OUT/device_tests.log" 2>&1
     echo "device tests exit status $?"
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/device_tests.log" | tail -20
     stamp "tests done"

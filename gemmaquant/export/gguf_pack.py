@@ -68,11 +68,16 @@ def float_chunks(w: torch.Tensor, type_name: str, name: str, device: torch.devic
                  ) -> Iterator[np.ndarray]:
     """A float tensor as F32 / F16 / BF16 (no rounding beyond the cast) or RTN-quantized to a block type, on
     `device` (None: where w lies); the chunks come back as host arrays."""
+    from gemmaquant.formats.base import REFERENCE_CHUNK, ReferenceQuantizer
+
     rows = w.reshape(-1, w.shape[-1]) if w.ndim > 1 else w.reshape(1, -1)
     step = max(1, CHUNK_BYTES // (rows.shape[1] * 4))
     if type_name not in FLOAT_TYPES:
         row_bytes(type_name, rows.shape[1])  # raises PackError for rows that do not fit the block
         fmt = gguf_format(type_name)
+        if isinstance(fmt, ReferenceQuantizer) and (w.device if device is None else torch.device(device)).type == "cpu":
+            # the slice the CPU port works on: converted, fitted and packed while it is in cache, no concatenation
+            step = max(1, REFERENCE_CHUNK // rows.shape[1])
     for r in range(0, rows.shape[0], step):
         chunk = rows[r:r + step]
         if type_name == "F32":

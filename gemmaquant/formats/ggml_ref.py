@@ -91,11 +91,21 @@ def rowsum_(acc: Tensor, t: Tensor) -> Tensor:
     Python loop adds the rows."""
     acc.zero_()
     if t.device.type == "cpu":
-        acc.unsqueeze(0).index_add_(0, torch.zeros(t.shape[0], dtype=torch.int64), t)
+        acc.unsqueeze(0).index_add_(0, _zeros_index(t.shape[0]), t)
         return acc
     for row in t.unbind(0):
         acc.add_(row)
     return acc
+
+
+_ZERO_INDEX: dict[int, Tensor] = {}
+
+
+def _zeros_index(n: int) -> Tensor:
+    """n zeros (int64, CPU): index_add_'s index that adds every row into row 0 (made once per n)."""
+    if n not in _ZERO_INDEX:
+        _ZERO_INDEX[n] = torch.zeros(n, dtype=torch.int64)
+    return _ZERO_INDEX[n]
 
 
 ROUND_SAFE = 4194000.0  # |v| below this (< 2^22 - 1): nearest_int(v) is round-half-even(v), what torch.round gives
@@ -167,56 +177,67 @@ def make_qx_quants(x: Tensor, nmax: int, qw: Tensor | None) -> tuple[Tensor, Ten
 def make_qkx_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False):
     """make_qkx2_quants / make_qkx3_quants with weights given (the two are then the same code), x, w [n, B] ->
     (scale [B], the_min [B] >= 0, L [n, B] in [0, nmax]):  x ~ scale * L - the_min. use_mad: the error is
-    sum w |diff| instead of sum w diff^2 (Q2_K's reference quantizer)."""
+    sum w |diff| instead of sum w diff^2 (Q2_K's reference quantizer).
+
+    Per candidate the work is 12 elementwise passes over [n, B] and two ordered row sums; the per-block values
+    (the candidate's sums, the least-squares scale and min, the best so far) are kept stacked, so that one op
+    serves several of them (the same float32 operations as the C code, only done side by side)."""
+    n, B = x.shape
     xmin, mx = first_min(x), x.amax(0)
     mn = torch.where(xmin > 0, 0.0, xmin)
     flat = mx == mn  # (max - min == 0 exactly when max == min: float subtraction underflows gradually)
     sum_w, sum_x = seqsum(w, w * x)
     E = torch.empty_like(x)  # the error terms of a candidate
-    P = torch.empty((x.shape[0], 3, x.shape[1]), dtype=x.dtype, device=x.device)  # w l | w l l | w l x, per row
-    sums = torch.empty((3, x.shape[1]), dtype=x.dtype, device=x.device)
-    err = torch.empty_like(sums[0])
+    P = torch.empty((n, 3, B), dtype=x.dtype, device=x.device)  # w l x | w l l | w l, per row
+    S = torch.empty((4, B), dtype=x.dtype, device=x.device)  # sum_x | s_xl | s_l2 | s_l  (S[1:] = P's row sums)
+    S[0] = sum_x
+    WX = torch.stack([sum_w, sum_x])
+    one = torch.ones_like(sum_w)
+    steps = [np.float32(rmin) + np.float32(rdelta) * np.float32(s) + np.float32(nmax) for s in range(nstep + 1)]
+    cvals = torch.tensor(steps, dtype=x.dtype, device=x.device)[:, None]  # [nstep + 1, 1]: dividends of iscale
+    rng = torch.where(flat, 1.0, mx - mn)  # max - min (1 for a flat block), kept up to date with min
 
     def codes(iscale, mn, out):  # out <- float(clamp(nearest_int(iscale * (x - mn)), 0, nmax))
-        # |iscale * (x - mn)| peaks at x = min or max (float subtraction and product are monotone)
-        bound = torch.maximum((iscale * (xmin - mn)).abs(), (iscale * (mx - mn)).abs())
+        # |iscale * (x - mn)| peaks at x = min or max (float subtraction and product are monotone); rng is max - min
+        # or, for a flat block (max - min = 0), 1: a bound all the same
+        bound = torch.maximum((iscale * (xmin - mn)).abs_(), (iscale * rng).abs_())
         return round_codes_(torch.sub(x, mn, out=out).mul_(iscale), bound, 0, nmax)
 
     def error(scale, mn, L):  # sum of w * diff^2 (use_mad: w * |diff|), diff = (scale * L + mn) - x
         torch.mul(L, scale, out=E).add_(mn).sub_(x)
         E.abs_() if use_mad else E.mul_(E)
-        return rowsum_(err, E.mul_(w)).clone()
+        return rowsum_(torch.empty_like(sum_w), E.mul_(w))
 
-    rng = torch.where(flat, 1.0, mx - mn)
     iscale = div(nmax, rng)
     scale = div(1.0, iscale)
     La = codes(iscale, mn, torch.empty_like(x))  # the codes of each candidate; the winner's are computed again
     best = error(scale, mn, La)
-    best_iscale, best_codes_min = iscale, mn  # what the winner's codes were computed from
+    # the best so far, stacked: the iscale and min its codes were computed from | its error | scale | min
+    state = torch.stack([iscale, mn, best, scale, mn])
+    notflat = ~flat
     for step in range(nstep + 1):
-        rng = torch.where(flat, 1.0, mx - mn)  # min moves when a better fit is found, and so does the range
-        c = np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)
-        iscale = div(float(c), rng)
+        mn = state[4]
+        torch.sub(mx, mn, out=rng).masked_fill_(flat, 1.0)  # min moves when a better fit is found: so does range
+        iscale = torch.div(cvals[step], rng)
         codes(iscale, mn, La)
-        torch.mul(w, La, out=P[:, 0])
-        torch.mul(P[:, 0], La, out=P[:, 1])
-        torch.mul(P[:, 0], x, out=P[:, 2])
-        s_l, s_l2, s_xl = rowsum_(sums, P).clone().unbind(0)
-        D = sum_w * s_l2 - s_l * s_l
+        torch.mul(w, La, out=P[:, 2])
+        torch.mul(P[:, 2], La, out=P[:, 1])
+        torch.mul(P[:, 2], x, out=P[:, 0])
+        rowsum_(S[1:], P)
+        s_xl, s_l2, s_l = S[1], S[2], S[3]
+        D = (sum_w * s_l2).sub_(s_l * s_l)
         ok = D > 0
-        Ds = torch.where(ok, D, 1.0)
-        t_scale = div(sum_w * s_xl - sum_x * s_l, Ds)
-        t_min = div(s_l2 * sum_x - s_l * s_xl, Ds)
-        pos = t_min > 0
-        t_min = torch.where(pos, 0.0, t_min)
-        t_scale = torch.where(pos, div(s_xl, torch.where(pos, s_l2, 1.0)), t_scale)
+        # [sum_w * s_xl - sum_x * s_l, s_l2 * sum_x - s_l * s_xl] / D: this_scale, this_min
+        t = (WX * S[1:3]).sub_(s_l * S[0:2]).div_(torch.where(ok, D, one))
+        pos = t[1] > 0
+        t_scale = torch.where(pos, div(s_xl, s_l2), t[0])
+        t_min = t[1].masked_fill_(pos, 0.0)
         cur = error(t_scale, t_min, La)
-        upd = ok & (cur < best) & ~flat
-        best_iscale = torch.where(upd, iscale, best_iscale)
-        best_codes_min = torch.where(upd, mn, best_codes_min)
-        best = torch.where(upd, cur, best)
-        scale = torch.where(upd, t_scale, scale)
-        mn = torch.where(upd, t_min, mn)
+        upd = (cur < best).logical_and_(ok).logical_and_(notflat)
+        state = torch.where(upd, torch.stack([iscale, mn, cur, t_scale, t_min]), state)
+        best = state[2]
+    best_iscale, best_codes_min, _, scale, mn = state.unbind(0)
+    torch.sub(mx, best_codes_min, out=rng).masked_fill_(flat, 1.0)
     L = codes(best_iscale, best_codes_min, La).int()
     return torch.where(flat, 0.0, scale), -mn, torch.where(flat, 0, L)
 

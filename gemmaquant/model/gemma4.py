@@ -45,7 +45,11 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(head_dim: int, theta: float, partial_rotary_factor: float = 1.0) -> Tensor:
     """§2.4 RoPE frequencies [d/2]. "Proportional" RoPE (full layers) rotates only the first
-    int(p*d//2) frequency pairs, with the exponent denominator the *full* head dim; the rest get frequency 0."""
+    int(p*d//2) frequency pairs, with the exponent denominator the *full* head dim; the rest get frequency 0.
+    Under a meta default device (a model built for its shapes) an empty tensor: arithmetic on meta runs torch's
+    Python references, whose first call imports torch._dynamo (about a second), for values meta does not hold."""
+    if torch.get_default_device().type == "meta":
+        return torch.empty(head_dim // 2)
     rotated = int(partial_rotary_factor * head_dim // 2)
     inv = 1.0 / (theta ** (torch.arange(0, 2 * rotated, 2, dtype=torch.int64).float() / head_dim))
     return torch.cat([inv, torch.zeros(head_dim // 2 - rotated)])
