@@ -138,8 +138,9 @@ def dequantize(t) -> np.ndarray:
 
 def gguf_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The `gemmaquant.*` keys (recipe, calibration hash, ...) a GGUF was written with."""
-    r = open_gguf(path)
-    return {k.removeprefix("gemmaquant."): f.contents() for k, f in r.fields.items() if k.startswith("gemmaquant.")}
+    from gemmaquant.export.gguf_header import read_header  # the header only: no 262k-token vocabulary parsed
+
+    return {k.removeprefix("gemmaquant."): v for k, v in read_header(path)[0].items() if k.startswith("gemmaquant.")}
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

@@ -155,9 +155,9 @@ def file_bits(path: str | os.PathLike) -> dict:
 
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
-        from gemmaquant.export.gguf_reader import open_gguf
+        from gemmaquant.export.gguf_header import read_header
 
-        rows = _gguf_tensors(open_gguf(p))
+        rows = [(t.name, t.type, t.shape, t.n_elements, t.n_bytes) for t in read_header(p)[1]]
     elif p.is_dir():
         cfg = read_json(p / "config.json", "config") if (p / "config.json").is_file() else {}
         headers = _safetensors_headers(sorted(p.glob("*.safetensors")))
