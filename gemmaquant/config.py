@@ -12,7 +12,7 @@ google/gemma-4-E2B-it, -E4B-it, -26B-A4B-it, -31B-it and the parameter-count cro
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gemmaquant.errors import GemmaquantError
 

@@ -35,7 +35,6 @@ class TensorPlan:
 
 
 def float_reason(name: str) -> str | None:
-    leaf = name.rsplit(".", 2)
     if name.endswith("layer_scalar"):
         return "scalar"
     if ".router." in name:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from gemmaquant.config import HF_REPOS, VARIANTS, Gemma4Config, get_variant
+from gemmaquant.config import HF_REPOS, VARIANTS, Gemma4Config
 from gemmaquant.errors import UsageError
 from gemmaquant.progress import stage
-from gemmaquant.recipe import Recipe, RecipeError, default_recipe
+from gemmaquant.recipe import Recipe, default_recipe
 from gemmaquant.validate import check_count
 
 

@@ -64,7 +64,7 @@ from gemmaquant.formats import FORMATS
 from gemmaquant.progress import progress as progress_lines, stage
 from gemmaquant.qat.fake_quant import grid_sensitivity, quantize_rows
 from gemmaquant.qat.distill import Taps, accumulate_gradients
-from gemmaquant.qat.prepare import QATError, convert, latent_weights, prepare_qat, scale_parameters
+from gemmaquant.qat.prepare import QATError, convert, prepare_qat
 from gemmaquant.qat.state import WeightAverage, load_state, save_state
 
 BITS_FORMAT = {8: "int8", 4: "int4_g32_sym", 3: "int3_g32_sym", 2: "int2_g32_asym"}
