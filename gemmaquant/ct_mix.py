@@ -35,7 +35,7 @@ import os
 from pathlib import Path
 
 from gemmaquant.export.gguf_mix import MixError
-from gemmaquant.mix_search import TargetError, Unit, solve, total
+from gemmaquant.mix_search import TargetError, Unit, solve, solve_least_loss, total
 
 GIB = 1 << 30
 MIX_FORMAT = "gemmaquant-ct-mix"
@@ -188,20 +188,13 @@ def solve_one_expert_scheme(units: list[Unit], budget: int, fixed_bytes: int,
     experts = [u for u in units if u.name.endswith(".experts")]
     if not experts:
         return solve(units, budget, fixed_bytes)
-    best = (total(units, c := solve(units, budget, fixed_bytes))[1], c) if per_layer else None
-    for scheme in (t for t in SEARCHED if t != FLOAT_SCHEME and all(t in u.options for u in experts)):
-        restricted = [Unit(u.name, u.shape, {t: v for t, v in u.options.items() if t in (scheme, FLOAT_SCHEME)})
-                      if u in experts else u for u in units]
-        try:
-            choice = solve(restricted, budget, fixed_bytes)
-        except TargetError:
-            continue
-        loss = total(restricted, choice)[1]
-        if best is None or loss < best[0]:
-            best = (loss, choice)
+    restricted = ((scheme, [Unit(u.name, u.shape, {t: v for t, v in u.options.items() if t in (scheme, FLOAT_SCHEME)})
+                            if u in experts else u for u in units])
+                  for scheme in SEARCHED if scheme != FLOAT_SCHEME and all(scheme in u.options for u in experts))
+    best = solve_least_loss(([(None, units)] if per_layer else []) + list(restricted), budget, fixed_bytes)
     if best is None:
         raise TargetError(f"a budget of {budget} bytes is below every mix with one experts scheme")
-    return best[1]
+    return best[0]
 
 
 def families(choice: dict[str, str]) -> dict[str, dict[str, list[int]]]:

@@ -128,24 +128,31 @@ def padding_subsets(kind_of: dict[str, str]) -> list[tuple[str, ...]]:
     return [c for r in range(len(kinds) + 1) for c in combinations(kinds, r)]
 
 
-def solve_padded(units: list[Unit], padded: dict[str, dict[str, tuple[int, float]]], kind_of: dict[str, str],
-                 budget: int, fixed_bytes: int = 0) -> tuple[dict[str, str], tuple[str, ...]]:
-    """(choice, padded kinds): `solve` for every subset of the kinds in `kind_of` (unit name -> kind, for the
-    units that have `padded` options), the subset whose choice has the least loss; the first subset (fewer kinds
-    padded) among equals. TargetError when no subset fits the budget."""
+def solve_least_loss(variants, budget: int, fixed_bytes: int = 0):
+    """(choice, key) of the least total loss over `variants`, (key, units) pairs each solved by `solve`; the first
+    among equals; None when no variant fits the budget."""
     best = None
-    for kinds in padding_subsets(kind_of):
-        us = with_padding(units, padded, kind_of, kinds)
+    for key, us in variants:
         try:
             choice = solve(us, budget, fixed_bytes)
         except TargetError:
             continue
         loss = total(us, choice)[1]
         if best is None or loss < best[0]:
-            best = (loss, choice, kinds)
+            best = (loss, choice, key)
+    return None if best is None else best[1:]
+
+
+def solve_padded(units: list[Unit], padded: dict[str, dict[str, tuple[int, float]]], kind_of: dict[str, str],
+                 budget: int, fixed_bytes: int = 0) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(choice, padded kinds): `solve` for every subset of the kinds in `kind_of` (unit name -> kind, for the
+    units that have `padded` options), the subset whose choice has the least loss; the first subset (fewer kinds
+    padded) among equals. TargetError when no subset fits the budget."""
+    best = solve_least_loss(((kinds, with_padding(units, padded, kind_of, kinds))
+                             for kinds in padding_subsets(kind_of)), budget, fixed_bytes)
     if best is None:
         return solve(units, budget, fixed_bytes), ()  # raises the unpadded model's TargetError
-    return best[1], best[2]
+    return best
 
 
 def total(units: list[Unit], choice: dict[str, str]) -> tuple[int, float]:
